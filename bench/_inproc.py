@@ -1,0 +1,83 @@
+"""In-process measurements: bare onnxruntime, the classifier's own path, decode cost.
+
+These run in the harness process while no service is running. Throughput is
+measured by ``threads`` Python threads, each repeating one unit of work until a
+shared deadline (onnxruntime and Pillow release the GIL, as the service's worker
+threads rely on); the result is images per second of wall time.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["bare_onnxruntime", "classifier_path", "decode_cost", "throughput"]
+
+
+def throughput(unit: Callable[[int], int], *, threads: int, seconds: float) -> float:
+    """Images/s of *threads* threads calling ``unit(i)`` (returns images done) until time."""
+    unit(0)  # warm-up: the first run allocates and plans
+    stop = time.perf_counter() + seconds
+
+    def loop(worker: int) -> int:
+        done, i = 0, worker
+        while time.perf_counter() < stop:
+            done += unit(i)
+            i += threads
+        return done
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        total = sum(pool.map(loop, range(threads)))
+    return total / (time.perf_counter() - start)
+
+
+def bare_onnxruntime(
+    model_path: Path, *, intra_op_threads: int, threads: int, batch: int, seconds: float
+) -> float:
+    """Images/s of ``session.run`` alone on random input, the service's session options."""
+    from xintu.model import INPUT_NAME, OUTPUT_NAME, create_session
+
+    session = create_session(model_path, intra_op_threads=intra_op_threads)
+    x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+
+    def unit(_i: int) -> int:
+        session.run([OUTPUT_NAME], {INPUT_NAME: x})
+        return batch
+
+    return throughput(unit, threads=threads, seconds=seconds)
+
+
+def classifier_path(
+    classifier: Any, photos: Sequence[bytes], *, threads: int, batch: int, seconds: float
+) -> float:
+    """Images/s of ``prepare`` (decode, preprocess, detectors) then ``infer`` on a batch."""
+
+    def unit(i: int) -> int:
+        start = (i * batch) % len(photos)
+        prepared = [classifier.prepare(photos[(start + k) % len(photos)]) for k in range(batch)]
+        classifier.infer(prepared)
+        return batch
+
+    return throughput(unit, threads=threads, seconds=seconds)
+
+
+def decode_cost(fn: Callable[[bytes], Any], data: bytes, *, repeats: int) -> dict[str, float]:
+    """Median and min milliseconds of ``fn(data)`` over *repeats* runs (after one warm-up)."""
+    fn(data)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(data)
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return {
+        "median_ms": round(statistics.median(times), 2),
+        "min_ms": round(min(times), 2),
+        "repeats": repeats,
+    }

@@ -1,0 +1,29 @@
+"""The scenarios, one module each, in the order a full run takes them.
+
+Each is a function ``run(bench) -> Outcome``. A scenario whose prerequisites have
+not landed (the service, the LLM package and its fake upstream) returns
+``Outcome(status="skipped", reason=...)``; one whose service fails returns
+``status="failed"`` with the reason. Nothing is ever estimated in their place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .._context import Bench
+from .._report import Outcome
+from . import burst, coalescing, hits, local, outage, scale
+
+__all__ = ["SCENARIOS", "Scenario"]
+
+Scenario = Callable[[Bench], Outcome]
+
+#: name -> (function, one-line description), in run order.
+SCENARIOS: dict[str, tuple[Scenario, str]] = {
+    "hits": (hits.run, "100% cache hits: max throughput, open loop at 25/50/75%, batch of 100"),
+    "local": (local.run, "local path (no LLM) vs bare onnxruntime; in-process path; decode cost"),
+    "burst": (burst.run, "70% hits, 10x the rate for 10 s, fake LLM at ~1.5 s: shedding"),
+    "outage": (outage.run, "fake LLM fails everything for 20 s: breaker open and recovery"),
+    "coalescing": (coalescing.run, "many concurrent requests over a few new photos"),
+    "scale": (scale.run, "the hits scenario with --workers 1 and --workers 2"),
+}

@@ -1,0 +1,327 @@
+"""The actors on their own: singleflight, admission bounds, writer exactness, batching.
+
+Time-based behaviour runs on Trio's ``autojump_clock``; the store is the in-memory
+fake (no threads, so the clock can jump), the classifier a Trio-native function
+whose calls are counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+
+import outcome
+import pytest
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from xintu import Category, Classification, Source
+from xintu.actors import Answer, Cache, ClassifyRequest, Dispatcher, Envelope, LocalPool, Writer
+from xintu.actors._envelope import open_reply, wait_reply
+from xintu.actors._supervisor import CrashRecord
+from xintu.errors import DeadlineExceeded, Overloaded
+from xintu.store import HitIncrement, Lru, ResultWrite
+
+from .fakes import FakeModel, MemoryStore
+
+PROPERTY = settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+def h(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def answer_for(data: bytes) -> Classification:
+    return Classification(
+        category=list(Category)[data[0] % 8] if data else Category.OTHER,
+        confidence=0.9,
+        source=Source.LOCAL,
+        model="counted",
+    )
+
+
+class CountingClassifier:
+    """Trio-native classify: counts calls per hash; waits on ``gate`` if given."""
+
+    def __init__(self, gate: trio.Event | None = None) -> None:
+        self.calls: Counter[str] = Counter()
+        self.gate = gate
+
+    async def __call__(self, data: bytes, image_hash: str, deadline: float) -> Classification:
+        self.calls[image_hash] += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        await trio.sleep(0.01)
+        return answer_for(data)
+
+
+@asynccontextmanager
+async def system(
+    classify: Callable[[bytes, str, float], Awaitable[Classification]],
+    *,
+    inbox_size: int = 64,
+    max_in_flight: int = 64,
+    store: MemoryStore | None = None,
+) -> AsyncIterator[tuple[Dispatcher, Writer, Cache, MemoryStore]]:
+    store = store or MemoryStore()
+    writer = Writer(store, inbox_size=1000, max_batch=50, flush_ms=5)
+    cache = Cache(store, Lru(1000), writer)
+    dispatcher = Dispatcher(
+        cache=cache,
+        writer=writer,
+        classify=classify,
+        inbox_size=inbox_size,
+        max_in_flight=max_in_flight,
+        flight_grace_s=10.0,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        async with trio.open_nursery() as inner:
+            await inner.start(dispatcher.run)
+            yield dispatcher, writer, cache, store
+            dispatcher.close()
+        writer.close()
+
+
+async def ask(dispatcher: Dispatcher, data: bytes, deadline: float) -> Answer:
+    send, receive = open_reply()
+    dispatcher.submit(Envelope(ClassifyRequest(data, h(data), "r"), deadline, send))
+    return await wait_reply(receive, deadline)
+
+
+@PROPERTY
+@given(st.lists(st.sampled_from([b"a", b"b", b"c", b"d"]), min_size=1, max_size=40))
+async def test_singleflight_one_call_per_new_image(images: list[bytes]) -> None:
+    gate = trio.Event()
+    classifier = CountingClassifier(gate)
+    answers: dict[int, Answer] = {}
+    with trio.fail_after(10):
+        async with system(classifier) as (dispatcher, writer, _, store):
+            deadline = trio.current_time() + 60
+
+            async def one(i: int, data: bytes) -> None:
+                answers[i] = await ask(dispatcher, data, deadline)
+
+            async with trio.open_nursery() as nursery:
+                for i, data in enumerate(images):
+                    nursery.start_soon(one, i, data)
+                await trio.testing.wait_all_tasks_blocked()
+                gate.set()
+            await writer.wait_idle()
+    assert classifier.calls == Counter({h(d): 1 for d in set(images)})
+    for i, data in enumerate(images):
+        assert answers[i].classification == answer_for(data)
+        assert answers[i].from_cache is False
+    assert set(store.rows) == {h(d) for d in set(images)}
+
+
+@PROPERTY
+@given(
+    inbox=st.integers(1, 8),
+    in_flight=st.integers(1, 4),
+    burst=st.integers(1, 40),
+)
+async def test_admission_is_bounded_and_every_admitted_request_answered_once(
+    inbox: int, in_flight: int, burst: int
+) -> None:
+    gate = trio.Event()
+    classifier = CountingClassifier(gate)
+    outcomes: list[outcome.Outcome[Answer]] = []
+    retry_afters: list[float] = []
+    refused = 0
+    with trio.fail_after(10):
+        async with system(classifier, inbox_size=inbox, max_in_flight=in_flight) as (
+            dispatcher,
+            *_,
+        ):
+            receivers = []
+            deadline = trio.current_time() + 60
+            for i in range(burst):
+                data = f"img-{i}".encode()
+                send, receive = open_reply()
+                try:
+                    dispatcher.submit(Envelope(ClassifyRequest(data, h(data), "r"), deadline, send))
+                except Overloaded as exc:
+                    refused += 1
+                    retry_afters.append(exc.retry_after_s)
+                    continue
+                receivers.append(receive)
+                stats = dispatcher.statistics()
+                assert stats.queued <= inbox
+                assert stats.in_flight <= in_flight
+            # Nothing was waited for above: admission never blocks. The dispatcher,
+            # parked in receive(), takes the first envelope straight off the channel.
+            assert min(burst, inbox) <= len(receivers) <= min(burst, inbox + 1)
+            await trio.testing.wait_all_tasks_blocked()
+            assert dispatcher.statistics().in_flight <= in_flight
+            gate.set()
+            for receive in receivers:
+                with receive:
+                    outcomes.append(await receive.receive())
+                    with pytest.raises(trio.EndOfChannel):
+                        await receive.receive()  # exactly one answer
+    assert refused == burst - len(receivers)
+    assert all(r >= 1 for r in retry_afters)
+    admitted = len(outcomes)
+    ok = [o for o in outcomes if isinstance(o, outcome.Value)]
+    over = [o for o in outcomes if isinstance(o, outcome.Error)]
+    assert len(ok) + len(over) == admitted
+    for o in over:
+        assert isinstance(o.error, Overloaded)  # in-flight table full: refused, not lost
+    assert sum(classifier.calls.values()) == len(ok)
+
+
+async def test_deadline_gives_504_and_the_work_is_still_cached(autojump_clock: object) -> None:
+    gate = trio.Event()
+    classifier = CountingClassifier(gate)
+    async with system(classifier) as (dispatcher, writer, _, store):
+        with pytest.raises(DeadlineExceeded):
+            await ask(dispatcher, b"slow", trio.current_time() + 1.0)
+        gate.set()
+        await trio.sleep(1)
+        await writer.wait_idle()
+        answer = await ask(dispatcher, b"slow", trio.current_time() + 1.0)
+    assert answer.from_cache is True
+    assert classifier.calls[h(b"slow")] == 1
+    assert h(b"slow") in store.rows
+
+
+async def test_cancelled_caller_does_not_cancel_shared_work(autojump_clock: object) -> None:
+    gate = trio.Event()
+    classifier = CountingClassifier(gate)
+    async with system(classifier) as (dispatcher, writer, _, store):
+        deadline = trio.current_time() + 30
+        with trio.move_on_after(0.5):
+            await ask(dispatcher, b"shared", deadline)  # the "client" leaves
+        survivor: list[Answer] = []
+
+        async def stay() -> None:
+            survivor.append(await ask(dispatcher, b"shared", deadline))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stay)
+            await trio.testing.wait_all_tasks_blocked()
+            gate.set()
+        await writer.wait_idle()
+    assert survivor[0].classification == answer_for(b"shared")
+    assert classifier.calls[h(b"shared")] == 1
+    assert h(b"shared") in store.rows
+
+
+@PROPERTY
+@given(st.lists(st.tuples(st.sampled_from(["hit", "flush"]), st.integers(0, 3)), max_size=30))
+async def test_hit_count_equals_hits_served(steps: list[tuple[str, int]]) -> None:
+    store = MemoryStore()
+    images = [f"photo-{i}".encode() for i in range(4)]
+    served: Counter[str] = Counter()
+    with trio.fail_after(10):
+        async with system(CountingClassifier(), store=store) as (dispatcher, writer, *_):
+            deadline = trio.current_time() + 60
+            for data in images:
+                await ask(dispatcher, data, deadline)  # misses: classified, not hits
+            for action, i in steps:
+                if action == "flush":
+                    await writer.wait_idle()
+                    continue
+                answer = await ask(dispatcher, images[i], deadline)
+                if answer.from_cache:
+                    served[h(images[i])] += 1
+            await writer.wait_idle()
+    for data in images:
+        assert store.rows[h(data)].hit_count == served[h(data)]
+
+
+async def test_writer_retry_after_ambiguous_commit_counts_once(autojump_clock: object) -> None:
+    store = MemoryStore()
+    data = b"x"
+    now = datetime.now(UTC)
+    writer = Writer(store, inbox_size=100, max_batch=100, flush_ms=10)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        await writer.put(ResultWrite(h(data), answer_for(data), 1))
+        await writer.wait_idle()
+        store.ambiguous_applies = 1  # commit happens, then the connection "breaks"
+        store.fail_applies = 0
+        for _ in range(5):
+            writer.offer(HitIncrement(h(data), 1, now))
+        await writer.wait_idle()
+        store.fail_applies = 3  # store down for three tries
+        writer.offer(HitIncrement(h(data), 2, now))
+        await writer.wait_idle()
+        writer.close()
+    assert store.rows[h(data)].hit_count == 7
+    stats = writer.statistics()
+    assert stats.retries == 4
+    assert stats.batches_duplicate == 1
+    assert stats.store_healthy is True
+
+
+async def test_writer_holds_writes_while_store_down(autojump_clock: object) -> None:
+    store = MemoryStore()
+    store.down = True
+    writer = Writer(store, inbox_size=100, max_batch=10, flush_ms=10)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        for i in range(25):
+            await writer.put(ResultWrite(h(bytes([i])), answer_for(bytes([i])), 1))
+        await trio.sleep(30)
+        assert not writer.statistics().store_healthy
+        assert store.rows == {}
+        store.down = False
+        await writer.wait_idle()
+        writer.close()
+    assert len(store.rows) == 25
+
+
+async def test_local_pool_batches_and_answers_every_job() -> None:
+    model = FakeModel()
+    pool = LocalPool(
+        model, inbox_size=32, decode_threads=2, inference_threads=1, max_batch=4, max_wait_ms=50
+    )
+    images = [f"p{i}".encode() for i in range(10)] + [b"bad-1"]
+    results: dict[bytes, outcome.Outcome[Classification]] = {}
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pool.run)
+            receivers = []
+            for data in images:
+                send, receive = trio.open_memory_channel[outcome.Outcome[Classification]](1)
+                from xintu.actors._local_pool import LocalJob
+
+                pool.inbox.send_nowait(LocalJob(data, h(data), send))
+                receivers.append((data, receive))
+            for data, receive in receivers:
+                results[data] = await receive.receive()
+            pool.close()
+    assert isinstance(results[b"bad-1"], outcome.Error)
+    assert all(isinstance(results[d], outcome.Value) for d in images[:-1])
+    assert sum(model.batches) == 10
+    assert max(model.batches) <= 4
+    stats = pool.statistics()
+    assert stats.completed == 10
+    assert stats.failed == 1
+
+
+async def test_supervisor_restarts_a_crashing_worker(autojump_clock: object) -> None:
+    crashes = CrashRecord(max_recent=3, window_s=60)
+    runs = 0
+
+    async def flaky() -> None:
+        nonlocal runs
+        runs += 1
+        if runs <= 4:
+            raise RuntimeError("boom")
+
+    await crashes.supervise("flaky", flaky)
+    assert runs == 5
+    assert crashes.crashes_total == 4
+    assert crashes.healthy is False  # 4 crashes within the window
+    await trio.sleep(61)
+    assert crashes.healthy is True

@@ -1,0 +1,79 @@
+"""Deadline-aware admission: work that cannot finish in time is refused at once."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import pytest
+import trio
+from werkzeug.datastructures import FileStorage
+
+from xintu import load_config
+from xintu._rate import ServiceTime
+from xintu.http import create_app
+
+from .fakes import FakeDecoded, FakeModel
+
+
+def test_service_time_estimates_the_queue() -> None:
+    st = ServiceTime(weight=0.5)
+    assert st.expected_wait_s(10, 2) == 0.0  # nothing measured yet: no refusal
+    st.record(0.2)
+    assert st.mean_s == pytest.approx(0.2)
+    st.record(0.4)
+    assert st.mean_s == pytest.approx(0.3)
+    assert st.expected_wait_s(0, 2) == pytest.approx(0.3)  # its own service only
+    assert st.expected_wait_s(4, 2) == pytest.approx(0.9)  # two rounds ahead, then its own
+    # Cautious (long-tailed work): its own service counts two mean deviations more.
+    assert st.expected_wait_s(4, 2, cautious=True) == pytest.approx(0.9 + 2 * 0.1)
+
+
+class SlowModel(FakeModel):
+    """Decoding takes 100 ms of a worker thread, like a heavy photo."""
+
+    def prepare(self, data: bytes) -> FakeDecoded:
+        time.sleep(0.1)
+        return super().prepare(data)
+
+
+async def test_local_overload_is_refused_fast_not_timed_out(tmp_path: Path) -> None:
+    config = load_config(
+        env={},
+        data={"dir": str(tmp_path)},
+        server={"request_deadline_s": 0.35},
+        model={"decode_threads": 1, "inference_threads": 1},
+    )
+    app = create_app(config, model_factory=lambda _c: SlowModel())
+    statuses: list[int] = []
+    codes: list[str] = []
+    async with app.test_app():
+        client = app.test_client()
+        # One request first, so the pool has measured its service time.
+        resp = await client.post(
+            "/api/v1/classify", files={"image": FileStorage(io.BytesIO(b"warm"), filename="w")}
+        )
+        assert resp.status_code == 200
+
+        async def one(i: int) -> None:
+            r = await client.post(
+                "/api/v1/classify",
+                files={"image": FileStorage(io.BytesIO(f"p{i}".encode()), filename="p")},
+            )
+            statuses.append(r.status_code)
+            if r.status_code != 200:
+                codes.append((await r.get_json())["error_code"])
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                for i in range(12):
+                    nursery.start_soon(one, i)
+        stats = app.runtime.statistics()
+    # About three fit in 350 ms at 100 ms each on one thread; the rest are refused
+    # up front with 503, and nothing waits in the queue until its deadline.
+    assert 504 not in statuses, statuses
+    assert statuses.count(200) >= 2
+    assert statuses.count(503) >= 6
+    assert set(codes) == {"overloaded"}
+    assert stats.shed_for_deadline == statuses.count(503)

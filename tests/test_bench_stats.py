@@ -1,0 +1,219 @@
+"""The benchmark harness's arithmetic: percentiles, lateness, summaries, schedules, parsing.
+
+No timing assertions: these check the math and the parsing on fixed inputs.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import trio
+import trio.testing
+from PIL import Image
+
+from bench._http import Connection, build_request, json_request
+from bench._loadgen import (
+    SAMPLE_DTYPE,
+    STATUS_CONNECT_ERROR,
+    STATUS_UNFINISHED,
+    poisson_schedule,
+    uniform_schedule,
+)
+from bench._photos import distinct, jpeg, sha256
+from bench._report import Row
+from bench._stats import lateness, percentiles, summarize, timeline
+
+
+def _samples(n: int) -> np.ndarray:
+    rows = np.zeros(n, dtype=SAMPLE_DTYPE)
+    rows["intended"] = np.arange(n) * 0.01
+    rows["started"] = rows["intended"]
+    rows["sent"] = rows["intended"]
+    rows["done"] = rows["intended"] + 0.002
+    rows["status"] = 200
+    return rows
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    got = percentiles(np.arange(1, 101, dtype=float))
+    assert got == {
+        "count": 100,
+        "p50": 50.0,
+        "p90": 90.0,
+        "p99": 99.0,
+        "p999": 100.0,
+        "max": 100.0,
+        "mean": 50.5,
+    }
+
+
+def test_percentiles_ignore_nan_and_handle_empty() -> None:
+    assert percentiles([np.nan, 3.0])["p99"] == 3.0
+    empty = percentiles([])
+    assert empty["count"] == 0
+    assert empty["p99"] is None
+    assert empty["max"] is None
+
+
+def test_lateness_on_time() -> None:
+    rows = _samples(1000)
+    rows["started"] += 0.001
+    rows["sent"] += 0.001
+    got = lateness(rows)
+    assert got["p99_ms"] == pytest.approx(1.0)
+    assert got["generator_lagged"] is False
+
+
+def test_waiting_for_a_connection_is_not_generator_lag() -> None:
+    rows = _samples(1000)
+    rows["sent"] += 0.050  # every connection busy: the server's doing
+    got = lateness(rows)
+    assert got["generator_lagged"] is False
+    assert got["client_wait_p99_ms"] == pytest.approx(50.0)
+
+
+def test_lateness_flags_a_late_share() -> None:
+    rows = _samples(1000)
+    rows["started"][:20] += 0.011  # 2 % of the requests 11 ms late
+    got = lateness(rows)
+    assert got["share_over_10ms"] == pytest.approx(0.02)
+    assert got["generator_lagged"] is True
+
+
+def test_lateness_flags_p99_alone() -> None:
+    rows = _samples(1000)
+    rows["started"][:15] += 0.006  # 1.5 % at 6 ms: P99 over 5 ms, none over 10 ms
+    got = lateness(rows)
+    assert got["share_over_10ms"] == 0.0
+    assert got["p99_ms"] == pytest.approx(6.0)
+    assert got["generator_lagged"] is True
+
+
+def test_lateness_ignores_requests_never_started() -> None:
+    rows = _samples(10)
+    rows["started"][0] = np.nan
+    rows["sent"][0] = np.nan
+    assert lateness(rows)["p50_ms"] == 0.0
+
+
+def test_summarize_splits_accepted_refused_and_errors() -> None:
+    rows = _samples(10)
+    rows["status"][:6] = 200
+    rows["status"][6:8] = 503
+    rows["retry_after"][6] = True
+    rows["status"][8] = 500
+    rows["status"][9] = STATUS_CONNECT_ERROR
+    rows["done"][6:8] = rows["intended"][6:8] + 0.0005
+    got = summarize(rows, duration_s=2.0)
+    assert (got["accepted"], got["refused"], got["errors"]) == (6, 2, 2)
+    assert got["goodput_rps"] == 3.0
+    assert got["refused_rps"] == 1.0
+    assert got["offered_rps"] == 5.0
+    assert got["refused_with_retry_after"] == 1
+    assert got["status_counts"] == {"200": 6, "500": 1, "503": 2, "connect_error": 1}
+    assert got["latency_accepted_ms"]["max"] == pytest.approx(2.0)
+    assert got["latency_refused_ms"]["max"] == pytest.approx(0.5)
+
+
+def test_summarize_window_selects_by_intended_time() -> None:
+    rows = _samples(100)  # intended 0.00 .. 0.99
+    rows["status"][50:] = STATUS_UNFINISHED
+    got = summarize(rows, start=0.0, end=0.5)
+    assert got["requests"] == 50
+    assert got["errors"] == 0
+    assert got["goodput_rps"] == 100.0
+    later = summarize(rows, start=0.5, end=1.0)
+    assert later["status_counts"] == {"unfinished": 50}
+
+
+def test_latency_counts_from_the_intended_time() -> None:
+    rows = _samples(1)
+    rows["started"] = 0.3  # the generator was late
+    rows["sent"] = 0.5  # and waited for a connection: both are part of the latency
+    rows["done"] = 0.6
+    assert summarize(rows, duration_s=1.0)["latency_accepted_ms"]["p50"] == pytest.approx(600.0)
+
+
+def test_timeline_bins() -> None:
+    rows = _samples(100)  # one second of 100 req/s
+    rows["status"][::10] = 503
+    series = timeline(rows, bin_s=0.5)
+    assert series["t"] == [0.25, 0.75]
+    assert series["offered_rps"] == [100.0, 100.0]
+    assert sum(series["goodput_rps"]) + sum(series["refused_rps"]) == 200.0
+    assert series["p50"] == [2.0, 2.0]
+
+
+def test_schedules() -> None:
+    uniform = uniform_schedule([(1.0, 10.0), (0.5, 100.0)])
+    assert len(uniform) == 60
+    assert np.all(np.diff(uniform) > 0)
+    assert uniform[10] == 1.0
+    poisson = poisson_schedule([(2.0, 50.0), (1.0, 500.0)], seed=1)
+    assert np.all(np.diff(poisson) >= 0)
+    assert poisson[0] >= 0.0
+    assert poisson[-1] < 3.0
+    second = np.count_nonzero(poisson >= 2.0)
+    assert 400 < second < 600
+    assert np.array_equal(poisson, poisson_schedule([(2.0, 50.0), (1.0, 500.0)], seed=1))
+
+
+def test_row_ratio() -> None:
+    assert Row("x", 50.0, "req/s", "base", 200.0).ratio == 0.25
+    assert Row("x", None, "req/s", "base", 200.0).ratio is None
+    assert Row("x", 5.0, "ms").as_dict()["ratio"] is None
+
+
+def test_distinct_photos_differ_in_hash_not_in_pixels() -> None:
+    base = jpeg(np.full((60, 80, 3), 128, dtype=np.uint8), (80, 60), seed=1)
+    copies = distinct([base], 3, salt="t")
+    assert len({sha256(c) for c in copies}) == 3
+    pixels = [np.asarray(Image.open(io.BytesIO(c)).convert("RGB")) for c in copies]
+    assert all(np.array_equal(pixels[0], p) for p in pixels[1:])
+
+
+async def _respond(raw: bytes, request: bytes) -> tuple[list[int], bytes]:
+    client, server = trio.testing.memory_stream_pair()
+    conn = Connection(client)  # type: ignore[arg-type]
+    statuses: list[int] = []
+    received = bytearray()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+
+            async def serve() -> None:
+                while len(received) < len(request):
+                    received.extend(await server.receive_some(65536))
+                await server.send_all(raw)  # both answers at once: the second stays buffered
+                while len(received) < 2 * len(request):
+                    received.extend(await server.receive_some(65536))
+
+            nursery.start_soon(serve)
+            for _ in range(2):
+                statuses.append((await conn.request(request, keep_body=True)).status)
+    return statuses, bytes(received)
+
+
+async def test_connection_reads_content_length_and_chunked_bodies() -> None:
+    request = build_request("GET", "/x", host="h")
+    raw = (
+        b"HTTP/1.1 503 \r\nRetry-After: 1\r\ncontent-length: 5\r\n\r\nhello"
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'4\r\n{"so\r\n10\r\nurce":"local"}  \r\n0\r\n\r\n'
+    )
+    statuses, received = await _respond(raw, request)
+    assert statuses == [503, 200]
+    assert received == request * 2
+
+
+async def test_connection_parses_source_and_retry_after() -> None:
+    client, server = trio.testing.memory_stream_pair()
+    conn = Connection(client)  # type: ignore[arg-type]
+    body = b'{"success":true,"data":{"category":"pets","source":"cache"}}'
+    await server.send_all(
+        b"HTTP/1.1 200 OK\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    with trio.fail_after(5):
+        resp = await conn.request(json_request("/p", {"a": 1}, host="h"))
+    assert (resp.status, resp.source, resp.retry_after, resp.keep_alive) == (200, 1, False, True)

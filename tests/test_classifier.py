@@ -1,0 +1,230 @@
+"""LocalClassifier on a real ONNX session and real photos (the clear cases).
+
+Photos come from packages (scikit-image is a test dependency; scikit-learn and
+matplotlib are used when installed) and from the machine-made screenshots and
+specimen ID cards in ``tests/images/``. The whole evaluation set, with its misses,
+is ``python -m tests.eval.run`` (docs/evaluation.md).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import xintu.vision
+from xintu import Category, Classification, Source, load_config
+from xintu.errors import BadImage
+from xintu.model import ensure_model, imagenet_labels
+from xintu.vision import LocalClassifier
+from xintu.vision._categories import GROUPS, Evidence
+
+from .eval.sources import SourceUnavailable, package_image
+
+
+@pytest.fixture(scope="session")
+def classifier(tmp_path_factory: pytest.TempPathFactory) -> LocalClassifier:
+    data_dir = tmp_path_factory.mktemp("model-data")
+    config = load_config(env={}, data={"dir": str(data_dir)})
+    return LocalClassifier(config.model, config.images, ensure_model(data_dir))
+
+
+def image(source: str) -> bytes:
+    """A photo from a package; in CI (CI=true) a missing package fails, never skips."""
+    try:
+        return package_image(source)
+    except SourceUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{source}: {exc} [CI=true: the test extra must provide it]")
+        pytest.skip(str(exc))
+
+
+CLEAR_CASES = [
+    ("skimage:chelsea.png", Category.PETS),
+    ("skimage:coffee.png", Category.FOODS),
+    ("skimage:astronaut.png", Category.SINGLE_PERSON),
+    ("skimage:rocket.jpg", Category.OTHER),
+    ("skimage:brick.png", Category.OTHER),
+    ("sklearn:china.jpg", Category.TRAVEL_SCENERY),
+    ("matplotlib:grace_hopper.jpg", Category.SINGLE_PERSON),
+    ("file:screenshot_article_1920x1080.png", Category.SCREENSHOT),
+    ("file:screenshot_chat_1170x2532.png", Category.SCREENSHOT),
+    ("file:screenshot_settings_750x1334.png", Category.SCREENSHOT),
+    ("file:screenshot_feed_cat_1080x2400.jpg", Category.SCREENSHOT),
+    ("file:idcard_scan_856x540.jpg", Category.IDCARD),
+]
+
+
+@pytest.mark.parametrize(("source", "expected"), CLEAR_CASES, ids=[c[0] for c in CLEAR_CASES])
+def test_clear_cases(classifier: LocalClassifier, source: str, expected: Category) -> None:
+    result = classifier.classify(image(source))
+    assert result.category is expected, result.local_inference_result
+
+
+def test_classification_fields(classifier: LocalClassifier) -> None:
+    result = classifier.classify(image("skimage:chelsea.png"))
+    assert result.source is Source.LOCAL
+    assert result.model == "efficientnet-lite0" == classifier.model_name
+    assert result.provider is None
+    assert result.description is not None
+    assert "(ImageNet" in result.description
+    assert 0.5 < result.confidence < 1.0
+    evidence = result.local_inference_result
+    assert evidence is not None
+    json.dumps(evidence)  # JSON-able as it is
+    assert evidence["rule"] == "imagenet_pets"
+    top5 = evidence["top5"]
+    assert len(top5) == 5
+    probabilities = [t["probability"] for t in top5]
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert sum(probabilities) <= 1.0 + 1e-6
+    assert all(281 <= t["index"] <= 287 for t in top5[:3])  # domestic cats (and lynx)
+    assert evidence["detectors"] == {"faces": 0, "people": 0}
+    assert evidence["signals"]["detectors_run"] is True
+    assert set(evidence["votes"]) == {
+        "pets",
+        "foods",
+        "travel_scenery",
+        "person",
+        "screen",
+        "document",
+    }
+    # The confidence is the pets mass of the softmax: the vote, not a constant.
+    assert result.confidence == pytest.approx(evidence["votes"]["pets"], abs=1e-3)
+
+
+def test_confidence_follows_the_model(classifier: LocalClassifier) -> None:
+    cat = classifier.classify(image("skimage:chelsea.png"))
+    coffee = classifier.classify(image("skimage:coffee.png"))
+    assert cat.confidence != coffee.confidence
+
+
+def test_face_counts_reach_the_evidence(classifier: LocalClassifier) -> None:
+    result = classifier.classify(image("skimage:astronaut.png"))
+    evidence = result.local_inference_result
+    assert evidence is not None
+    assert evidence["detectors"]["faces"] == 1
+    assert evidence["rule"] == "person_detected"
+    assert result.description is not None
+    assert result.description.endswith(", 1 face")
+
+
+def test_prepare_runs_detectors_and_drops_the_gray_copy(classifier: LocalClassifier) -> None:
+    prepared = classifier.prepare(image("skimage:astronaut.png"))
+    assert prepared.gray is None
+    assert prepared.signals.detectors_run
+    assert prepared.signals.faces == 1
+    assert prepared.tensor.shape == (3, 224, 224)
+
+
+def test_batch_equals_one_by_one(classifier: LocalClassifier) -> None:
+    sources = ["skimage:chelsea.png", "skimage:coffee.png", "skimage:astronaut.png"]
+    prepared = [classifier.prepare(image(s)) for s in sources]
+    batch = classifier.infer(prepared)
+    singles = [classifier.infer([p])[0] for p in prepared]
+    assert [r.category for r in batch] == [r.category for r in singles]
+    for b, s in zip(batch, singles, strict=True):
+        assert b.confidence == pytest.approx(s.confidence, abs=1e-3)
+
+
+def test_empty_batch(classifier: LocalClassifier) -> None:
+    assert classifier.infer([]) == []
+
+
+def test_threads_share_one_classifier(classifier: LocalClassifier) -> None:
+    blobs = [image("skimage:chelsea.png"), image("skimage:coffee.png")] * 4
+
+    def run(data: bytes) -> Classification:
+        return classifier.classify(data)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, blobs))
+    assert [r.category for r in results] == [Category.PETS, Category.FOODS] * 4
+
+
+def test_plain_white_picture_is_other(classifier: LocalClassifier) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 200), (255, 255, 255)).save(buf, "JPEG")
+    result = classifier.classify(buf.getvalue())
+    assert result.category is Category.OTHER
+    assert result.local_inference_result is not None
+    assert result.local_inference_result["detectors"] == {"faces": 0, "people": 0}
+
+
+def test_bad_bytes_raise_client_errors(classifier: LocalClassifier) -> None:
+    with pytest.raises(BadImage):
+        classifier.prepare(b"definitely not an image")
+
+
+def test_model_errors_are_translated(tmp_path: Path) -> None:
+    from xintu.errors import ModelError
+
+    config = load_config(env={}, data={"dir": str(tmp_path)})
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not an onnx file")
+    with pytest.raises(ModelError):
+        LocalClassifier(config.model, config.images, broken)
+
+
+# --- the mapping table -----------------------------------------------------------------
+
+
+def test_category_table_indices_are_valid() -> None:
+    labels = imagenet_labels()
+    for group in GROUPS:
+        assert group.classes, group.name
+        assert all(0 <= i < len(labels) for i in group.classes), group.name
+        assert 0.0 < group.weight <= 1.0
+
+
+def test_category_table_spot_checks() -> None:
+    by_name = {g.name: g for g in GROUPS}
+    labels = imagenet_labels()
+    assert labels[281] == "tabby cat"
+    assert 281 in by_name["cats"].classes
+    assert labels[151] == "Chihuahua"
+    assert labels[268] == "Mexican hairless dog (xoloitzcuintli)"
+    assert labels[967] == "espresso"
+    assert 967 in by_name["dishes"].classes
+    assert 958 not in by_name["dishes"].classes  # hay
+    assert labels[970] == "mountain"
+    assert 970 in by_name["landscapes"].classes
+    assert labels[916] == "website"
+    assert by_name["website"].classes == {916}
+    assert labels[549] == "envelope"
+    assert 549 in by_name["documents"].classes
+
+
+def test_content_categories_do_not_overlap() -> None:
+    seen: dict[int, str] = {}
+    for group in GROUPS:
+        if isinstance(group.votes, Evidence):
+            continue
+        for index in group.classes:
+            other = seen.setdefault(index, str(group.votes))
+            assert other == str(group.votes), f"class {index} votes for two categories"
+
+
+def test_exports() -> None:
+    assert set(xintu.vision.__all__) == {
+        "DecodedImage",
+        "ImageSignals",
+        "LocalClassifier",
+        "decode_image",
+    }
+    for name in xintu.vision.__all__:
+        assert getattr(xintu.vision, name).__module__.startswith("xintu.vision.")
+
+
+def test_softmax_of_extreme_logits_is_finite(classifier: LocalClassifier) -> None:
+    from xintu.vision._classifier import _softmax
+
+    probs = _softmax(np.array([[1e4, -1e4, 0.0]]))
+    assert np.isfinite(probs).all()
+    assert probs[0, 0] == pytest.approx(1.0)

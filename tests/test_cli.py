@@ -1,0 +1,69 @@
+"""The command line: model build, classify-local, config show, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from xintu._cli import main
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for name in list(__import__("os").environ):
+        if name.startswith("XINTU_"):
+            monkeypatch.delenv(name)
+    data = tmp_path / "data"
+    monkeypatch.setenv("XINTU_DATA_DIR", str(data))
+    monkeypatch.setenv("XINTU_LOG_FORMAT", "json")
+    return data
+
+
+def test_model_build_then_verify(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["model", "build"]) == 0
+    path = env / "models" / "efficientnet-lite0.onnx"
+    assert path.is_file()
+    assert str(path) in capsys.readouterr().out
+    path.write_bytes(path.read_bytes()[:1000])  # corrupt it
+    assert main(["model", "build"]) == 0
+    assert path.stat().st_size > 1_000_000
+
+
+def test_classify_local_prints_category_and_evidence(
+    env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    skimage_data = pytest.importorskip("skimage.data")
+    photo = tmp_path / "coffee.jpg"
+    Image.fromarray(skimage_data.coffee()).save(photo, "JPEG")
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"not a photo")
+    assert main(["classify-local", "--json", str(photo), str(junk)]) == 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[0]["category"] == "foods"
+    assert 0 < lines[0]["confidence"] <= 1
+    assert len(lines[0]["evidence"]["top5"]) == 5
+    assert lines[1] == {"path": str(junk), "error": "the file is not a recognised image"}
+
+
+def test_config_show_redacts_and_names_origins(
+    env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("XINTU_STORE_URL", "mysql://app:hunter2@db:3306/xintu")
+    assert main(["config", "show"]) == 0
+    out = capsys.readouterr().out
+    assert "hunter2" not in out
+    assert 'url = "mysql://app:***@db:3306/xintu"  # env' in out
+    assert "max_batch = 8  # default" in out
+
+
+def test_bad_configuration_stops_with_the_key(
+    env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("XINTU_SERVER_WORKERS", "many")
+    assert main(["config", "show"]) == 2
+    assert capsys.readouterr().err == (
+        "xintu: configuration error: server.workers: expected int, got 'many'\n"
+    )

@@ -1,0 +1,195 @@
+"""``xintu.llm``'s configuration: the [llm] table, the environment, secrets, exports."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+
+import pytest
+
+import xintu.llm
+from xintu.errors import ConfigError
+from xintu.llm import LlmConfig, ProviderConfig, llm_config_from
+from xintu.llm import _config as llm_config_module
+
+KEY = "sk-test-SECRET-1234"
+
+
+def test_docstring_block_is_the_defaults() -> None:
+    doc = llm_config_module.__doc__ or ""
+    block = doc.split("::\n", 1)[1].split("\n\nEvery pool key", 1)[0]
+    parsed = tomllib.loads("\n".join(line.removeprefix("    ") for line in block.splitlines()))
+    assert parsed == {"llm": dict(llm_config_module.DEFAULTS)}
+
+
+def test_defaults_are_local_only() -> None:
+    cfg = llm_config_from({}, {})
+    assert cfg.providers == ()
+    assert not cfg.enabled
+    assert (cfg.workers, cfg.inbox_size, cfg.fallback_reserve_s) == (8, 64, 1.5)
+    assert (cfg.max_image_side_px, cfg.jpeg_quality) == (1024, 85)
+    assert (cfg.retry_max_attempts, cfg.retry_initial_s, cfg.retry_max_s) == (3, 0.2, 2.0)
+    assert cfg.retry_budget_ratio == 0.2
+    assert (cfg.breaker_window_s, cfg.breaker_min_calls, cfg.breaker_failure_ratio) == (
+        30.0,
+        10,
+        0.5,
+    )
+    assert (cfg.breaker_open_s, cfg.breaker_half_open_probes, cfg.recheck_queue) == (15.0, 3, 32)
+
+
+def test_chain_from_env_with_known_providers() -> None:
+    cfg = llm_config_from(
+        {"providers": ["openai"]},
+        {
+            "XINTU_LLM_PROVIDERS": "openai, anthropic,dashscope",
+            "OPENAI_API_KEY": "k1",
+            "ANTHROPIC_API_KEY": "k2",
+            "DASHSCOPE_API_KEY": "k3",
+        },
+    )
+    assert [(p.name, p.kind, p.base_url, p.model, p.api_key) for p in cfg.providers] == [
+        ("openai", "openai", "https://api.openai.com/v1", "gpt-4o-mini", "k1"),
+        ("anthropic", "anthropic", "https://api.anthropic.com", "claude-haiku-4-5", "k2"),
+        (
+            "dashscope",
+            "openai",
+            "https://dashscope.aliyuncs.com/compatible-mode/v1",
+            "qwen-vl-max",
+            "k3",
+        ),
+    ]
+    assert all(p.timeout_s == 20.0 and p.max_tokens == 300 for p in cfg.providers)
+
+
+def test_provider_variables_win() -> None:
+    cfg = llm_config_from(
+        {"provider": {"openai": {"model": "from-toml", "timeout_s": 7}}},
+        {
+            "XINTU_LLM_PROVIDERS": "openai,local",
+            "OPENAI_API_KEY": "conventional",
+            "XINTU_LLM_OPENAI_API_KEY": "explicit",
+            "XINTU_LLM_OPENAI_BASE_URL": "http://127.0.0.1:9/v1/",
+            "XINTU_LLM_LOCAL_BASE_URL": "http://127.0.0.1:11434/v1",
+            "XINTU_LLM_LOCAL_MODEL": "qwen2.5vl",
+            "XINTU_LLM_LOCAL_MAX_TOKENS": "100",
+            "XINTU_LLM_WORKERS": "3",
+            "XINTU_LLM_FALLBACK_RESERVE_S": "0.5",
+        },
+    )
+    openai, local = cfg.providers
+    assert openai == ProviderConfig(
+        "openai", "openai", "http://127.0.0.1:9/v1", "from-toml", 7.0, 300, api_key="explicit"
+    )
+    assert local == ProviderConfig(
+        "local", "openai", "http://127.0.0.1:11434/v1", "qwen2.5vl", 20.0, 100, api_key=""
+    )
+    assert (cfg.workers, cfg.fallback_reserve_s) == (3, 0.5)
+
+
+def test_anthropic_kind_for_another_name() -> None:
+    cfg = llm_config_from(
+        {"providers": "claude"},
+        {
+            "XINTU_LLM_CLAUDE_KIND": "anthropic",
+            "XINTU_LLM_CLAUDE_BASE_URL": "https://proxy.example/anthropic",
+            "XINTU_LLM_CLAUDE_MODEL": "claude-x",
+            "XINTU_LLM_CLAUDE_API_KEY": KEY,
+        },
+    )
+    assert cfg.providers[0].kind == "anthropic"
+
+
+def test_variables_of_providers_not_in_the_chain_are_ignored() -> None:
+    cfg = llm_config_from({}, {"XINTU_LLM_OPENAI_API_KEY": KEY, "XINTU_LLM_OLD_MODEL": "m"})
+    assert cfg.providers == ()
+
+
+@pytest.mark.parametrize(
+    ("raw", "env", "message"),
+    [
+        ({"wrokers": 1}, {}, "llm.wrokers: unknown configuration key"),
+        ({}, {"XINTU_LLM_WORKRS": "1"}, "XINTU_LLM_WORKRS: unknown configuration variable"),
+        ({"workers": 0}, {}, "llm.workers: must be >= 1, got 0"),
+        ({"workers": 1.5}, {}, "llm.workers: expected int, got 1.5"),
+        ({"workers": True}, {}, "llm.workers: expected int, got True"),
+        ({}, {"XINTU_LLM_WORKERS": "many"}, "XINTU_LLM_WORKERS: expected int, got 'many'"),
+        ({"breaker_failure_ratio": 1.5}, {}, "llm.breaker_failure_ratio: must be <= 1, got 1.5"),
+        ({"retry_initial_s": 3.0}, {}, "llm.retry_max_s: must be >= retry_initial_s"),
+        ({"providers": 3}, {}, "llm.providers: expected a list of provider names, got 3"),
+        (
+            {"providers": ["a", "a"]},
+            {},
+            "llm.providers: a provider is named twice: a, a",
+        ),
+        (
+            {"providers": ["Bad-Name"]},
+            {},
+            "llm.providers: bad provider name 'bad-name' (use a-z, 0-9 and _)",
+        ),
+        (
+            {"providers": ["openai"]},
+            {},
+            "XINTU_LLM_OPENAI_API_KEY: required for https://api.openai.com/v1 "
+            "(or set OPENAI_API_KEY)",
+        ),
+        ({"providers": ["vllm"]}, {}, "XINTU_LLM_VLLM_BASE_URL: required for provider 'vllm'"),
+        (
+            {"providers": ["vllm"]},
+            {"XINTU_LLM_VLLM_BASE_URL": "http://127.0.0.1:8000/v1"},
+            "XINTU_LLM_VLLM_MODEL: required for provider 'vllm'",
+        ),
+        (
+            {"providers": ["vllm"]},
+            {"XINTU_LLM_VLLM_BASE_URL": "ftp://x", "XINTU_LLM_VLLM_MODEL": "m"},
+            "XINTU_LLM_VLLM_BASE_URL: must start with http:// or https://",
+        ),
+        (
+            {"providers": ["openai"]},
+            {"OPENAI_API_KEY": "k", "XINTU_LLM_OPENAI_KIND": "gemini"},
+            "XINTU_LLM_OPENAI_KIND: must be openai or anthropic; got 'gemini'",
+        ),
+        (
+            {"providers": ["openai"], "provider": {"openai": {"api_kee": "k"}}},
+            {},
+            "llm.provider.openai.api_kee: unknown configuration key",
+        ),
+        (
+            {"providers": ["openai"]},
+            {"OPENAI_API_KEY": "k", "XINTU_LLM_OPENAI_TIMEOUT_S": "0"},
+            "XINTU_LLM_OPENAI_TIMEOUT_S: must be >= 0.01, got 0.0",
+        ),
+        ({"provider": "x"}, {}, "llm.provider: expected a table of provider tables"),
+    ],
+)
+def test_bad_configuration_names_the_key(
+    raw: dict[str, object], env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        llm_config_from(raw, env)
+    assert str(info.value) == message
+
+
+def test_api_key_is_never_shown() -> None:
+    cfg = llm_config_from(
+        {"providers": ["openai", "anthropic"]},
+        {"OPENAI_API_KEY": KEY, "XINTU_LLM_ANTHROPIC_API_KEY": KEY},
+    )
+    assert KEY not in repr(cfg)
+    assert KEY not in str(cfg.providers[0])
+    shown = cfg.redacted()
+    assert KEY not in repr(shown)
+    assert shown["providers"][0]["api_key"] == "***"
+    assert shown["workers"] == 8
+    assert set(shown) == {f.name for f in dataclasses.fields(LlmConfig)}
+
+
+def test_exports() -> None:
+    exported = {
+        name
+        for name, value in vars(xintu.llm).items()
+        if not name.startswith("_") and not isinstance(value, type(xintu))
+    }
+    assert set(xintu.llm.__all__) == exported
+    assert all(re.fullmatch(r"[A-Za-z_]+", n) for n in xintu.llm.__all__)

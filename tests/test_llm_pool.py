@@ -1,0 +1,604 @@
+"""The LLM pool on the autojump clock, with a scripted upstream behind httpx.MockTransport.
+
+Retries (exact attempt counts, Retry-After), deadlines, the retry budget, the
+breaker seen through the pool, the provider chain, the inbox bound, background
+rechecks and key hygiene. Real-HTTP tests against the fake upstream are in
+``test_llm_fake.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+import trio
+import trio.testing
+from PIL import Image
+from structlog.testing import capture_logs
+
+from xintu import Category, Classification, Source
+from xintu.llm import (
+    BadAnswer,
+    BreakerState,
+    ImageNotUploadable,
+    LlmConfig,
+    LlmError,
+    LlmPool,
+    LlmUnavailable,
+    UpstreamRejected,
+    UpstreamServerError,
+    UpstreamTimeout,
+    llm_config_from,
+)
+
+KEY = "sk-test-SECRET-9999"
+OPENAI = "https://openai.example/v1"
+ANTHROPIC = "https://anthropic.example"
+
+Action = Callable[[httpx.Request], Awaitable[httpx.Response]]
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+def photo(n: int = 0) -> tuple[bytes, str]:
+    out = io.BytesIO()
+    Image.new("RGB", (32, 24), (n * 37 % 256, n * 91 % 256, 80)).save(out, "JPEG")
+    data = out.getvalue()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def answer(category: str = "pets", confidence: float = 0.9) -> str:
+    return json.dumps({"category": category, "confidence": confidence, "description": "d"})
+
+
+def ok(text: str | None = None) -> Action:
+    async def act(request: httpx.Request) -> httpx.Response:
+        body = text if text is not None else answer()
+        if request.url.path.endswith("/messages"):
+            return httpx.Response(200, json={"content": [{"type": "text", "text": body}]})
+        return httpx.Response(200, json={"choices": [{"message": {"content": body}}]})
+
+    return act
+
+
+def status(code: int, retry_after: str | None = None) -> Action:
+    async def act(request: httpx.Request) -> httpx.Response:
+        headers = {"retry-after": retry_after} if retry_after else {}
+        return httpx.Response(code, headers=headers, json={"error": f"upstream says {KEY}"})
+
+    return act
+
+
+def hang() -> Action:
+    async def act(request: httpx.Request) -> httpx.Response:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    return act
+
+
+class Upstream:
+    """Scripted answers per host: a queue of actions, then the default action."""
+
+    def __init__(self, default: Action | None = None) -> None:
+        self.default = default or ok()
+        self.script: dict[str, deque[Action]] = {}
+        self.defaults: dict[str, Action] = {}
+        self.calls: list[tuple[float, str]] = []  # (time, host)
+        self.gate: trio.Event | None = None
+
+    def then(self, host: str, *actions: Action) -> Upstream:
+        self.script.setdefault(host, deque()).extend(actions)
+        return self
+
+    def count(self, host: str | None = None) -> int:
+        return sum(1 for _, h in self.calls if host is None or h == host)
+
+    def times(self) -> list[float]:
+        return [t for t, _ in self.calls]
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        host = request.url.host
+        self.calls.append((trio.current_time(), host))
+        if self.gate is not None:
+            await self.gate.wait()
+        queue = self.script.get(host)
+        action = queue.popleft() if queue else self.defaults.get(host, self.default)
+        return await action(request)
+
+
+def config(providers: str = "openai", **llm: Any) -> LlmConfig:
+    env = {
+        "XINTU_LLM_PROVIDERS": providers,
+        "XINTU_LLM_OPENAI_BASE_URL": OPENAI,
+        "XINTU_LLM_OPENAI_API_KEY": KEY,
+        "XINTU_LLM_ANTHROPIC_BASE_URL": ANTHROPIC,
+        "XINTU_LLM_ANTHROPIC_API_KEY": KEY,
+    }
+    raw: dict[str, Any] = {
+        "workers": 4,
+        "inbox_size": 8,
+        "fallback_reserve_s": 1.5,
+        "timeout_s": 5.0,
+        "retry_initial_s": 0.2,
+        "retry_max_s": 2.0,
+        "retry_budget_min": 100,
+        "breaker_min_calls": 1000,
+    }
+    raw.update(llm)
+    return llm_config_from(raw, env)
+
+
+@asynccontextmanager
+async def running(
+    cfg: LlmConfig,
+    upstream: Upstream,
+    on_recheck: Callable[[str, Classification], Awaitable[None]] | None = None,
+) -> AsyncIterator[LlmPool]:
+    import random
+
+    pool = LlmPool(
+        cfg,
+        on_recheck=on_recheck,
+        transport=httpx.MockTransport(upstream),
+        rng=random.Random(7),
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        try:
+            yield pool
+        finally:
+            pool.close()
+
+
+async def classify(pool: LlmPool, n: int = 0, *, within_s: float = 10.0) -> Classification:
+    data, h = photo(n)
+    return await pool.classify(data, h, trio.current_time() + within_s)
+
+
+async def fails(pool: LlmPool, n: int = 0, *, within_s: float = 10.0) -> LlmError:
+    with pytest.raises(LlmError) as info:
+        await classify(pool, n, within_s=within_s)
+    return info.value
+
+
+# --- success and the chain -----------------------------------------------------------
+
+
+async def test_success(clock: trio.testing.MockClock) -> None:
+    upstream = Upstream(ok(answer("foods", 0.75)))
+    with trio.fail_after(30):
+        async with running(config(), upstream) as pool:
+            result = await classify(pool)
+    assert result == Classification(
+        category=Category.FOODS,
+        confidence=0.75,
+        source=Source.LLM,
+        model="gpt-4o-mini",
+        description="d",
+        provider="openai",
+    )
+    assert upstream.count() == 1
+    s = pool.statistics()
+    assert (s.submitted, s.succeeded, s.failed) == (1, 1, 0)
+    assert s.providers[0].breaker.state is BreakerState.CLOSED
+
+
+async def test_chain_falls_to_the_second_provider(clock: trio.testing.MockClock) -> None:
+    upstream = Upstream()
+    upstream.defaults["openai.example"] = status(503)
+    with trio.fail_after(30):
+        async with running(config("openai,anthropic", retry_max_attempts=2), upstream) as pool:
+            result = await classify(pool)
+    assert (result.provider, result.model) == ("anthropic", "claude-haiku-4-5")
+    assert (upstream.count("openai.example"), upstream.count("anthropic.example")) == (2, 1)
+
+
+async def test_malformed_answer_fails_without_retry(clock: trio.testing.MockClock) -> None:
+    upstream = Upstream(ok("I cannot tell."))
+    with trio.fail_after(30):
+        async with running(config(), upstream) as pool:
+            err = await fails(pool)
+            upstream.default = ok(answer("cats"))
+            err2 = await fails(pool)
+            upstream.default = ok(answer("pets", 2.0))
+            err3 = await fails(pool)
+    assert isinstance(err, BadAnswer)
+    assert str(err) == "openai: the answer holds no JSON object with a category"
+    assert str(err2) == "openai: the answer's category 'cats' is not one of the eight keys"
+    assert str(err3) == "openai: the answer's confidence 2.0 is outside 0..1"
+    assert upstream.count() == 3
+
+
+async def test_bad_image_makes_no_call_and_is_not_the_upstreams_fault(
+    clock: trio.testing.MockClock,
+) -> None:
+    upstream = Upstream()
+    with trio.fail_after(30):
+        async with running(config(breaker_min_calls=1), upstream) as pool:
+            with pytest.raises(ImageNotUploadable):
+                await pool.classify(b"garbage", "0" * 64, trio.current_time() + 10)
+            assert pool.statistics().providers[0].breaker.state is BreakerState.CLOSED
+    assert upstream.count() == 0
+
+
+# --- retries -------------------------------------------------------------------------
+
+
+async def test_retries_5xx_with_exact_attempts(clock: trio.testing.MockClock) -> None:
+    upstream = Upstream().then("openai.example", status(500), status(502))
+    with trio.fail_after(30):
+        async with running(config(retry_max_attempts=3), upstream) as pool:
+            assert (await classify(pool)).category is Category.PETS
+            stats = pool.statistics().providers[0]
+    assert upstream.count() == 3
+    assert (stats.attempts, stats.failures, stats.successes, stats.retries) == (3, 2, 1, 2)
+    t = upstream.times()
+    assert 0 <= t[1] - t[0] <= 0.2  # full jitter: 0..retry_initial_s
+    assert 0 <= t[2] - t[1] <= 0.4  # then 0..2 x retry_initial_s
+
+
+async def test_gives_up_after_max_attempts(clock: trio.testing.MockClock) -> None:
+    upstream = Upstream(status(500))
+    with trio.fail_after(30):
+        async with running(config(retry_max_attempts=3), upstream) as pool:
+            err = await fails(pool)
+    assert isinstance(err, UpstreamServerError)
+    assert str(err) == "openai: server error (500)"
+    assert upstream.count() == 3
+
+
+async def test_429_honours_retry_after(clock: trio.testing.MockClock) -> None:
+    upstream = Upstream().then("openai.example", status(429, "3"))
+    with trio.fail_after(30):
+        async with running(config(), upstream) as pool:
+            await classify(pool)
+    t = upstream.times()
+    assert len(t) == 2
+    assert t[1] - t[0] == pytest.approx(3.0)  # longer than retry_max_s, still honoured
+
+
+async def test_retry_after_http_date(clock: trio.testing.MockClock) -> None:
+    upstream = Upstream().then(
+        "openai.example",
+        status(503, "Wed, 21 Oct 2015 07:28:00 GMT"),  # in the past
+    )
+    with trio.fail_after(30):
+        async with running(config(), upstream) as pool:
+            await classify(pool)
+    assert upstream.count() == 2
+
+
+async def test_retry_after_beyond_the_deadline_is_not_waited(
+    clock: trio.testing.MockClock,
+) -> None:
+    upstream = Upstream(status(429, "60"))
+    with trio.fail_after(30):
+        async with running(config(), upstream) as pool:
+            start = trio.current_time()
+            await fails(pool, within_s=10)
+            assert trio.current_time() - start < 0.01
+    assert upstream.count() == 1
+
+
+@pytest.mark.parametrize("code", [400, 401, 403, 404, 422])
+async def test_no_retry_on_client_errors(clock: trio.testing.MockClock, code: int) -> None:
+    upstream = Upstream(status(code))
+    with trio.fail_after(30):
+        async with running(config(), upstream) as pool:
+            err = await fails(pool)
+    assert isinstance(err, UpstreamRejected)
+    assert str(err) == f"openai: request rejected ({code})"
+    assert upstream.count() == 1
+
+
+async def test_retry_budget_caps_retries_under_a_burst(clock: trio.testing.MockClock) -> None:
+    upstream = Upstream(status(500))
+    cfg = config(
+        workers=20,
+        inbox_size=20,
+        retry_max_attempts=3,
+        retry_budget_ratio=0.2,
+        retry_budget_min=0,
+    )
+    with trio.fail_after(30):
+        async with running(cfg, upstream) as pool, trio.open_nursery() as burst:
+            for i in range(20):
+                burst.start_soon(fails, pool, i)
+    # 20 calls, each allowed 2 retries: the budget allows 0 + 0.2 * 20 = 4 of the 40.
+    assert upstream.count() == 24
+    stats = pool.statistics().providers[0]
+    assert stats.retries == 4
+    assert stats.retry_budget.exhausted_total == 20  # 16 first retries, 4 second ones
+
+
+# --- deadlines -------------------------------------------------------------------------
+
+
+async def test_no_call_when_it_would_not_fit(clock: trio.testing.MockClock) -> None:
+    upstream = Upstream()
+    with trio.fail_after(30):
+        async with running(config(fallback_reserve_s=1.5), upstream) as pool:
+            start = trio.current_time()
+            err = await fails(pool, within_s=1.5)
+            assert trio.current_time() == start
+    assert isinstance(err, LlmUnavailable)
+    assert (err.reason, str(err)) == ("no_time", "not enough time left for an LLM call")
+    assert upstream.count() == 0
+    assert pool.statistics().refused_no_time == 1
+
+
+async def test_hang_times_out_within_the_deadline(clock: trio.testing.MockClock) -> None:
+    upstream = Upstream(hang())
+    with trio.fail_after(30):
+        async with running(config(timeout_s=60.0), upstream) as pool:
+            start = trio.current_time()
+            err = await fails(pool, within_s=10)
+            elapsed = trio.current_time() - start
+    assert isinstance(err, UpstreamTimeout)
+    assert elapsed == pytest.approx(8.5)  # the deadline less the reserve
+    assert upstream.count() == 1  # no time was left for a retry
+
+
+async def test_attempt_timeout_then_retry(clock: trio.testing.MockClock) -> None:
+    upstream = Upstream().then("openai.example", hang())
+    with trio.fail_after(30):
+        async with running(config(timeout_s=2.0), upstream) as pool:
+            start = trio.current_time()
+            await classify(pool, within_s=10)
+            elapsed = trio.current_time() - start
+    assert upstream.count() == 2
+    assert 2.0 <= elapsed <= 2.2
+
+
+# --- the breaker through the pool ------------------------------------------------------
+
+
+async def test_outage_opens_breaker_then_zero_calls_then_recovers(
+    clock: trio.testing.MockClock,
+) -> None:
+    upstream = Upstream(status(500))
+    cfg = config(
+        retry_max_attempts=1,
+        breaker_min_calls=4,
+        breaker_failure_ratio=0.5,
+        breaker_open_s=15.0,
+        breaker_half_open_probes=2,
+    )
+    with trio.fail_after(60), capture_logs() as logs:
+        async with running(cfg, upstream) as pool:
+            for i in range(4):
+                await fails(pool, i)
+            assert pool.statistics().providers[0].breaker.state is BreakerState.OPEN
+            assert not pool.healthy()
+
+            # Open: refused at once, no upstream call.
+            start = trio.current_time()
+            for i in range(50):
+                err = await fails(pool, i)
+                assert isinstance(err, LlmUnavailable)
+                assert err.reason == "breaker_open"
+            assert trio.current_time() == start
+            assert upstream.count() == 4
+            assert pool.statistics().refused_breaker_open == 50
+
+            # Half-open: at most two probes at once.
+            await trio.sleep(15)
+            upstream.default = ok()
+            upstream.gate = trio.Event()
+            async with trio.open_nursery() as probes:
+                for i in range(2):
+                    probes.start_soon(classify, pool, i)
+                await trio.testing.wait_all_tasks_blocked()
+                err = await fails(pool, 9)
+                assert isinstance(err, LlmUnavailable)
+                assert err.reason == "breaker_open"
+                assert upstream.count() == 6
+                upstream.gate.set()
+            assert pool.statistics().providers[0].breaker.state is BreakerState.CLOSED
+            upstream.gate = None
+            await classify(pool)
+    assert [e["event"] for e in logs if e["event"].startswith("breaker_")] == [
+        "breaker_opened",
+        "breaker_half_open",
+        "breaker_closed",
+    ]
+
+
+async def test_open_breaker_skips_to_the_next_provider(clock: trio.testing.MockClock) -> None:
+    upstream = Upstream()
+    upstream.defaults["openai.example"] = status(500)
+    cfg = config("openai,anthropic", retry_max_attempts=1, breaker_min_calls=2)
+    with trio.fail_after(30):
+        async with running(cfg, upstream) as pool:
+            await classify(pool, 1)
+            await classify(pool, 2)
+            assert upstream.count("openai.example") == 2
+            for i in range(5):
+                assert (await classify(pool, i)).provider == "anthropic"
+    assert upstream.count("openai.example") == 2
+    assert upstream.count("anthropic.example") == 7
+
+
+# --- the inbox and the front door --------------------------------------------------------
+
+
+async def test_inbox_full_refuses_at_once(clock: trio.testing.MockClock) -> None:
+    upstream = Upstream()
+    upstream.gate = trio.Event()
+    with trio.fail_after(30):
+        async with running(config(workers=1, inbox_size=1), upstream) as pool:
+            async with trio.open_nursery() as callers:
+                callers.start_soon(classify, pool, 1)
+                await trio.testing.wait_all_tasks_blocked()
+                callers.start_soon(classify, pool, 2)
+                await trio.testing.wait_all_tasks_blocked()
+                s = pool.statistics()
+                assert (s.busy, s.queued, s.max_queued) == (1, 1, 1)
+                err = await fails(pool, 3)
+                assert isinstance(err, LlmUnavailable)
+                assert err.reason == "inbox_full"
+                upstream.gate.set()
+    assert pool.statistics().refused_inbox_full == 1
+    assert upstream.count() == 2
+
+
+async def test_no_provider_refuses_at_once(clock: trio.testing.MockClock) -> None:
+    upstream = Upstream()
+    with trio.fail_after(30):
+        async with running(llm_config_from({}, {}), upstream) as pool:
+            err = await fails(pool)
+            assert not pool.offer_recheck(b"x", "0" * 64)
+    assert isinstance(err, LlmUnavailable)
+    assert err.reason == "no_provider"
+    assert str(err) == "no LLM provider is configured"
+    assert not pool.enabled
+
+
+async def test_closed_pool_refuses(clock: trio.testing.MockClock) -> None:
+    upstream = Upstream()
+    with trio.fail_after(30):
+        async with running(config(), upstream) as pool:
+            pool.close()
+            err = await fails(pool)
+    assert isinstance(err, LlmUnavailable)
+    assert err.reason == "closed"
+
+
+async def test_a_caller_that_left_costs_no_call(clock: trio.testing.MockClock) -> None:
+    upstream = Upstream()
+    upstream.gate = trio.Event()
+    with trio.fail_after(30):
+        async with running(config(workers=1, inbox_size=4), upstream) as pool:
+            async with trio.open_nursery() as callers:
+                callers.start_soon(classify, pool, 1)
+                await trio.testing.wait_all_tasks_blocked()
+                with trio.move_on_after(0.5):
+                    await classify(pool, 2)  # queued behind the first, then gives up
+                upstream.gate.set()
+            await trio.testing.wait_all_tasks_blocked()
+    assert upstream.count() == 1
+
+
+# --- background rechecks ----------------------------------------------------------------
+
+
+async def test_recheck_upgrades_in_the_background(clock: trio.testing.MockClock) -> None:
+    upstream = Upstream(ok(answer("travel_scenery", 0.8)))
+    upgraded: list[tuple[str, Classification]] = []
+    done = trio.Event()
+
+    async def on_recheck(image_hash: str, c: Classification) -> None:
+        upgraded.append((image_hash, c))
+        done.set()
+
+    data, h = photo(5)
+    with trio.fail_after(30):
+        async with running(config(recheck_queue=2), upstream, on_recheck) as pool:
+            assert pool.offer_recheck(data, h)
+            assert not pool.offer_recheck(data, h)  # already queued
+            await done.wait()
+            s = pool.statistics()
+    ((got_hash, c),) = upgraded
+    assert got_hash == h
+    assert (c.source, c.category, c.provider) == (Source.LLM, Category.TRAVEL_SCENERY, "openai")
+    assert (s.recheck_accepted, s.recheck_succeeded, s.recheck_queued) == (1, 1, 0)
+
+
+async def test_recheck_is_bounded_droppable_and_waits_for_idle_workers(
+    clock: trio.testing.MockClock,
+) -> None:
+    upstream = Upstream()
+    upstream.gate = trio.Event()
+    seen: list[str] = []
+    two_seen = trio.Event()
+
+    async def on_recheck(image_hash: str, c: Classification) -> None:
+        seen.append(image_hash)
+        if len(seen) == 2:
+            two_seen.set()
+
+    with trio.fail_after(30):
+        async with running(config(workers=1, recheck_queue=2), upstream, on_recheck) as pool:
+            async with trio.open_nursery() as callers:
+                callers.start_soon(classify, pool, 0)  # the only worker is busy
+                await trio.testing.wait_all_tasks_blocked()
+                offers = [pool.offer_recheck(*photo(i)) for i in range(1, 5)]
+                await trio.testing.wait_all_tasks_blocked()
+                assert upstream.count() == 1  # rechecks wait for an idle worker
+                upstream.gate.set()
+            await two_seen.wait()
+            s = pool.statistics()
+    # One is taken by the recheck worker at once (then parks), two fit the queue.
+    assert offers == [True, True, True, False]
+    assert len(seen) >= 2
+    assert s.recheck_dropped >= 1
+
+
+async def test_no_recheck_while_the_breaker_is_open(clock: trio.testing.MockClock) -> None:
+    upstream = Upstream(status(500))
+
+    async def on_recheck(image_hash: str, c: Classification) -> None:
+        raise AssertionError("not called")
+
+    cfg = config(retry_max_attempts=1, breaker_min_calls=1)
+    with trio.fail_after(30):
+        async with running(cfg, upstream, on_recheck) as pool:
+            await fails(pool)
+            assert not pool.offer_recheck(*photo(1))
+            assert pool.statistics().recheck_dropped == 1
+
+
+async def test_recheck_callback_failure_is_contained(clock: trio.testing.MockClock) -> None:
+    upstream = Upstream()
+    called = [trio.Event(), trio.Event()]
+
+    async def on_recheck(image_hash: str, c: Classification) -> None:
+        next(e for e in called if not e.is_set()).set()
+        raise RuntimeError("store down")
+
+    with trio.fail_after(30), capture_logs() as logs:
+        async with running(config(), upstream, on_recheck) as pool:
+            assert pool.offer_recheck(*photo(1))
+            await called[0].wait()
+            assert pool.offer_recheck(*photo(2))
+            await called[1].wait()
+            await trio.testing.wait_all_tasks_blocked()
+            assert pool.statistics().recheck_failed == 2
+    assert [e["event"] for e in logs].count("llm_recheck_callback_failed") == 2
+
+
+# --- secrets -----------------------------------------------------------------------------
+
+
+async def test_api_key_never_in_logs_reprs_or_errors(clock: trio.testing.MockClock) -> None:
+    upstream = Upstream(status(401))
+    upstream.defaults["anthropic.example"] = status(500)
+    cfg = config("openai,anthropic", retry_max_attempts=2, breaker_min_calls=1)
+    errors: list[LlmError] = []
+    with trio.fail_after(30), capture_logs() as logs:
+        async with running(cfg, upstream) as pool:
+            errors.append(await fails(pool, 1))
+            errors.append(await fails(pool, 2))
+            shown = [repr(pool.statistics()), repr(cfg), repr(pool.config.providers)]
+    assert upstream.count() > 0
+    for err in errors:
+        chain: BaseException | None = err
+        while chain is not None:
+            shown.append(str(chain))
+            shown.append(repr(chain))
+            chain = chain.__cause__ or chain.__context__
+    shown.extend(repr(event) for event in logs)
+    assert logs
+    for text in shown:
+        assert KEY not in text

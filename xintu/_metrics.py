@@ -1,0 +1,225 @@
+"""Prometheus metrics: request histograms observed per request, the rest sampled.
+
+Gauges and counters of the actors are not kept twice: :meth:`Metrics.sample`
+reads every actor's ``statistics()`` snapshot and moves the Prometheus values to
+match (gauges set, counters advanced by the delta since the last sample). It runs
+on every scrape and once a second in the background, so that with
+``--workers N`` each worker's values stay fresh in prometheus-client's
+multiprocess files.
+
+Multiprocess mode: ``xintu serve --workers N`` points ``PROMETHEUS_MULTIPROC_DIR``
+at a fresh directory before the workers start; every worker then writes its
+values there and ``/metrics`` on any worker aggregates all of them (counters and
+histograms summed, gauges summed over live workers). In-process serving uses a
+registry of its own per app.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as prom_multiprocess
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "multiprocess_dir"]
+
+# Seconds; spans cache hits (sub-ms) to LLM calls (seconds).
+_LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+
+def multiprocess_dir() -> str | None:
+    """The multiprocess directory when prometheus-client runs in that mode."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class Metrics:
+    """Every metric of one app (one registry, so tests may build many apps)."""
+
+    def __init__(self) -> None:
+        self.multiprocess = multiprocess_dir() is not None
+        # In multiprocess mode values live in files; the registry only names them.
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        # Gauges of all live workers are summed in multiprocess mode.
+        live: dict[str, Literal["livesum"]] = (
+            {"multiprocess_mode": "livesum"} if self.multiprocess else {}
+        )
+
+        self.request_seconds = Histogram(
+            "xintu_http_request_duration_seconds",
+            "HTTP request latency by route, method and answer source.",
+            ["route", "method", "source"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "xintu_http_requests",
+            "HTTP requests by route and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.cache_lookups = Counter(
+            "xintu_cache_lookups", "Cache lookups by result.", ["result"], registry=r
+        )
+        self.classifications = Counter(
+            "xintu_classifications",
+            "Classifications made (cache misses) by classifier.",
+            ["source"],
+            registry=r,
+        )
+        self.shed = Counter(
+            "xintu_shed_requests",
+            "Requests refused by admission, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.coalesced = Counter(
+            "xintu_coalesced_requests",
+            "Requests that joined a classification already in flight.",
+            registry=r,
+        )
+        self.coalesced_replicas = Counter(
+            "xintu_replica_coalesced",
+            "New photos answered from another replica's classification (in-flight claims).",
+            registry=r,
+        )
+        self.writer_ops = Counter(
+            "xintu_writer_operations", "Store write operations by outcome.", ["outcome"], registry=r
+        )
+        self.writer_retries = Counter(
+            "xintu_writer_retries", "Store write batches retried.", registry=r
+        )
+        self.worker_crashes = Counter(
+            "xintu_worker_crashes", "Actor workers that crashed and were restarted.", registry=r
+        )
+        self.batch_size = Gauge(
+            "xintu_local_batch_size",
+            "Images per ONNX session run: the last one and the mean since start.",
+            ["stat"],
+            registry=r,
+            **live,
+        )
+        self.llm_calls = Counter(
+            "xintu_llm_calls",
+            "LLM calls by provider and outcome.",
+            ["provider", "outcome"],
+            registry=r,
+        )
+        self.llm_retries = Counter(
+            "xintu_llm_retries", "LLM call retries by provider.", ["provider"], registry=r
+        )
+        self.fallbacks = Counter(
+            "xintu_llm_fallbacks",
+            "Work sent to the local model instead of the LLM.",
+            ["reason"],
+            registry=r,
+        )
+        self.inbox_depth = Gauge(
+            "xintu_inbox_depth", "Items waiting in an actor's inbox.", ["actor"], registry=r, **live
+        )
+        self.inbox_capacity = Gauge(
+            "xintu_inbox_capacity", "Bound of an actor's inbox.", ["actor"], registry=r, **live
+        )
+        self.in_flight = Gauge(
+            "xintu_in_flight", "Work in progress by actor.", ["actor"], registry=r, **live
+        )
+        self.breaker_state = Gauge(
+            "xintu_breaker_state",
+            "Circuit breaker state per provider: 0 closed, 1 half-open, 2 open.",
+            ["provider"],
+            registry=r,
+            **live,
+        )
+        self.lru_entries = Gauge(
+            "xintu_lru_entries", "Entries in the in-process LRU.", registry=r, **live
+        )
+        self.ready = Gauge(
+            "xintu_ready", "1 when this worker is ready for traffic.", registry=r, **live
+        )
+        self._last: dict[str, float] = {}
+
+    # --- per request -------------------------------------------------------------
+
+    def observe_request(
+        self, route: str, method: str, status: int, source: str, seconds: float
+    ) -> None:
+        self.request_seconds.labels(route, method, source).observe(seconds)
+        self.requests.labels(route, method, str(status)).inc()
+
+    # --- sampling ----------------------------------------------------------------
+
+    def _advance(self, counter: Any, key: str, total: float) -> None:
+        """Move *counter* forward to *total* (a monotonically growing snapshot)."""
+        delta = total - self._last.get(key, 0.0)
+        if delta > 0:
+            counter.inc(delta)
+        self._last[key] = max(total, self._last.get(key, 0.0))
+
+    def sample(self, stats: Any) -> None:
+        """Bring every sampled metric up to date from a ``RuntimeStatistics``."""
+        d, lp, w, c, sup = (
+            stats.dispatcher,
+            stats.local,
+            stats.writer,
+            stats.cache,
+            stats.supervisor,
+        )
+        self.ready.set(1 if stats.ready else 0)
+        for actor, depth, cap in (
+            ("dispatcher", d.queued, d.max_queued),
+            ("local", lp.queued, lp.max_queued),
+            ("writer", w.queued, w.max_queued),
+        ):
+            self.inbox_depth.labels(actor).set(depth)
+            self.inbox_capacity.labels(actor).set(cap)
+        self.in_flight.labels("dispatcher").set(d.in_flight)
+        self.in_flight.labels("local").set(lp.decoding + lp.inferring + lp.waiting_for_batch)
+        self.in_flight.labels("writer").set(w.pending)
+        self.lru_entries.set(c.lru_size)
+        self._advance(self.cache_lookups.labels("hit"), "hit", c.lru_hits + c.store_hits)
+        self._advance(self.cache_lookups.labels("miss"), "miss", c.misses)
+        self._advance(self.shed.labels("overloaded"), "shed", d.refused)
+        self._advance(self.shed.labels("deadline"), "shed_deadline", stats.shed_for_deadline)
+        self._advance(self.coalesced_replicas, "waited_hits", d.waited_hits)
+        self._advance(self.coalesced, "coalesced", d.coalesced)
+        self._advance(self.writer_ops.labels("applied"), "w_applied", w.ops_applied)
+        self._advance(self.writer_ops.labels("dropped"), "w_dropped", w.ops_dropped)
+        self._advance(self.writer_retries, "w_retries", w.retries)
+        self._advance(self.worker_crashes, "crashes", sup.crashes_total)
+        self._advance(self.classifications.labels("local"), "local_done", lp.completed)
+        self.batch_size.labels("last").set(lp.last_batch_size)
+        self.batch_size.labels("mean").set(lp.mean_batch_size)
+        self._sample_llm(stats.llm, stats.fallbacks)
+
+    def _sample_llm(self, llm: Any, fallbacks: Mapping[str, int]) -> None:
+        state_code = {"closed": 0, "half_open": 1, "open": 2}
+        for p in llm.providers:
+            self.breaker_state.labels(p.name).set(state_code.get(str(p.breaker.state), 0))
+            self._advance(self.llm_calls.labels(p.name, "success"), f"ok:{p.name}", p.successes)
+            self._advance(self.llm_calls.labels(p.name, "failure"), f"ko:{p.name}", p.failures)
+            self._advance(self.llm_retries.labels(p.name), f"retry:{p.name}", p.retries)
+        for reason, total in fallbacks.items():
+            self._advance(self.fallbacks.labels(reason), f"fallback:{reason}", total)
+        self._advance(self.classifications.labels("llm"), "llm_done", llm.succeeded)
+        self.inbox_depth.labels("llm").set(llm.queued)
+        self.inbox_capacity.labels("llm").set(llm.max_queued)
+        self.in_flight.labels("llm").set(llm.busy)
+
+    def render(self) -> bytes:
+        """The exposition text: this process, or every worker in multiprocess mode."""
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            prom_multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
+        return generate_latest(self.registry)

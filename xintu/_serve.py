@@ -1,0 +1,117 @@
+"""``xintu serve``: Hypercorn's trio worker around the app, with graceful shutdown.
+
+``workers = 0`` serves in-process. Hypercorn gives an in-process server no signal
+handling of its own, so :func:`serve` passes a shutdown trigger built on
+``trio.open_signal_receiver``. On SIGTERM or SIGINT:
+
+1. readiness fails and new work is answered 503 (``Draining``) at once, while the
+   listener stays open for ``drain_delay_s`` (a second signal cuts this short);
+2. Hypercorn stops accepting and gives in-flight requests ``graceful_timeout_s``;
+3. the app drains the actors (queued work completes) and the writer flushes;
+4. the process exits 0.
+
+``workers >= 1`` runs Hypercorn's supervisor with N spawned worker processes,
+each importing :mod:`xintu._asgi`; Hypercorn relays SIGTERM to them and drains
+each the same way (readiness fails once its in-flight requests are done).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import tempfile
+from functools import partial
+
+import structlog
+import trio
+from hypercorn.config import Config as HypercornConfig
+
+from ._config import Config
+from .http import create_app
+from .http._app import ModelFactory
+
+__all__ = ["hypercorn_config", "serve", "serve_in_process"]
+
+log = structlog.get_logger("xintu.serve")
+
+
+def hypercorn_config(config: Config) -> HypercornConfig:
+    hc = HypercornConfig()
+    hc.bind = [config.server.bind]
+    hc.worker_class = "trio"
+    hc.workers = max(config.server.workers, 1)
+    hc.graceful_timeout = config.server.graceful_timeout_s
+    hc.keep_alive_timeout = config.server.keep_alive_s
+    hc.accesslog = None
+    # Hypercorn logs through the stdlib logger that _log routes into structlog.
+    hc.errorlog = logging.getLogger("hypercorn.error")
+    hc.loglevel = config.log.level.upper()
+    # Startup builds the model on first use: give lifespan startup time to finish.
+    hc.startup_timeout = 300
+    hc.shutdown_timeout = config.server.graceful_timeout_s + 10
+    return hc
+
+
+async def serve_in_process(
+    config: Config,
+    *,
+    model_factory: ModelFactory | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve on Hypercorn's trio worker in this process until SIGTERM or SIGINT.
+
+    ``task_status.started`` receives the bound addresses (``--bind 127.0.0.1:0``
+    picks a free port). *model_factory* replaces the ONNX classifier (tests).
+    """
+    from hypercorn.trio import serve as hypercorn_serve
+
+    app = create_app(config, model_factory=model_factory)
+
+    async def shutdown_trigger() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info(
+                    "shutdown_signal",
+                    signal=signal.Signals(signum).name,
+                    drain_delay_s=config.server.drain_delay_s,
+                )
+                runtime = getattr(app, "runtime", None)
+                if runtime is not None:
+                    runtime.begin_drain()
+                break
+            # Keep listening (readyz 503, new work 503) so that load balancers
+            # take this instance out before connections are refused.
+            with trio.move_on_after(config.server.drain_delay_s):
+                async for _ in signals:
+                    break
+
+    await hypercorn_serve(
+        app, hypercorn_config(config), shutdown_trigger=shutdown_trigger, task_status=task_status
+    )
+
+
+def serve(config: Config) -> int:
+    """Serve until SIGTERM/SIGINT; returns the process exit code."""
+    log.info(
+        "serving",
+        bind=config.server.bind,
+        workers=config.server.workers,
+        store=config.redacted()["store"]["url"] or "sqlite (data dir)",
+        data_dir=str(config.data_dir),
+    )
+    if config.server.workers == 0:
+        trio.run(partial(serve_in_process, config))
+        return 0
+    from hypercorn.run import run as hypercorn_run
+
+    # Every worker writes its metrics into one directory that /metrics on any
+    # worker aggregates (prometheus-client's multiprocess mode).
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="xintu-metrics-")
+    # The spawned workers rebuild the configuration from the environment.
+    os.environ["XINTU_SERVER_BIND"] = config.server.bind
+    os.environ["XINTU_SERVER_WORKERS"] = str(config.server.workers)
+    hc = hypercorn_config(config)
+    hc.application_path = "xintu._asgi:app"
+    return int(hypercorn_run(hc) or 0)

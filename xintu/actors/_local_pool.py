@@ -1,0 +1,234 @@
+"""The local pool: the ONNX fallback classifier as an actor pool.
+
+::
+
+    inbox ──▶ decode workers (N threads: decode, preprocess, detectors)
+                 │ DecodedImage
+                 ▼
+              batch channel ──▶ inference runners (M threads under a CapacityLimiter)
+                                 gather ≤ max_batch or max_wait_ms, one session.run
+
+Every job carries its own reply channel (buffer 1); an error on one image (not an
+image, too many pixels, …) answers that job alone. Jobs are never dropped: a
+runner that fails answers every job of its batch with the error.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import outcome
+import structlog
+import trio
+
+from .._rate import ServiceTime
+from .._types import Classification
+from ..errors import ClassifierError, XintuError
+from ._envelope import send_reply
+from ._supervisor import CrashRecord
+
+__all__ = ["LocalJob", "LocalModel", "LocalPool", "LocalPoolStatistics"]
+
+log = structlog.get_logger("xintu.local_pool")
+
+
+D = TypeVar("D")
+
+
+class LocalModel(Protocol[D]):
+    """What the pool needs of a classifier (``xintu.vision.LocalClassifier`` is one).
+
+    ``prepare`` decodes one image (a worker thread each); ``infer`` runs one batch
+    of prepared images (one session run). Both must be thread-safe.
+    """
+
+    model_name: str
+
+    def prepare(self, data: bytes) -> D: ...
+
+    def infer(self, batch: Sequence[D]) -> list[Classification]: ...
+
+
+LocalResult = outcome.Outcome[Classification]
+
+
+@dataclass(frozen=True, slots=True)
+class LocalJob:
+    data: bytes
+    image_hash: str
+    reply: trio.MemorySendChannel[LocalResult]
+
+
+@dataclass(frozen=True, slots=True)
+class LocalPoolStatistics:
+    queued: int
+    max_queued: int
+    decoding: int
+    waiting_for_batch: int
+    inferring: int
+    completed: int
+    failed: int
+    batches: int
+    last_batch_size: int
+    mean_batch_size: float
+
+
+def _as_error(exc: Exception) -> XintuError:
+    if isinstance(exc, XintuError):
+        return exc
+    return ClassifierError(f"local classifier failed: {type(exc).__name__}")
+
+
+class LocalPool:
+    """Decode workers and batching inference runners around a :class:`LocalModel`."""
+
+    def __init__(
+        self,
+        model: LocalModel[Any],
+        *,
+        inbox_size: int,
+        decode_threads: int,
+        inference_threads: int,
+        max_batch: int,
+        max_wait_ms: int,
+        crashes: CrashRecord | None = None,
+    ) -> None:
+        self.model = model
+        self._decode_threads = decode_threads
+        self._inference_threads = inference_threads
+        self._max_batch = max_batch
+        self._max_wait_s = max_wait_ms / 1000.0
+        self._crashes = crashes or CrashRecord()
+        self._send, self._receive = trio.open_memory_channel[LocalJob](inbox_size)
+        self._batch_send, self._batch_receive = trio.open_memory_channel[tuple[object, LocalJob]](
+            max(max_batch * inference_threads, 1)
+        )
+        self._decode_limiter = trio.CapacityLimiter(decode_threads)
+        self._infer_limiter = trio.CapacityLimiter(inference_threads)
+        self._max_queued = inbox_size
+        self._decoding = 0
+        self._inferring = 0
+        self._completed = 0
+        self._failed = 0
+        self._batches = 0
+        self._batched_images = 0
+        self._last_batch_size = 0
+        self._prepare_time = ServiceTime()
+
+    @property
+    def inbox(self) -> trio.MemorySendChannel[LocalJob]:
+        """The pool's inbox; producers ``send_nowait`` into it (full → refuse)."""
+        return self._send
+
+    def expected_wait_s(self) -> float:
+        """How long a job queued now would take to be answered (decoding dominates)."""
+        ahead = self._receive.statistics().current_buffer_used + self._decoding
+        return self._prepare_time.expected_wait_s(ahead, self._decode_threads)
+
+    def close(self) -> None:
+        """No more jobs: workers finish what is queued and return."""
+        self._send.close()
+
+    def statistics(self) -> LocalPoolStatistics:
+        return LocalPoolStatistics(
+            queued=self._receive.statistics().current_buffer_used,
+            max_queued=self._max_queued,
+            decoding=self._decoding,
+            waiting_for_batch=self._batch_receive.statistics().current_buffer_used,
+            inferring=self._inferring,
+            completed=self._completed,
+            failed=self._failed,
+            batches=self._batches,
+            last_batch_size=self._last_batch_size,
+            mean_batch_size=self._batched_images / self._batches if self._batches else 0.0,
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as decoders:
+            async with trio.open_nursery() as runners:
+                for i in range(self._inference_threads):
+                    runners.start_soon(
+                        self._crashes.supervise, f"local-infer-{i}", self._infer_loop
+                    )
+                async with self._batch_send:
+                    for i in range(self._decode_threads):
+                        decoders.start_soon(self._decoder, i, self._batch_send.clone())
+                task_status.started()
+                # Runners end once every decoder's clone of the batch channel is closed.
+
+    async def _decoder(
+        self, i: int, batch_send: trio.MemorySendChannel[tuple[object, LocalJob]]
+    ) -> None:
+        async with batch_send:
+            await self._crashes.supervise(
+                f"local-decode-{i}", functools.partial(self._decode_loop, batch_send)
+            )
+
+    async def _decode_loop(
+        self, batch_send: trio.MemorySendChannel[tuple[object, LocalJob]]
+    ) -> None:
+        async for job in self._receive:
+            self._decoding += 1
+            started = trio.current_time()
+            try:
+                decoded = await trio.to_thread.run_sync(
+                    self.model.prepare, job.data, limiter=self._decode_limiter
+                )
+                self._prepare_time.record(trio.current_time() - started)
+            except trio.Cancelled:
+                send_reply(job.reply, outcome.Error(ClassifierError("shutting down")))
+                raise
+            except Exception as exc:
+                self._failed += 1
+                send_reply(job.reply, outcome.Error(_as_error(exc)))
+                continue
+            finally:
+                self._decoding -= 1
+            await batch_send.send((decoded, job))
+
+    async def _infer_loop(self) -> None:
+        receive = self._batch_receive
+        while True:
+            try:
+                first = await receive.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                return
+            batch = [first]
+            if len(batch) < self._max_batch:
+                with trio.move_on_after(self._max_wait_s):
+                    while len(batch) < self._max_batch:
+                        try:
+                            batch.append(await receive.receive())
+                        except (trio.EndOfChannel, trio.ClosedResourceError):
+                            break
+            await self._infer(batch)
+
+    async def _infer(self, batch: list[tuple[object, LocalJob]]) -> None:
+        self._inferring += len(batch)
+        try:
+            results = await trio.to_thread.run_sync(
+                self.model.infer, [d for d, _ in batch], limiter=self._infer_limiter
+            )
+            if len(results) != len(batch):
+                raise ClassifierError(f"model answered {len(results)} of {len(batch)} images")
+        except trio.Cancelled:
+            for _, job in batch:
+                send_reply(job.reply, outcome.Error(ClassifierError("shutting down")))
+            raise
+        except Exception as exc:
+            log.exception("local_inference_failed", batch_size=len(batch))
+            self._failed += len(batch)
+            for _, job in batch:
+                send_reply(job.reply, outcome.Error(_as_error(exc)))
+            return
+        finally:
+            self._inferring -= len(batch)
+        self._batches += 1
+        self._batched_images += len(batch)
+        self._last_batch_size = len(batch)
+        for (_, job), result in zip(batch, results, strict=True):
+            self._completed += 1
+            send_reply(job.reply, outcome.Value(result))

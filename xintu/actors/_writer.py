@@ -1,0 +1,414 @@
+"""The writer: the only actor that writes to the store.
+
+Producers hand it :class:`~xintu.store.ResultWrite`, :class:`~xintu.store.HitIncrement`
+and :class:`~xintu.store.RequestLogRow` operations through a bounded inbox. The
+writer gathers up to ``writer_batch`` operations or ``writer_flush_ms`` of them,
+whichever comes first, folds hit increments per image, and applies the lot as one
+:class:`~xintu.store.WriteBatch` in one transaction.
+
+A batch keeps its ``batch_id`` across retries, and the store applies a batch id at
+most once, so a retry after an ambiguous failure (the commit may have happened)
+never counts a hit twice. While the store is down the batch is retried with
+exponential backoff; new operations wait in the bounded inbox meanwhile.
+
+Result writes are sent with ``await`` by the classification flights (off the
+response path: the callers were answered first); hit increments and log rows are
+sent with ``send_nowait`` and counted as dropped if the inbox is full, so a slow
+store never delays a cache hit.
+
+With a journal directory (``journal_dir``, normally ``<data dir>/journal``), nothing
+the writer holds is lost to a store outage at shutdown: once :meth:`Writer.close`
+has been called, a batch the store refuses is not retried any more; that batch
+(with its id) and everything still queued go to the journal (:mod:`._journal`) and
+the writer returns. The same happens if the writer is cancelled with writes in hand,
+and for a result :meth:`Writer.put` after the close. At start, before it takes new
+work, the writer replays the journal files it finds, each batch under its original
+id, so each is applied exactly once, and deletes each file once all of it committed.
+While the store is failing, :attr:`WriterStatistics.store_healthy` is false: the
+readiness check reports the degraded store from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import structlog
+import trio
+
+from ..errors import StoreError
+from ..store import HitIncrement, RequestLogRow, ResultWrite, Store, WriteBatch
+from ._journal import Journal
+
+__all__ = ["WriteOp", "Writer", "WriterStatistics"]
+
+log = structlog.get_logger("xintu.writer")
+
+WriteOp = ResultWrite | HitIncrement | RequestLogRow
+
+
+@dataclass(frozen=True, slots=True)
+class WriterStatistics:
+    queued: int
+    max_queued: int
+    batches_applied: int
+    batches_duplicate: int
+    ops_applied: int
+    ops_dropped: int
+    retries: int
+    pending: int  # operations taken from the inbox but not yet committed
+    store_healthy: bool  # false while store writes are failing (degraded)
+    journaled_ops: int  # operations written to the journal instead of the store
+    journal_files: int  # journal files this writer wrote
+    replayed_batches: int  # journaled batches committed by this writer's replay
+    replaying: bool  # a journal replay is still in progress
+
+
+class Writer:
+    """Batches store writes; see the module docstring."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        inbox_size: int,
+        max_batch: int,
+        flush_ms: int,
+        retry_initial_s: float = 0.05,
+        retry_max_s: float = 5.0,
+        batch_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+        journal_dir: Path | None = None,
+    ) -> None:
+        self._store = store
+        self._max_batch = max_batch
+        self._flush_s = flush_ms / 1000.0
+        self._retry_initial_s = retry_initial_s
+        self._retry_max_s = retry_max_s
+        self._new_batch_id = batch_id
+        self._journal = Journal(journal_dir) if journal_dir is not None else None
+        self._send, self._receive = trio.open_memory_channel[WriteOp](inbox_size)
+        self._max_queued = inbox_size
+        self._batches_applied = 0
+        self._batches_duplicate = 0
+        self._ops_applied = 0
+        self._ops_dropped = 0
+        self._retries = 0
+        self._pending = 0
+        self._store_healthy = True
+        self._journaled_ops = 0
+        self._journal_files = 0
+        self._replayed_batches = 0
+        self._replaying = False
+        self._closing = trio.Event()
+        # Operations taken from the inbox, and the batch made of them being committed:
+        # what the journal must keep if the writer has to stop now.
+        self._taken: list[WriteOp] = []
+        self._in_hand: WriteBatch | None = None
+        self._idle = trio.Event()
+        self._idle.set()
+        # Operations accepted into the inbox, and operations the writer has taken out
+        # of it. They differ for a moment after a send handed an operation straight to
+        # the waiting writer task (it never sat in the buffer): wait_idle counts it.
+        self._accepted = 0
+        self._received = 0
+        self._stopped = False
+
+    # --- producers -----------------------------------------------------------------
+
+    def offer(self, op: WriteOp) -> bool:
+        """Queue *op* without waiting; False (and counted) if the inbox is full or closed."""
+        try:
+            self._send.send_nowait(op)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            self._ops_dropped += 1
+            return False
+        self._accepted += 1
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        return True
+
+    async def put(self, op: WriteOp) -> None:
+        """Queue *op*, waiting for room: for results, which must not be lost.
+
+        After :meth:`close` the operation goes to the journal, if there is one.
+        """
+        try:
+            await self._send.send(op)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            if self._journal is not None:
+                with trio.CancelScope(shield=True):
+                    await self._spill(None, [op])
+                return
+            self._ops_dropped += 1
+            log.error("write_after_close", op=type(op).__name__)
+            return
+        self._accepted += 1
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+
+    def close(self) -> None:
+        """No more operations: the writer flushes what it has and returns.
+
+        With a journal, a store that still refuses writes is not waited for: what
+        is left is journaled (see the module docstring).
+        """
+        self._closing.set()
+        self._send.close()
+
+    async def wait_idle(self) -> None:
+        """Wait until everything queued so far (and any journal replay) is committed."""
+        while not self._stopped and (
+            self._received < self._accepted
+            or self._receive.statistics().current_buffer_used
+            or self._pending
+            or self._replaying
+        ):
+            await self._idle.wait()
+
+    def statistics(self) -> WriterStatistics:
+        return WriterStatistics(
+            queued=self._receive.statistics().current_buffer_used,
+            max_queued=self._max_queued,
+            batches_applied=self._batches_applied,
+            batches_duplicate=self._batches_duplicate,
+            ops_applied=self._ops_applied,
+            ops_dropped=self._ops_dropped,
+            retries=self._retries,
+            pending=self._pending,
+            store_healthy=self._store_healthy,
+            journaled_ops=self._journaled_ops,
+            journal_files=self._journal_files,
+            replayed_batches=self._replayed_batches,
+            replaying=self._replaying,
+        )
+
+    # --- the actor -----------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Replay the journal, then batch and commit operations until closed."""
+        journal = self._journal
+        if journal is not None:
+            pending: list[Path] = await trio.to_thread.run_sync(journal.pending)
+            if pending:
+                self._replaying = True
+                self._idle = trio.Event()
+        task_status.started()
+        try:
+            if self._replaying:
+                await self._replay()
+            await self._loop()
+        except trio.Cancelled:
+            # Cancelled with writes in hand (a shutdown that ran out of time): keep them.
+            if journal is not None:
+                loose = [] if self._in_hand is not None else self._taken
+                with trio.CancelScope(shield=True):
+                    await self._spill(self._in_hand, [*loose, *self._drain_inbox()])
+            raise
+        finally:
+            self._in_hand = None
+            self._taken = []
+            self._pending = 0
+            self._replaying = False
+            self._stopped = True
+            self._receive.close()
+            self._idle.set()
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                first = await self._receive.receive()
+            except trio.EndOfChannel:
+                return
+            self._received += 1
+            ops = [first]
+            self._taken = ops
+            self._pending = 1
+            with trio.move_on_after(self._flush_s):
+                while len(ops) < self._max_batch:
+                    try:
+                        ops.append(await self._receive.receive())
+                    except trio.EndOfChannel:
+                        break
+                    self._received += 1
+                    self._pending = len(ops)
+            # Take whatever else is already queued, without waiting.
+            while len(ops) < self._max_batch:
+                try:
+                    ops.append(self._receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                self._received += 1
+            self._pending = len(ops)
+            batch = _fold(self._new_batch_id(), ops)
+            self._in_hand = batch
+            if await self._commit(batch):
+                self._ops_applied += len(ops)
+            else:
+                # Closing and the store is down: journal this batch and the rest.
+                await self._spill(batch, self._drain_inbox())
+                self._in_hand = None
+                self._taken = []
+                self._pending = 0
+                return
+            self._in_hand = None
+            self._taken = []
+            self._pending = 0
+            if not self._receive.statistics().current_buffer_used:
+                self._idle.set()
+
+    async def _commit(self, batch: WriteBatch) -> bool:
+        """Apply *batch*, retrying with backoff while the store fails.
+
+        Returns ``False`` without applying it when the writer should stop trying:
+        it is closing (and has a journal to fall back on) or the store was closed.
+        """
+        delay = self._retry_initial_s
+        while True:
+            try:
+                applied = await self._store.apply(batch)
+            except trio.Cancelled:
+                raise
+            except (StoreError, trio.ClosedResourceError) as exc:
+                self._retries += 1
+                if self._store_healthy:
+                    log.warning("store_write_failed", error=str(exc), batch=batch.batch_id)
+                self._store_healthy = False
+                if isinstance(exc, trio.ClosedResourceError) or (
+                    self._closing.is_set() and self._journal is not None
+                ):
+                    return False
+                if self._closing.is_set():  # closing, but nowhere else to put it
+                    await trio.sleep(delay)
+                else:  # back off, but wake at once for a close: then one last try
+                    with trio.move_on_after(delay):
+                        await self._closing.wait()
+                delay = min(delay * 2, self._retry_max_s)
+                continue
+            break
+        if not self._store_healthy:
+            log.info("store_write_recovered", retries=self._retries)
+        self._store_healthy = True
+        if applied:
+            self._batches_applied += 1
+        else:
+            self._batches_duplicate += 1
+        return True
+
+    # --- the journal ---------------------------------------------------------------
+
+    def _drain_inbox(self) -> list[WriteOp]:
+        ops: list[WriteOp] = []
+        while True:
+            try:
+                ops.append(self._receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return ops
+            self._received += 1
+
+    async def _spill(self, batch: WriteBatch | None, ops: Sequence[WriteOp]) -> None:
+        """Write *batch* (keeping its id) and *ops* (in new batches) to the journal.
+
+        Without a journal, or if the journal cannot be written, they are dropped and
+        counted (and logged as an error).
+        """
+        batches = [_stamped(batch)] if batch is not None else []
+        for i in range(0, len(ops), self._max_batch):
+            chunk = list(ops[i : i + self._max_batch])
+            batches.append(_fold(self._new_batch_id(), chunk, stamp=True))
+        if not batches:
+            return
+        count = sum(_size(b) for b in batches)
+        journal = self._journal
+        if journal is None:
+            self._ops_dropped += count
+            log.error("store_writes_lost", operations=count)
+            return
+        try:
+            path = await trio.to_thread.run_sync(journal.write, batches)
+        except OSError as exc:
+            self._ops_dropped += count
+            log.error("journal_write_failed", operations=count, error=str(exc))
+            return
+        self._journaled_ops += count
+        self._journal_files += 1
+        log.warning(
+            "store_writes_journaled",
+            operations=count,
+            batches=len(batches),
+            file=path.name if path is not None else None,
+        )
+
+    async def _replay(self) -> None:
+        """Commit every journaled batch under its own id; delete each file once done."""
+        journal = self._journal
+        assert journal is not None
+        files = await trio.to_thread.run_sync(
+            lambda: list(journal.claim()), abandon_on_cancel=False
+        )
+        try:
+            while files:
+                claimed = files[0]
+                for batch in claimed.batches:
+                    if not await self._commit(batch):
+                        log.warning("journal_replay_interrupted", file=claimed.path.name)
+                        return
+                    self._replayed_batches += 1
+                await trio.to_thread.run_sync(claimed.done)
+                files.pop(0)
+                log.info(
+                    "journal_replayed",
+                    file=claimed.path.name,
+                    batches=len(claimed.batches),
+                    skipped_lines=claimed.skipped_lines,
+                )
+        finally:
+            for claimed in files:
+                claimed.release()
+            self._replaying = False
+            if not self._receive.statistics().current_buffer_used and not self._pending:
+                self._idle.set()
+
+
+def _stamped(batch: WriteBatch) -> WriteBatch:
+    """*batch* (same id) with the current time on results that have none."""
+    now = datetime.now(UTC)
+    results = tuple(
+        r if r.created_at is not None else dataclasses.replace(r, created_at=now)
+        for r in batch.results
+    )
+    return dataclasses.replace(batch, results=results)
+
+
+def _size(batch: WriteBatch) -> int:
+    """Operations in *batch* (hit increments counted once per image)."""
+    return len(batch.results) + len(batch.hits) + len(batch.logs)
+
+
+def _fold(batch_id: str, ops: list[WriteOp], *, stamp: bool = False) -> WriteBatch:
+    """One batch: results in order, hit increments summed per image, log rows.
+
+    *stamp* gives results without a time the current one (for the journal: a result
+    replayed later keeps the time it was produced).
+    """
+    results: list[ResultWrite] = []
+    hits: dict[str, tuple[int, datetime]] = {}
+    logs: list[RequestLogRow] = []
+    now = datetime.now(UTC)
+    for op in ops:
+        if isinstance(op, ResultWrite):
+            if stamp and op.created_at is None:
+                op = dataclasses.replace(op, created_at=now)
+            results.append(op)
+        elif isinstance(op, HitIncrement):
+            count, last = hits.get(op.image_hash, (0, op.last_hit_at))
+            hits[op.image_hash] = (count + op.count, max(last, op.last_hit_at))
+        else:
+            logs.append(op)
+    return WriteBatch(
+        batch_id=batch_id,
+        results=tuple(results),
+        hits=tuple(HitIncrement(h, c, t) for h, (c, t) in hits.items()),
+        logs=tuple(logs),
+    )

@@ -1,0 +1,197 @@
+"""The Quart-Trio application: lifecycle, request ids and error handling.
+
+The actor runtime starts in ``before_serving`` inside quart-trio's app nursery,
+so it is ready before the first request is accepted, and drains in
+``after_serving``, after Hypercorn has finished the in-flight requests.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+import trio
+from quart import Response, g, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from .._config import Config
+from .._metrics import Metrics
+from ..actors import LocalModel, Runtime
+from ..errors import BadRequest, PayloadTooLarge, XintuError
+from ..store import Store, open_store
+from ._respond import error_response, json_response
+
+__all__ = ["create_app"]
+
+log = structlog.get_logger("xintu.http")
+
+ModelFactory = Callable[[Config], LocalModel[Any]]
+
+
+def _default_model(config: Config) -> LocalModel[Any]:
+    from ..model import ensure_model
+    from ..vision import LocalClassifier
+
+    path = ensure_model(config.data_dir)
+    return LocalClassifier(config.model, config.images, path)
+
+
+class XintuApp(QuartTrio):
+    """QuartTrio with the runtime attached (``app.runtime`` once serving)."""
+
+    runtime: Runtime
+    store: Store
+    xintu_config: Config
+    metrics: Metrics
+    sampler: trio.CancelScope
+
+
+def create_app(config: Config, *, model_factory: ModelFactory | None = None) -> XintuApp:
+    """Build the app for *config*. *model_factory* replaces the ONNX classifier (tests)."""
+    app = XintuApp("xintu")
+    app.xintu_config = config
+    app.metrics = Metrics()
+    app.config.update(
+        MAX_CONTENT_LENGTH=config.server.max_body_bytes,
+        # Non-file form fields (image_hash, image_hashes) are small.
+        MAX_FORM_MEMORY_SIZE=64 * 1024,
+        MAX_FORM_PARTS=64,
+        # The runtime drains itself in after_serving; this is only the backstop.
+        BACKGROUND_TASK_SHUTDOWN_TIMEOUT=config.server.graceful_timeout_s + 5.0,
+        RESPONSE_TIMEOUT=None,
+        BODY_TIMEOUT=60,
+        JSON_SORT_KEYS=False,
+    )
+    factory = model_factory or _default_model
+
+    @app.before_serving
+    async def _start() -> None:
+        app.store = await open_store(config)
+        model = await trio.to_thread.run_sync(factory, config)
+        app.runtime = Runtime(config, app.store, model)
+        await app.nursery.start(app.runtime.run)
+        app.sampler = await app.nursery.start(_sample_metrics, app)
+
+    @app.after_serving
+    async def _stop() -> None:
+        sampler: trio.CancelScope | None = getattr(app, "sampler", None)
+        if sampler is not None:
+            sampler.cancel()
+        runtime: Runtime | None = getattr(app, "runtime", None)
+        if runtime is not None:
+            with trio.move_on_after(config.server.graceful_timeout_s):
+                await runtime.drain()
+        store: Store | None = getattr(app, "store", None)
+        if store is not None:
+            await store.aclose()
+
+    @app.before_request
+    async def _request_id() -> None:
+        g.request_id = uuid.uuid4().hex
+        g.started = trio.current_time()
+        # Every log line of this request, the actors' included, carries its id.
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=g.request_id)
+
+    @app.after_request
+    async def _finish(response: Response) -> Response:
+        rid = getattr(g, "request_id", None)
+        if rid:
+            response.headers["X-Request-ID"] = rid
+        _observe(app, response)
+        return response
+
+    @app.errorhandler(XintuError)
+    async def _xintu_error(exc: XintuError) -> Response:
+        return error_response(exc, _rid())
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        if status == 413:
+            return error_response(PayloadTooLarge("request body too large"), _rid())
+        if status == 400:
+            return error_response(BadRequest("malformed request"), _rid())
+        code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
+        body = {
+            "success": False,
+            "error": exc.name,
+            "error_code": code,
+            "request_id": _rid(),
+        }
+        return json_response(body, status)
+
+    @app.errorhandler(Exception)
+    async def _unexpected(exc: Exception) -> Response:
+        log.exception("unhandled_error", request_id=_rid())
+        body: dict[str, Any] = {
+            "success": False,
+            "error": "internal error",
+            "error_code": "internal_error",
+            "request_id": _rid(),
+        }
+        return json_response(body, 500)
+
+    from ._ops import ops
+    from ._page import page
+    from ._v1 import v1
+
+    app.register_blueprint(v1)
+    app.register_blueprint(ops)
+    app.register_blueprint(page)
+    from ._guard import install_guard
+    from ._idempotency import install_idempotency
+
+    install_guard(app, config)
+    install_idempotency(app, config)
+    return app
+
+
+async def _sample_metrics(
+    app: XintuApp, *, task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Keep sampled metrics fresh (for multiprocess scrapes) until cancelled."""
+    with trio.CancelScope() as scope:
+        task_status.started(scope)
+        while True:
+            app.metrics.sample(app.runtime.statistics())
+            await trio.sleep(_SAMPLE_INTERVAL_S)
+
+
+# Routes whose requests are not worth a log line each (probes and scrapes).
+_QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+_SAMPLE_INTERVAL_S = 1.0
+
+
+def _observe(app: XintuApp, response: Response) -> None:
+    """One latency observation and one structured log event per request."""
+    started = getattr(g, "started", None)
+    if started is None:
+        return
+    seconds = trio.current_time() - started
+    rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+    source = getattr(g, "source", None) or "none"
+    app.metrics.observe_request(rule, request.method, response.status_code, source, seconds)
+    if rule in _QUIET_ROUTES:
+        return
+    image_hash = getattr(g, "image_hash", None)
+    log.info(
+        "request",
+        method=request.method,
+        route=rule,
+        status=response.status_code,
+        latency_ms=round(seconds * 1000.0, 2),
+        user_id=getattr(g, "user_id", None),
+        image_hash=image_hash[:12] if image_hash else None,
+        source=source,
+        provider=getattr(g, "provider", None),
+        client_ip=getattr(g, "client_ip", None) or request.remote_addr,
+    )
+
+
+def _rid() -> str:
+    rid = getattr(g, "request_id", None)
+    return rid if isinstance(rid, str) else uuid.uuid4().hex

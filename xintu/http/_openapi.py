@@ -1,0 +1,311 @@
+"""The OpenAPI 3.1 document of every endpoint, built from the same limits the code enforces."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._config import Config
+from .._types import CATEGORIES
+
+__all__ = ["openapi_document"]
+
+_HASH = {"type": "string", "pattern": "^[0-9a-fA-F]{64}$", "description": "SHA-256, 64 hex"}
+
+_ERROR = {
+    "type": "object",
+    "required": ["success", "error", "error_code", "request_id"],
+    "properties": {
+        "success": {"const": False},
+        "error": {"type": "string"},
+        "error_code": {"type": "string"},
+        "request_id": {"type": "string"},
+    },
+}
+
+_DATA = {
+    "type": "object",
+    "required": ["category", "confidence"],
+    "properties": {
+        "category": {"type": "string", "enum": list(CATEGORIES)},
+        "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+        "description": {"type": ["string", "null"]},
+        "local_inference_result": {"type": ["object", "null"]},
+        "image_hash": _HASH,
+        "source": {"type": "string", "enum": ["cache", "llm", "local"]},
+        "provider": {"type": ["string", "null"]},
+        "model": {"type": "string"},
+    },
+}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    text = {
+        400: "Not an image, truncated image, malformed multipart or JSON",
+        401: "No valid API key (Authorization: Bearer KEY); see WWW-Authenticate",
+        403: "A valid API key without admin access",
+        409: "Idempotency-Key whose first request is still in flight (Retry-After)",
+        413: "Body or image over the byte limit, or image over the pixel limit",
+        415: "Image format not accepted",
+        422: "A field fails validation, image_hash does not match the bytes, or an "
+        "Idempotency-Key is reused for a different request",
+        429: "Over the client's rate limit (Retry-After)",
+        503: "Over capacity or draining (Retry-After)",
+        504: "The deadline passed before any classifier answered",
+    }
+    ref = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    return {str(s): {"description": text[s], "content": ref} for s in statuses}
+
+
+def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+def _ok(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {
+        "200": {"description": description, "content": {"application/json": {"schema": schema}}}
+    }
+
+
+_USER = {
+    "name": "X-User-ID",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "maxLength": 128},
+}
+# In a JSON body; the X-User-ID header wins when both are sent.
+_BODY_USER = {"type": ["string", "null"], "maxLength": 128}
+# A multipart image_hash: 64 hex, or empty for none.
+_FORM_HASH = {
+    "type": "string",
+    "pattern": "^([0-9a-fA-F]{64})?$",
+    "description": "SHA-256 of the image, 64 hex (checked against the bytes); empty: none",
+}
+_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
+    "description": "Makes a retry safe: the first answer to this key (per client) is "
+    "replayed byte for byte, with Idempotency-Replayed: true, for idempotency.ttl_s. "
+    "The same key with a different request is 422; while the first is in flight, 409.",
+}
+_DEADLINE = {
+    "name": "X-Deadline-Ms",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "integer", "minimum": 1},
+    "description": "Ask for a shorter deadline than the server's default.",
+}
+
+
+def openapi_document(config: Config) -> dict[str, Any]:
+    """The document for *config*: its limits, and bearer auth when API keys are set."""
+    max_image = config.images.max_image_bytes
+    keyed = bool(config.security.api_key_sha256)
+    auth: tuple[int, ...] = (401,) if keyed else ()
+    envelope = {
+        "request_id": {"type": "string"},
+        "timestamp": {"type": "string", "format": "date-time"},
+    }
+    check = {
+        "type": "object",
+        "properties": {
+            "success": {"const": True},
+            "cached": {"type": "boolean"},
+            "data": {"$ref": "#/components/schemas/Data"},
+            "from_cache": {"type": "boolean"},
+            **envelope,
+        },
+    }
+    batch_check = {
+        "type": "object",
+        "properties": {
+            "success": {"const": True},
+            "total": {"type": "integer"},
+            "cached_count": {"type": "integer"},
+            "items": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "image_hash": _HASH,
+                        "cached": {"type": "boolean"},
+                        "data": {"$ref": "#/components/schemas/Data"},
+                    },
+                },
+            },
+            **envelope,
+        },
+    }
+    classify = {
+        "type": "object",
+        "properties": {
+            "success": {"const": True},
+            "data": {"$ref": "#/components/schemas/Data"},
+            "from_cache": {"type": "boolean"},
+            "processing_time_ms": {"type": "number"},
+            **envelope,
+        },
+    }
+    batch = {
+        "type": "object",
+        "properties": {
+            "success": {"const": True},
+            "total": {"type": "integer"},
+            "success_count": {"type": "integer"},
+            "fail_count": {"type": "integer"},
+            "items": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "index": {"type": "integer"},
+                        "filename": {"type": "string"},
+                        "success": {"type": "boolean"},
+                        "data": {"$ref": "#/components/schemas/Data"},
+                        "error": {"type": "string"},
+                        "error_code": {"type": "string"},
+                        "from_cache": {"type": "boolean"},
+                        "processing_time_ms": {"type": "number"},
+                    },
+                },
+            },
+            "total_processing_time_ms": {"type": "number"},
+            **envelope,
+        },
+    }
+    image_file = {"type": "string", "format": "binary", "maxLength": max_image}
+    components: dict[str, Any] = {"schemas": {"Error": _ERROR, "Data": _DATA}}
+    if keyed:
+        components["securitySchemes"] = {
+            "bearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "An API key; the server holds only its SHA-256.",
+            }
+        }
+    doc: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Xintu",
+            "version": "1",
+            "description": "Photo classification for a photo album: eight categories, "
+            "each photo classified once and cached by SHA-256.",
+        },
+        "paths": {
+            "/api/v1/classify/check-cache": {
+                "post": {
+                    "summary": "Is this image hash already classified?",
+                    "parameters": [_USER, _IDEMPOTENCY_KEY],
+                    "requestBody": _json_body(
+                        {
+                            "type": "object",
+                            "required": ["image_hash"],
+                            "properties": {"image_hash": _HASH, "user_id": _BODY_USER},
+                        }
+                    ),
+                    "responses": _ok(check) | _errors(400, 409, 413, 422, 429, 503, *auth),
+                }
+            },
+            "/api/v1/classify/batch-check-cache": {
+                "post": {
+                    "summary": "Check up to 100 image hashes at once",
+                    "parameters": [_USER, _IDEMPOTENCY_KEY],
+                    "requestBody": _json_body(
+                        {
+                            "type": "object",
+                            "required": ["image_hashes"],
+                            "properties": {
+                                "image_hashes": {
+                                    "type": "array",
+                                    "items": _HASH,
+                                    "minItems": 1,
+                                    "maxItems": 100,
+                                },
+                                "user_id": _BODY_USER,
+                            },
+                        }
+                    ),
+                    "responses": _ok(batch_check) | _errors(400, 409, 413, 422, 429, 503, *auth),
+                }
+            },
+            "/api/v1/classify": {
+                "post": {
+                    "summary": "Classify one image",
+                    "parameters": [_USER, _DEADLINE, _IDEMPOTENCY_KEY],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "multipart/form-data": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["image"],
+                                    "properties": {"image": image_file, "image_hash": _FORM_HASH},
+                                }
+                            }
+                        },
+                    },
+                    "responses": _ok(classify)
+                    | _errors(400, 409, 413, 415, 422, 429, 503, 504, *auth),
+                }
+            },
+            "/api/v1/classify/batch": {
+                "post": {
+                    "summary": "Classify 1 to 20 images concurrently",
+                    "description": "Send `Accept: application/x-ndjson` to receive one JSON "
+                    "line per item as it finishes, then one summary line.",
+                    "parameters": [_USER, _DEADLINE, _IDEMPOTENCY_KEY],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "multipart/form-data": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["images"],
+                                    "properties": {
+                                        "images": {
+                                            "type": "array",
+                                            "items": image_file,
+                                            "minItems": 1,
+                                            "maxItems": 20,
+                                        },
+                                        "image_hashes": {
+                                            "type": "string",
+                                            "description": "JSON list of hashes or nulls, "
+                                            "one per image",
+                                        },
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": _ok(batch) | _errors(400, 409, 413, 422, 429, 503, 504, *auth),
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "summary": "Alive (never needs a key, never rate-limited)",
+                    "security": [],
+                    "responses": _ok({"type": "object"}),
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Ready: store reachable, model loaded, not draining",
+                    "responses": _ok({"type": "object"})
+                    | {"503": {"description": "Not ready; the body lists the checks"}}
+                    | _errors(*auth),
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "responses": _ok({"type": "object"}) | _errors(429, *auth),
+                }
+            },
+        },
+        "components": components,
+    }
+    if keyed:
+        doc["security"] = [{"bearer": []}]
+    return doc

@@ -1,0 +1,125 @@
+"""Operational endpoints: liveness, readiness and the OpenAPI document."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import trio
+from quart import Blueprint, Response, current_app
+
+from .._metrics import CONTENT_TYPE_LATEST
+from ..errors import StoreError, Unavailable
+from ._openapi import openapi_document
+from ._respond import json_response
+
+__all__ = ["ops"]
+
+ops = Blueprint("ops", __name__)
+
+_READY_STORE_TIMEOUT_S = 1.0
+
+
+@ops.get("/healthz")
+async def healthz() -> Response:
+    """Alive: the process answers. Never touches the store."""
+    return json_response({"status": "ok"})
+
+
+@ops.get("/readyz")
+async def readyz() -> Response:
+    """Ready for traffic: store reachable, model loaded, actors healthy, not draining."""
+    runtime = getattr(current_app, "runtime", None)
+    checks: dict[str, Any] = {}
+    if runtime is None:
+        checks["runtime"] = "starting"
+        return json_response({"ready": False, "checks": checks}, 503)
+    checks["draining"] = runtime.draining
+    checks["actors_running"] = runtime.ready
+    checks["actors_healthy"] = runtime.crashes.healthy
+    checks["model_loaded"] = runtime.local.model is not None
+    checks["breakers"] = {p.name: str(p.breaker.state) for p in runtime.llm.statistics().providers}
+    writer = runtime.writer.statistics()
+    checks["writer"] = "ok" if writer.store_healthy else "retrying (store writes failing)"
+    try:
+        with trio.fail_after(_READY_STORE_TIMEOUT_S):
+            await runtime.store.ping()
+        checks["store"] = "ok"
+    except (StoreError, trio.TooSlowError) as exc:
+        checks["store"] = f"unreachable: {exc}" if str(exc) else "unreachable"
+    ready = (
+        runtime.ready
+        and not runtime.draining
+        and runtime.crashes.healthy
+        and checks["model_loaded"]
+        and checks["store"] == "ok"
+    )
+    return json_response({"ready": ready, "checks": checks}, 200 if ready else 503)
+
+
+@ops.get("/metrics")
+async def metrics() -> Response:
+    """Prometheus exposition (all workers' values with ``--workers N``)."""
+    app = current_app
+    runtime = getattr(app, "runtime", None)
+    if runtime is not None:
+        app.metrics.sample(runtime.statistics())  # type: ignore[attr-defined]
+    body = app.metrics.render()  # type: ignore[attr-defined]
+    return Response(body, status=200, content_type=CONTENT_TYPE_LATEST)
+
+
+# /api/v1/stats is computed by the store; polling it more often than this reuses
+# the last answer.
+_STATS_TTL_S = 2.0
+
+
+@ops.get("/api/v1/stats")
+async def stats() -> Response:
+    """Album totals and distributions from the store, plus this worker's actors."""
+    app = current_app
+    runtime = getattr(app, "runtime", None)
+    if runtime is None:
+        raise Unavailable("starting", retry_after_s=1.0)
+    now = trio.current_time()
+    cached: tuple[float, dict[str, Any]] | None = getattr(app, "stats_cache", None)
+    if cached is None or now - cached[0] > _STATS_TTL_S:
+        album = await runtime.store.album_stats(datetime.now(UTC))
+        cached = (now, album.as_dict())
+        app.stats_cache = cached  # type: ignore[attr-defined]
+    body = dict(cached[1])
+    body["service"] = _service(runtime.statistics())
+    body["success"] = True
+    return json_response(body)
+
+
+def _service(stats: Any) -> dict[str, Any]:
+    """This worker's actors, for the album page's live panel and operators."""
+    d, lp, w, c, llm = stats.dispatcher, stats.local, stats.writer, stats.cache, stats.llm
+    return {
+        "ready": stats.ready,
+        "draining": stats.draining,
+        "queues": {
+            "dispatcher": {"depth": d.queued, "capacity": d.max_queued, "in_flight": d.in_flight},
+            "local": {
+                "depth": lp.queued,
+                "capacity": lp.max_queued,
+                "batch_mean": round(lp.mean_batch_size, 2),
+            },
+            "llm": {"depth": llm.queued, "capacity": llm.max_queued, "busy": llm.busy},
+            "writer": {
+                "depth": w.queued,
+                "capacity": w.max_queued,
+                "store_healthy": w.store_healthy,
+            },
+        },
+        "lru": {"size": c.lru_size, "max": c.lru_max, "hits": c.lru_hits},
+        "shed": d.refused,
+        "coalesced": d.coalesced,
+        "fallbacks": dict(stats.fallbacks),
+        "breakers": {p.name: str(p.breaker.state) for p in llm.providers},
+    }
+
+
+@ops.get("/openapi.json")
+async def openapi() -> Response:
+    return json_response(openapi_document(current_app.xintu_config))  # type: ignore[attr-defined]

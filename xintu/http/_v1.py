@@ -1,0 +1,396 @@
+"""The v1 classification API, wire-compatible with the original Xintu backend.
+
+Paths, field names, types and meanings are the original ones; ``data`` gains the
+additive fields ``image_hash``, ``source``, ``provider`` and ``model``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import trio
+from quart import Blueprint, Response, current_app, g, request, stream_with_context
+from werkzeug.datastructures import FileStorage
+
+from .._types import is_image_hash
+from ..actors import Answer, ClassifyRequest, Runtime
+from ..errors import (
+    BadRequest,
+    Draining,
+    HashMismatch,
+    PayloadTooLarge,
+    ValidationFailed,
+    XintuError,
+)
+from ..store import RequestLogRow
+from ._respond import json_response, now_iso, sized_work
+
+__all__ = ["v1"]
+
+v1 = Blueprint("v1", __name__, url_prefix="/api/v1/classify")
+
+MAX_BATCH_HASHES = 100
+MAX_BATCH_IMAGES = 20
+MAX_USER_ID = 128
+
+
+def _runtime() -> Runtime:
+    return cast(Runtime, current_app.runtime)  # type: ignore[attr-defined]
+
+
+def _rid() -> str:
+    return cast(str, g.request_id)
+
+
+def _ms_since(start: float) -> float:
+    return round((trio.current_time() - start) * 1000.0, 2)
+
+
+async def _json_body() -> dict[str, Any]:
+    raw = await request.get_data(as_text=False)
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    return body
+
+
+def _user_id(body: dict[str, Any] | None = None) -> str | None:
+    """The user: the ``X-User-ID`` header, else the body's ``user_id``; both validated."""
+    header = _checked_user_id(request.headers.get("X-User-ID"))
+    in_body = _checked_user_id(body.get("user_id") if body is not None else None)
+    value = header or in_body
+    if value is not None:
+        g.user_id = value
+    return value
+
+
+def _checked_user_id(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > MAX_USER_ID:
+        raise ValidationFailed(f"user_id must be a string of at most {MAX_USER_ID} characters")
+    return value
+
+
+def _hash_field(value: object, name: str) -> str:
+    if not isinstance(value, str) or not is_image_hash(value.lower()):
+        raise ValidationFailed(f"{name} must be 64 hexadecimal characters (SHA-256)")
+    return value.lower()
+
+
+def _deadline() -> float:
+    """The request's absolute deadline: the configured one, or less if the client asks."""
+    budget = current_app.xintu_config.server.request_deadline_s  # type: ignore[attr-defined]
+    asked = request.headers.get("X-Deadline-Ms")
+    if asked is not None:
+        try:
+            ms = int(asked)
+        except ValueError:
+            raise ValidationFailed("X-Deadline-Ms must be an integer") from None
+        if ms <= 0:
+            raise ValidationFailed("X-Deadline-Ms must be positive")
+        budget = min(budget, ms / 1000.0)
+    started: float = g.started
+    return started + float(budget)
+
+
+async def _sha256(data: bytes) -> str:
+    return await sized_work(len(data), lambda: hashlib.sha256(data).hexdigest())
+
+
+def _log_row(
+    *,
+    request_id: str,
+    user_id: str | None,
+    image_hash: str | None,
+    image_size: int | None,
+    answer: Answer | None,
+    processing_time_ms: float,
+) -> RequestLogRow:
+    c = answer.classification if answer else None
+    return RequestLogRow(
+        request_id=request_id,
+        user_id=user_id,
+        ip=getattr(g, "client_ip", None) or request.remote_addr,
+        image_hash=image_hash,
+        image_size=image_size,
+        category=c.category.value if c else None,
+        confidence=c.confidence if c else None,
+        from_cache=bool(answer and answer.from_cache),
+        source=("cache" if answer.from_cache else c.source.value) if answer and c else None,
+        processing_time_ms=processing_time_ms,
+        created_at=datetime.now(UTC),
+    )
+
+
+def _data(answer: Answer) -> dict[str, Any]:
+    return answer.classification.to_data(answer.image_hash, from_cache=answer.from_cache)
+
+
+# --- check-cache -------------------------------------------------------------------
+
+
+@v1.post("/check-cache")
+async def check_cache() -> Response:
+    body = await _json_body()
+    image_hash = _hash_field(body.get("image_hash"), "image_hash")
+    g.image_hash = image_hash
+    user_id = _user_id(body)
+    runtime = _runtime()
+    entry = await runtime.cache.lookup(image_hash)
+    g.source = "cache" if entry is not None else "none"
+    out: dict[str, Any] = {"success": True, "cached": entry is not None}
+    if entry is not None:
+        runtime.cache.record_hit(image_hash)
+        answer = Answer(entry.classification, image_hash, from_cache=True)
+        out["data"] = _data(answer)
+        runtime.writer.offer(
+            _log_row(
+                request_id=_rid(),
+                user_id=user_id,
+                image_hash=image_hash,
+                image_size=None,
+                answer=answer,
+                processing_time_ms=_ms_since(g.started),
+            )
+        )
+    out |= {"from_cache": entry is not None, "request_id": _rid(), "timestamp": now_iso()}
+    return json_response(out)
+
+
+@v1.post("/batch-check-cache")
+async def batch_check_cache() -> Response:
+    body = await _json_body()
+    hashes = body.get("image_hashes")
+    if not isinstance(hashes, list) or not 1 <= len(hashes) <= MAX_BATCH_HASHES:
+        raise ValidationFailed(f"image_hashes must be a list of 1 to {MAX_BATCH_HASHES} hashes")
+    normalised = [_hash_field(h, f"image_hashes[{i}]") for i, h in enumerate(hashes)]
+    user_id = _user_id(body)
+    runtime = _runtime()
+    found = await runtime.cache.lookup_many(list(dict.fromkeys(normalised)))
+    items: list[dict[str, Any]] = []
+    elapsed_ms = _ms_since(g.started)
+    for i, h in enumerate(normalised):
+        entry = found.get(h)
+        item: dict[str, Any] = {"image_hash": h, "cached": entry is not None}
+        if entry is not None:
+            answer = Answer(entry.classification, h, from_cache=True)
+            runtime.cache.record_hit(h)
+            item["data"] = _data(answer)
+            # Each hit is a request served, as for check-cache (one log row per item).
+            runtime.writer.offer(
+                _log_row(
+                    request_id=f"{_rid()}-{i}",
+                    user_id=user_id,
+                    image_hash=h,
+                    image_size=None,
+                    answer=answer,
+                    processing_time_ms=elapsed_ms,
+                )
+            )
+        items.append(item)
+    return json_response(
+        {
+            "success": True,
+            "total": len(items),
+            "cached_count": sum(1 for i in items if i["cached"]),
+            "items": items,
+            "request_id": _rid(),
+            "timestamp": now_iso(),
+        }
+    )
+
+
+# --- classify ----------------------------------------------------------------------
+
+
+async def _read_image(storage: FileStorage) -> bytes:
+    limit = current_app.xintu_config.images.max_image_bytes  # type: ignore[attr-defined]
+    data: bytes = storage.read(limit + 1)
+    if len(data) > limit:
+        raise PayloadTooLarge(f"image is larger than {limit} bytes")
+    if not data:
+        raise BadRequest("the image is empty")
+    return data
+
+
+async def _classify_one(
+    data: bytes, claimed_hash: str | None, user_id: str | None, request_id: str, deadline: float
+) -> Answer:
+    image_hash = await _sha256(data)
+    g.image_hash = image_hash
+    if claimed_hash is not None and claimed_hash != image_hash:
+        raise HashMismatch("image_hash does not match the SHA-256 of the uploaded image")
+    return await _runtime().classify(
+        ClassifyRequest(data, image_hash, request_id, user_id), deadline=deadline
+    )
+
+
+@v1.post("")
+async def classify() -> Response:
+    started = cast(float, g.started)
+    deadline = _deadline()
+    files = await request.files
+    form = await request.form
+    storage = files.get("image")
+    if storage is None:
+        raise BadRequest("multipart field 'image' is required")
+    claimed = form.get("image_hash") or None
+    claimed_hash = _hash_field(claimed, "image_hash") if claimed is not None else None
+    user_id = _user_id()
+    data = await _read_image(storage)
+    answer: Answer | None = None
+    try:
+        answer = await _classify_one(data, claimed_hash, user_id, _rid(), deadline)
+        g.source = "cache" if answer.from_cache else answer.classification.source.value
+        g.provider = answer.classification.provider
+    finally:
+        _runtime().writer.offer(
+            _log_row(
+                request_id=_rid(),
+                user_id=user_id,
+                image_hash=answer.image_hash if answer else None,
+                image_size=len(data),
+                answer=answer,
+                processing_time_ms=_ms_since(started),
+            )
+        )
+    return json_response(
+        {
+            "success": True,
+            "data": _data(answer),
+            "from_cache": answer.from_cache,
+            "processing_time_ms": _ms_since(started),
+            "request_id": _rid(),
+            "timestamp": now_iso(),
+        }
+    )
+
+
+def _batch_hashes(raw: str | None, count: int) -> list[str | None]:
+    if raw is None or raw == "":
+        return [None] * count
+    try:
+        values = json.loads(raw)
+    except ValueError:
+        raise ValidationFailed("image_hashes must be a JSON list") from None
+    if not isinstance(values, list) or len(values) != count:
+        raise ValidationFailed(f"image_hashes must be a JSON list of {count} entries")
+    return [
+        None if v in (None, "") else _hash_field(v, f"image_hashes[{i}]")
+        for i, v in enumerate(values)
+    ]
+
+
+@v1.post("/batch")
+async def classify_batch() -> Response:
+    started = cast(float, g.started)
+    deadline = _deadline()
+    files = await request.files
+    form = await request.form
+    images = files.getlist("images")
+    if not 1 <= len(images) <= MAX_BATCH_IMAGES:
+        raise ValidationFailed(f"'images' must hold 1 to {MAX_BATCH_IMAGES} files")
+    claimed = _batch_hashes(form.get("image_hashes"), len(images))
+    user_id = _user_id()
+    rid = _rid()
+    runtime = _runtime()
+    if runtime.draining:
+        # One refusal for the whole batch rather than twenty.
+        raise Draining("the service is shutting down", retry_after_s=runtime.retry_after_s())
+
+    # Read every part now: the uploaded files are closed once the handler returns,
+    # and a streamed body is produced after that.
+    payloads: list[tuple[str, bytes | XintuError]] = []
+    for storage in images:
+        try:
+            payloads.append((storage.filename or "", await _read_image(storage)))
+        except XintuError as exc:
+            payloads.append((storage.filename or "", exc))
+
+    async def one(index: int) -> dict[str, Any]:
+        t0 = trio.current_time()
+        filename, payload = payloads[index]
+        item: dict[str, Any] = {"index": index, "filename": filename}
+        answer: Answer | None = None
+        data = payload if isinstance(payload, bytes) else b""
+        try:
+            if isinstance(payload, XintuError):
+                raise payload
+            answer = await _classify_one(payload, claimed[index], user_id, rid, deadline)
+        except XintuError as exc:
+            item |= {"success": False, "error": exc.message, "error_code": exc.error_code}
+        else:
+            item |= {"success": True, "data": _data(answer)}
+        item["from_cache"] = bool(answer and answer.from_cache)
+        item["processing_time_ms"] = _ms_since(t0)
+        runtime.writer.offer(
+            _log_row(
+                request_id=f"{rid}-{index}",
+                user_id=user_id,
+                image_hash=answer.image_hash if answer else None,
+                image_size=len(data) if data else None,
+                answer=answer,
+                processing_time_ms=item["processing_time_ms"],
+            )
+        )
+        return item
+
+    def summary(items: list[dict[str, Any]]) -> dict[str, Any]:
+        ok = sum(1 for i in items if i["success"])
+        return {
+            "success": True,
+            "total": len(images),
+            "success_count": ok,
+            "fail_count": len(images) - ok,
+            "request_id": rid,
+            "total_processing_time_ms": _ms_since(started),
+            "timestamp": now_iso(),
+        }
+
+    if "application/x-ndjson" in request.headers.get("Accept", ""):
+        stream = stream_with_context(_stream)
+        return Response(stream(one, len(images), summary), content_type="application/x-ndjson")
+
+    items: list[dict[str, Any]] = [{} for _ in images]
+
+    async def fill(i: int) -> None:
+        items[i] = await one(i)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(images)):
+            nursery.start_soon(fill, i)
+    body = summary(items)
+    body["items"] = items
+    return json_response(body)
+
+
+async def _stream(
+    one: Callable[[int], Awaitable[dict[str, Any]]],
+    count: int,
+    summary: Callable[[list[dict[str, Any]]], dict[str, Any]],
+) -> AsyncIterator[bytes]:
+    """NDJSON: one line per item as it finishes, then one summary line."""
+    send, receive = trio.open_memory_channel[dict[str, Any]](count)
+    done: list[dict[str, Any]] = []
+
+    async def run(i: int) -> None:
+        await send.send(await one(i))
+
+    # The body is iterated by the task that sends the response, so a client that
+    # disconnects cancels this nursery through the generator's own frame.
+    async with trio.open_nursery() as nursery:
+        for i in range(count):
+            nursery.start_soon(run, i)
+        for _ in range(count):
+            item = await receive.receive()
+            done.append(item)
+            yield (json.dumps(item, separators=(",", ":")) + "\n").encode()
+    yield (json.dumps(summary(done), separators=(",", ":")) + "\n").encode()

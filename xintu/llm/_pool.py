@@ -1,0 +1,509 @@
+"""The LLM pool: a fixed set of workers behind a bounded inbox, and the provider chain.
+
+::
+
+    classify() ──send_nowait──▶ inbox (inbox_size) ──▶ workers (N)
+       │ refused at once (LlmUnavailable):               │ prepare upload (thread)
+       │ no provider · every breaker open ·              ▼
+       │ inbox full · deadline under the reserve     provider chain, in order:
+       ▼                                               breaker permit? ── no ──▶ next provider
+    the caller falls back to the local pool            attempt ▸ retry (backoff, Retry-After,
+                                                        deadline, budget) ▸ next provider
+    offer_recheck() ──▶ recheck queue ──▶ 1 background worker (only when a worker is idle)
+                                             ──▶ on_recheck(image_hash, classification)
+
+Every call gets the request's deadline less ``fallback_reserve_s``: the LLM never
+eats the time the local model needs. A caller never sees an upstream body; all
+failures reach it as :class:`~xintu.llm.LlmError`, which the dispatcher turns into
+a fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import httpx
+import outcome
+import structlog
+import trio
+
+from .._rate import ServiceTime
+from .._types import Classification, Source
+from ._breaker import Breaker, BreakerState, BreakerStatistics
+from ._config import LlmConfig, ProviderConfig
+from ._errors import LlmError, LlmUnavailable, UnavailableReason, UpstreamError, UpstreamTimeout
+from ._image import UploadImage, prepare_upload
+from ._parse import ParsedAnswer
+from ._providers import ProviderClient
+from ._retry import BackoffPolicy, RetryBudget, RetryBudgetStatistics
+
+__all__ = ["LlmPool", "LlmPoolStatistics", "ProviderStatistics", "RecheckCallback"]
+
+log = structlog.get_logger("xintu.llm")
+
+#: ``on_recheck(image_hash, classification)``: an LLM answer for a photo whose
+#: cached answer came from the local model; the runtime replaces the cache entry.
+RecheckCallback = Callable[[str, Classification], Awaitable[None]]
+
+# Below this size an image is prepared inline: the thread hop costs about as much.
+_INLINE_MAX_BYTES = 4096
+# How much longer than the LLM call's deadline a caller waits for the worker's reply
+# (the worker answers at its deadline; this only orders the two wake-ups).
+_REPLY_GRACE_S = 0.05
+
+_Result = outcome.Outcome[Classification]
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderStatistics:
+    """One provider: HTTP attempts and their outcomes, its breaker and retry budget."""
+
+    name: str
+    kind: str
+    model: str
+    attempts: int
+    successes: int
+    failures: int
+    retries: int
+    breaker: BreakerStatistics
+    retry_budget: RetryBudgetStatistics
+
+
+@dataclass(frozen=True, slots=True)
+class LlmPoolStatistics:
+    """A snapshot of the pool (``refused_*``: refused at once, by reason)."""
+
+    enabled: bool
+    workers: int
+    busy: int
+    queued: int
+    max_queued: int
+    submitted: int
+    succeeded: int
+    failed: int
+    refused_no_provider: int
+    refused_breaker_open: int
+    refused_inbox_full: int
+    refused_no_time: int
+    refused_queue_too_long: int
+    refused_closed: int
+    recheck_queued: int
+    recheck_max_queued: int
+    recheck_accepted: int
+    recheck_dropped: int
+    recheck_succeeded: int
+    recheck_failed: int
+    providers: tuple[ProviderStatistics, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    data: bytes
+    image_hash: str
+    deadline: float  # of the LLM work: the request's deadline less the reserve
+    reply: trio.MemorySendChannel[_Result]
+
+
+class _Provider:
+    """A provider's runtime state: client (while running), breaker, budget, counters."""
+
+    def __init__(self, cfg: ProviderConfig, config: LlmConfig) -> None:
+        self.cfg = cfg
+        self.client: ProviderClient | None = None
+        self.breaker = Breaker(
+            cfg.name,
+            window_s=config.breaker_window_s,
+            min_calls=config.breaker_min_calls,
+            failure_ratio=config.breaker_failure_ratio,
+            open_s=config.breaker_open_s,
+            half_open_probes=config.breaker_half_open_probes,
+        )
+        self.budget = RetryBudget(
+            ratio=config.retry_budget_ratio,
+            min_retries=config.retry_budget_min,
+            window_s=config.retry_budget_window_s,
+        )
+        self.attempts = 0
+        self.successes = 0
+        self.failures = 0
+        self.retries = 0
+
+    def statistics(self) -> ProviderStatistics:
+        return ProviderStatistics(
+            name=self.cfg.name,
+            kind=self.cfg.kind,
+            model=self.cfg.model,
+            attempts=self.attempts,
+            successes=self.successes,
+            failures=self.failures,
+            retries=self.retries,
+            breaker=self.breaker.statistics(),
+            retry_budget=self.budget.statistics(),
+        )
+
+
+def _deliver(reply: trio.MemorySendChannel[_Result], result: _Result) -> None:
+    try:
+        reply.send_nowait(result)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+        pass  # the caller has left
+    finally:
+        reply.close()
+
+
+class LlmPool:
+    """The LLM classifier actor. See the module docstring.
+
+    *transport* replaces the network for every provider's client (tests pass an
+    ``httpx.MockTransport``); *rng* drives the backoff jitter.
+    """
+
+    def __init__(
+        self,
+        config: LlmConfig,
+        *,
+        on_recheck: RecheckCallback | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self._providers = [_Provider(p, config) for p in config.providers]
+        self._on_recheck = on_recheck
+        self._transport = transport
+        self._rng = rng or random.Random()
+        self._backoff = BackoffPolicy(
+            config.retry_max_attempts, config.retry_initial_s, config.retry_max_s
+        )
+        self._reserve_s = config.fallback_reserve_s
+        self._workers = config.workers
+        self._send, self._receive = trio.open_memory_channel[_Job](config.inbox_size)
+        self._image_limiter = trio.CapacityLimiter(config.workers)
+        self._rechecks = on_recheck is not None and config.recheck_queue > 0 and self.enabled
+        self._recheck_send, self._recheck_receive = trio.open_memory_channel[tuple[bytes, str]](
+            max(config.recheck_queue, 1)
+        )
+        self._recheck_pending: set[str] = set()
+        self._recheck_scope = trio.CancelScope()
+        self._idle = trio.lowlevel.ParkingLot()
+        self._closed = False
+        self._busy = 0
+        self._service = ServiceTime()
+        self._submitted = 0
+        self._succeeded = 0
+        self._failed = 0
+        self._refused: dict[UnavailableReason, int] = {
+            "no_provider": 0,
+            "breaker_open": 0,
+            "inbox_full": 0,
+            "no_time": 0,
+            "queue_too_long": 0,
+            "closed": 0,
+        }
+        self._recheck_accepted = 0
+        self._recheck_dropped = 0
+        self._recheck_succeeded = 0
+        self._recheck_failed = 0
+
+    @property
+    def enabled(self) -> bool:
+        """False when no provider is configured (every call is refused at once)."""
+        return bool(self._providers)
+
+    @property
+    def provider_names(self) -> Sequence[str]:
+        return tuple(p.cfg.name for p in self._providers)
+
+    def healthy(self) -> bool:
+        """Whether some provider's breaker is closed (the LLM is worth asking)."""
+        return any(p.breaker.state is BreakerState.CLOSED for p in self._providers)
+
+    # --- the front door ------------------------------------------------------------
+
+    def _refuse(self, reason: UnavailableReason, message: str) -> LlmUnavailable:
+        self._refused[reason] += 1
+        return LlmUnavailable(message, reason=reason)
+
+    async def classify(self, data: bytes, image_hash: str, deadline: float) -> Classification:
+        """Classify *data* through the provider chain before *deadline* less the reserve.
+
+        Raises :class:`~xintu.llm.LlmUnavailable` at once, with no upstream call, when
+        no provider is configured, every breaker is open, the inbox is full, the
+        remaining time is under ``fallback_reserve_s`` or the pool is closed; and
+        another :class:`~xintu.llm.LlmError` when the chain failed. Either way the
+        caller falls back; the error holds no upstream body and no key.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if not self._providers:
+            raise self._refuse("no_provider", "no LLM provider is configured")
+        if self._closed:
+            raise self._refuse("closed", "the LLM pool is shutting down")
+        call_deadline = deadline - self._reserve_s
+        if call_deadline <= trio.current_time():
+            raise self._refuse("no_time", "not enough time left for an LLM call")
+        if not any(p.breaker.would_allow() for p in self._providers):
+            raise self._refuse("breaker_open", "every LLM provider's circuit breaker is open")
+        ahead = self._receive.statistics().current_buffer_used + self._busy
+        if (
+            trio.current_time() + self._service.expected_wait_s(ahead, self._workers, cautious=True)
+            > call_deadline
+        ):
+            # Queueing would only end in "no time left": fall back now, while there is.
+            raise self._refuse("queue_too_long", "the LLM queue would outlast the deadline")
+        reply, receive = trio.open_memory_channel[_Result](1)
+        try:
+            self._send.send_nowait(_Job(data, image_hash, call_deadline, reply))
+        except trio.WouldBlock:
+            reply.close()
+            raise self._refuse("inbox_full", "the LLM pool is over capacity") from None
+        except trio.ClosedResourceError:
+            reply.close()
+            raise self._refuse("closed", "the LLM pool is shutting down") from None
+        self._submitted += 1
+        with receive:
+            with trio.move_on_at(call_deadline + _REPLY_GRACE_S):
+                result = await receive.receive()
+                return result.unwrap()
+        raise UpstreamTimeout("llm", "no LLM answer before the deadline")
+
+    def offer_recheck(self, data: bytes, image_hash: str) -> bool:
+        """Queue a background LLM re-classification; False if not taken (never waits).
+
+        Taken only while some provider's breaker is closed, the queue has room and
+        the hash is not queued already. A success calls ``on_recheck``.
+        """
+        if not self._rechecks or self._closed or image_hash in self._recheck_pending:
+            return False
+        if not self.healthy():
+            self._recheck_dropped += 1
+            return False
+        try:
+            self._recheck_send.send_nowait((data, image_hash))
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            self._recheck_dropped += 1
+            return False
+        self._recheck_pending.add(image_hash)
+        self._recheck_accepted += 1
+        return True
+
+    def close(self) -> None:
+        """Take nothing more: queued calls finish, queued rechecks are dropped."""
+        self._closed = True
+        self._send.close()
+        self._recheck_send.close()
+        self._recheck_scope.cancel()
+        self._recheck_dropped += len(self._recheck_pending)
+        self._recheck_pending.clear()
+
+    def statistics(self) -> LlmPoolStatistics:
+        return LlmPoolStatistics(
+            enabled=self.enabled,
+            workers=self._workers,
+            busy=self._busy,
+            queued=self._receive.statistics().current_buffer_used,
+            max_queued=self.config.inbox_size,
+            submitted=self._submitted,
+            succeeded=self._succeeded,
+            failed=self._failed,
+            refused_no_provider=self._refused["no_provider"],
+            refused_breaker_open=self._refused["breaker_open"],
+            refused_inbox_full=self._refused["inbox_full"],
+            refused_no_time=self._refused["no_time"],
+            refused_queue_too_long=self._refused["queue_too_long"],
+            refused_closed=self._refused["closed"],
+            recheck_queued=len(self._recheck_pending),
+            recheck_max_queued=self.config.recheck_queue if self._rechecks else 0,
+            recheck_accepted=self._recheck_accepted,
+            recheck_dropped=self._recheck_dropped,
+            recheck_succeeded=self._recheck_succeeded,
+            recheck_failed=self._recheck_failed,
+            providers=tuple(p.statistics() for p in self._providers),
+        )
+
+    # --- the actor -----------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Open the providers' clients, run the workers until :meth:`close`, close clients."""
+        async with contextlib.AsyncExitStack() as clients:
+            for p in self._providers:
+                # Lanes: worker i is caller i, the recheck worker is caller `workers`.
+                p.client = ProviderClient(
+                    p.cfg, callers=self._workers + 1, transport=self._transport
+                )
+                clients.push_async_callback(p.client.aclose)
+            async with trio.open_nursery() as nursery:
+                async with self._receive:
+                    for lane in range(self._workers):
+                        nursery.start_soon(self._worker, lane, self._receive.clone())
+                if self._rechecks:
+                    nursery.start_soon(self._recheck_worker)
+                log.info("llm_pool_ready", providers=list(self.provider_names))
+                task_status.started()
+            for p in self._providers:
+                p.client = None
+
+    async def _worker(self, lane: int, receive: trio.MemoryReceiveChannel[_Job]) -> None:
+        async with receive:
+            async for job in receive:
+                if job.reply.statistics().open_receive_channels == 0:
+                    job.reply.close()  # the caller has left: nobody wants the answer
+                    continue
+                self._busy += 1
+                started = trio.current_time()
+                try:
+                    classification = await self._run_chain(job.data, job.deadline, lane)
+                except trio.Cancelled:
+                    _deliver(
+                        job.reply,
+                        outcome.Error(LlmUnavailable("shutting down", reason="closed")),
+                    )
+                    raise
+                except LlmError as exc:
+                    self._failed += 1
+                    _deliver(job.reply, outcome.Error(exc))
+                except Exception as exc:  # a bug: answer the caller, keep the worker
+                    self._failed += 1
+                    log.error(
+                        "llm_job_failed", image_hash=job.image_hash[:12], error=type(exc).__name__
+                    )
+                    _deliver(job.reply, outcome.Error(LlmError("LLM classification failed")))
+                else:
+                    self._succeeded += 1
+                    _deliver(job.reply, outcome.Value(classification))
+                finally:
+                    self._service.record(trio.current_time() - started)
+                    self._busy -= 1
+                    self._idle.unpark_all()
+
+    async def _recheck_worker(self) -> None:
+        with self._recheck_scope:
+            async with self._recheck_receive:
+                async for data, image_hash in self._recheck_receive:
+                    # Low priority: only while a worker is idle and nothing is queued.
+                    while self._busy >= self._workers or (
+                        self._receive.statistics().current_buffer_used > 0
+                    ):
+                        await self._idle.park()
+                    self._recheck_pending.discard(image_hash)
+                    await self._recheck(data, image_hash)
+
+    async def _recheck(self, data: bytes, image_hash: str) -> None:
+        assert self._on_recheck is not None
+        if not self.healthy():
+            self._recheck_dropped += 1
+            return
+        deadline = trio.current_time() + max(p.cfg.timeout_s for p in self._providers)
+        try:
+            classification = await self._run_chain(data, deadline, self._workers)
+        except trio.Cancelled:
+            raise
+        except LlmError as exc:
+            self._recheck_failed += 1
+            log.info("llm_recheck_failed", image_hash=image_hash[:12], error=exc.error_code)
+            return
+        try:
+            await self._on_recheck(image_hash, classification)
+        except trio.Cancelled:
+            raise
+        except Exception as exc:
+            self._recheck_failed += 1
+            log.warning("llm_recheck_callback_failed", image_hash=image_hash[:12], error=repr(exc))
+            return
+        self._recheck_succeeded += 1
+
+    # --- the chain -----------------------------------------------------------------
+
+    async def _prepare(self, data: bytes) -> UploadImage:
+        prepare = functools.partial(
+            prepare_upload,
+            data,
+            max_side_px=self.config.max_image_side_px,
+            quality=self.config.jpeg_quality,
+        )
+        if len(data) <= _INLINE_MAX_BYTES:
+            return prepare()
+        return await trio.to_thread.run_sync(prepare, limiter=self._image_limiter)
+
+    async def _run_chain(self, data: bytes, deadline: float, lane: int) -> Classification:
+        """Try each provider in order until one answers; *deadline* bounds it all."""
+        if trio.current_time() >= deadline:
+            raise LlmUnavailable("not enough time left for an LLM call", reason="no_time")
+        image = await self._prepare(data)
+        last: LlmError | None = None
+        for p in self._providers:
+            if trio.current_time() >= deadline:
+                break
+            try:
+                answer = await self._call_provider(p, image, deadline, lane)
+            except LlmUnavailable:
+                continue  # breaker open: next provider, no call made
+            except LlmError as exc:
+                last = exc
+                log.info(
+                    "llm_provider_failed",
+                    provider=p.cfg.name,
+                    error=exc.error_code,
+                    status=getattr(exc, "status", None),
+                )
+                continue
+            return Classification(
+                category=answer.category,
+                confidence=answer.confidence,
+                source=Source.LLM,
+                model=p.cfg.model,
+                description=answer.description,
+                provider=p.cfg.name,
+            )
+        if last is not None:
+            raise last
+        if trio.current_time() >= deadline:
+            raise LlmUnavailable("no time left for an LLM call", reason="no_time")
+        raise LlmUnavailable("every LLM provider's circuit breaker is open", reason="breaker_open")
+
+    async def _call_provider(
+        self, p: _Provider, image: UploadImage, deadline: float, lane: int
+    ) -> ParsedAnswer:
+        """One provider, with retries of retryable faults while deadline and budget allow."""
+        client = p.client
+        if client is None:
+            raise LlmUnavailable("the LLM pool is not running", reason="closed")
+        attempt = 0
+        last: LlmError | None = None
+        while True:
+            permit = p.breaker.try_acquire()
+            if permit is None:
+                if last is not None:
+                    raise last  # the breaker opened while retrying
+                raise LlmUnavailable(f"{p.cfg.name}: circuit breaker open", reason="breaker_open")
+            attempt += 1
+            p.attempts += 1
+            if attempt == 1:
+                p.budget.record_call()  # retries are budgeted against calls actually made
+            try:
+                with trio.move_on_at(min(deadline, trio.current_time() + p.cfg.timeout_s)):
+                    answer = await client.attempt(image, lane=lane)
+                    permit.success()
+                    p.successes += 1
+                    return answer
+                raise UpstreamTimeout(p.cfg.name, "no answer in time")
+            except LlmError as exc:
+                permit.failure()
+                p.failures += 1
+                last = exc
+            finally:
+                permit.abandon()  # cancelled or a bug: no verdict (a no-op after one)
+            if not (isinstance(last, UpstreamError) and last.retryable):
+                raise last
+            if attempt >= self._backoff.max_attempts:
+                raise last
+            delay = self._backoff.delay_s(attempt, self._rng, retry_after_s=last.retry_after_s)
+            if trio.current_time() + delay >= deadline:
+                raise last  # the retry would not fit in the deadline
+            if not p.budget.try_spend():
+                log.debug("llm_retry_budget_exhausted", provider=p.cfg.name)
+                raise last
+            p.retries += 1
+            await trio.sleep(delay)

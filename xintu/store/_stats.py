@@ -1,0 +1,136 @@
+"""``GET /api/v1/stats``: what the store knows about the album, computed by the store.
+
+The queries are shared by both backends (only the placeholder and the time
+encoding differ); each backend runs :func:`stats_queries` and hands the rows to
+:func:`assemble_stats`. Every query is bounded: totals use ``COUNT`` on indexed
+ranges, latencies read at most :data:`LATENCY_SAMPLE` recent rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+
+__all__ = ["LATENCY_SAMPLE", "AlbumStats", "assemble_stats", "stats_queries"]
+
+# Most request_log rows read for the latency percentiles.
+LATENCY_SAMPLE = 20_000
+# Latency percentiles cover this recent window.
+LATENCY_WINDOW = timedelta(hours=1)
+
+
+@dataclass(frozen=True, slots=True)
+class AlbumStats:
+    """Totals and distributions, JSON-ready through :meth:`as_dict`."""
+
+    generated_at: datetime
+    requests_total: int
+    requests_from_cache_total: int
+    requests_today: int
+    requests_from_cache_today: int
+    cached_images: int
+    cache_hits_total: int
+    llm_calls_saved: int
+    sources: Mapping[str, int]
+    categories: Mapping[str, int]
+    latency_ms: Mapping[str, Mapping[str, float]]
+    latency_window_s: float
+
+    @property
+    def cache_hit_rate(self) -> float:
+        return self.requests_from_cache_total / self.requests_total if self.requests_total else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "generated_at": self.generated_at.isoformat().replace("+00:00", "Z"),
+            "totals": {
+                "requests": self.requests_total,
+                "from_cache": self.requests_from_cache_total,
+                "cached_images": self.cached_images,
+                "cache_hits": self.cache_hits_total,
+            },
+            "today": {
+                "requests": self.requests_today,
+                "from_cache": self.requests_from_cache_today,
+            },
+            "cache_hit_rate": round(self.cache_hit_rate, 4),
+            "llm_calls_saved": self.llm_calls_saved,
+            "sources": dict(self.sources),
+            "categories": dict(self.categories),
+            "latency_ms": {k: dict(v) for k, v in self.latency_ms.items()},
+            "latency_window_s": self.latency_window_s,
+        }
+
+
+def stats_queries(
+    now: datetime, *, placeholder: str, encode_time: Callable[[datetime], Any]
+) -> dict[str, tuple[str, tuple[Any, ...]]]:
+    """Name → (SQL, parameters) for one stats computation."""
+    day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    window = now - LATENCY_WINDOW
+    p = placeholder
+    return {
+        "totals": ("SELECT COUNT(*), COALESCE(SUM(from_cache), 0) FROM request_log", ()),
+        "today": (
+            "SELECT COUNT(*), COALESCE(SUM(from_cache), 0) FROM request_log "
+            f"WHERE created_at >= {p}",
+            (encode_time(day),),
+        ),
+        "sources": (
+            "SELECT COALESCE(source, 'none'), COUNT(*) FROM request_log GROUP BY source",
+            (),
+        ),
+        "cache": (
+            "SELECT category, COUNT(*), COALESCE(SUM(hit_count), 0), "
+            "COALESCE(SUM(CASE WHEN source = 'llm' THEN hit_count ELSE 0 END), 0) "
+            "FROM image_classification_cache GROUP BY category",
+            (),
+        ),
+        "latency": (
+            "SELECT COALESCE(source, 'none'), processing_time_ms FROM request_log "
+            f"WHERE created_at >= {p} ORDER BY created_at DESC LIMIT {LATENCY_SAMPLE}",
+            (encode_time(window),),
+        ),
+    }
+
+
+def assemble_stats(now: datetime, rows: Mapping[str, Sequence[Sequence[Any]]]) -> AlbumStats:
+    totals = rows["totals"][0]
+    today = rows["today"][0]
+    categories: dict[str, int] = {}
+    hits = 0
+    saved = 0
+    for category, count, category_hits, llm_hits in rows["cache"]:
+        categories[str(category)] = int(count)
+        hits += int(category_hits)
+        saved += int(llm_hits)
+    by_source: dict[str, list[float]] = {}
+    for source, ms in rows["latency"]:
+        by_source.setdefault(str(source), []).append(float(ms))
+    latency = {
+        source: {
+            "count": float(len(values)),
+            "p50": round(float(np.percentile(values, 50)), 2),
+            "p99": round(float(np.percentile(values, 99)), 2),
+        }
+        for source, values in sorted(by_source.items())
+    }
+    return AlbumStats(
+        generated_at=now,
+        requests_total=int(totals[0]),
+        requests_from_cache_total=int(totals[1]),
+        requests_today=int(today[0]),
+        requests_from_cache_today=int(today[1]),
+        cached_images=sum(categories.values()),
+        cache_hits_total=hits,
+        # Every hit on an answer the LLM gave is an LLM call the cache saved.
+        llm_calls_saved=saved,
+        sources={str(s): int(n) for s, n in rows["sources"]},
+        categories=dict(sorted(categories.items())),
+        latency_ms=latency,
+        latency_window_s=LATENCY_WINDOW.total_seconds(),
+    )

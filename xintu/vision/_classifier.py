@@ -1,0 +1,267 @@
+"""The local classifier: decode, detect, one batched ONNX run, then the rules.
+
+:class:`LocalClassifier` is what the local pool drives: :meth:`~LocalClassifier.prepare`
+in decode threads, :meth:`~LocalClassifier.infer` in inference threads with a whole
+batch, one ``session.run`` per batch. Both are thread-safe: onnxruntime sessions
+accept concurrent ``run`` calls, and the detectors keep per-thread OpenCV objects.
+
+The decision, per image, from the softmax over the 1000 ImageNet classes and the
+:class:`~._detect.ImageSignals`:
+
+1. ``idcard`` when the card evidence (card outline or aspect, a portrait on one
+   side, lines of text, plus ImageNet's printed-paper classes as a weak hint) is
+   strong enough;
+2. ``screenshot`` when the screen evidence (exact screen size, no camera EXIF,
+   flat colours, text, plus ImageNet's ``website``/screen classes) is;
+3. otherwise the strongest of: people (faces or people detected, or ImageNet's
+   clothing classes) → ``single_person`` for one, ``social_activities`` for two or
+   more; and the ImageNet mass of the ``pets``, ``foods`` and ``travel_scenery``
+   classes (:mod:`._categories`);
+4. ``other`` when none of those reaches :data:`MIN_VOTE`.
+
+When both 1 and 2 pass their thresholds, the stronger wins. Flat graphics (line
+art, logos) have their ImageNet content votes halved: ImageNet's nearest class for
+a silhouette says little about the album category.
+
+The confidence is that winning evidence itself (a softmax mass, or the mass
+combined with detector strength), so it moves with the model's probabilities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .._config import ImagesConfig, ModelConfig
+from .._types import Category, Classification, Source
+from ..errors import ModelError
+from ..model import INPUT_NAME, MODEL_NAME, OUTPUT_NAME, create_session, imagenet_labels
+from ._categories import GROUPS, Evidence
+from ._decode import CROP_SIZE, DecodedImage, decode_image
+from ._detect import Detectors, ImageSignals
+
+__all__ = ["IDCARD_THRESHOLD", "MIN_VOTE", "SCREENSHOT_THRESHOLD", "LocalClassifier"]
+
+#: Evidence needed for the two signal-driven categories.
+IDCARD_THRESHOLD = 0.65
+SCREENSHOT_THRESHOLD = 0.65
+#: Weights of ImageNet's hints inside those two scores.
+_DOCUMENT_HINT = 0.25
+_WEBSITE_HINT = 0.45
+_SCREEN_HINT = 0.25
+#: Least evidence for a content category; below it the answer is ``other``.
+MIN_VOTE = 0.4
+#: Flat graphics: nearly all neighbouring pixels equal, nearly all in 8 colours.
+_GRAPHIC_FLAT = 0.8
+_GRAPHIC_COLOURS = 0.9
+_GRAPHIC_DISCOUNT = 0.5
+#: Person evidence: ImageNet clothing mass alone counts this much less than a face.
+_PERSON_CLASS_FACTOR = 0.8
+#: Detector strength of one face: a base plus the face's relative height.
+_FACE_BASE = 0.55
+_FACE_SIZE_GAIN = 1.5
+_PEOPLE_STRENGTH = 0.6
+#: Confidence is kept inside this band: never certain, never zero.
+_CONF_MIN, _CONF_MAX = 0.05, 0.99
+_TOP_K = 5
+
+_VOTE_KEYS: tuple[Category | Evidence, ...] = (
+    Category.PETS,
+    Category.FOODS,
+    Category.TRAVEL_SCENERY,
+    Evidence.PERSON,
+    Evidence.SCREEN,
+    Evidence.DOCUMENT,
+)
+_WEBSITE_INDEX = 916
+
+
+def _vote_matrix(num_classes: int) -> npt.NDArray[np.float64]:
+    """(num_classes, len(_VOTE_KEYS)): each class's weight in each vote."""
+    matrix = np.zeros((num_classes, len(_VOTE_KEYS)), dtype=np.float64)
+    for group in GROUPS:
+        column = _VOTE_KEYS.index(group.votes)
+        for index in group.classes:
+            matrix[index, column] = max(matrix[index, column], group.weight)
+    return matrix
+
+
+@dataclass(frozen=True, slots=True)
+class _Decision:
+    category: Category
+    confidence: float
+    rule: str
+
+
+class LocalClassifier:
+    """EfficientNet-Lite0 plus detectors, answering with album categories."""
+
+    model_name: str
+
+    def __init__(self, model: ModelConfig, images: ImagesConfig, model_path: Path) -> None:
+        """Open the ONNX session at *model_path* (raises :class:`ModelError`)."""
+        self.model_name = MODEL_NAME
+        self._images = images
+        self._session = create_session(model_path, intra_op_threads=model.intra_op_threads)
+        inputs = {i.name: i for i in self._session.get_inputs()}
+        outputs = {o.name for o in self._session.get_outputs()}
+        if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
+            raise ModelError(f"the model at {model_path} lacks {INPUT_NAME!r}/{OUTPUT_NAME!r}")
+        self._labels = imagenet_labels()
+        self._votes = _vote_matrix(len(self._labels))
+        self._detectors = Detectors()
+
+    def prepare(self, data: bytes) -> DecodedImage:
+        """Decode *data* and run the detectors; thread-safe (a decode thread's job).
+
+        Raises the errors of :func:`decode_image`. The returned image no longer
+        carries the detectors' grayscale copy.
+        """
+        decoded = decode_image(data, self._images)
+        if decoded.gray is None:  # pragma: no cover - decode_image always sets it
+            return decoded
+        signals = self._detectors.detect(decoded.gray, decoded.signals)
+        return replace(decoded, signals=signals, gray=None)
+
+    def infer(self, batch: Sequence[DecodedImage]) -> list[Classification]:
+        """Classify prepared images with one ``session.run``; thread-safe."""
+        if not batch:
+            return []
+        for item in batch:
+            if item.tensor.shape != (3, CROP_SIZE, CROP_SIZE):
+                raise ValueError(f"tensor of shape {item.tensor.shape}, not (3, 224, 224)")
+        x = np.stack([item.tensor for item in batch]).astype(np.float32, copy=False)
+        try:
+            (logits,) = self._session.run([OUTPUT_NAME], {INPUT_NAME: x})
+        except MemoryError:
+            raise
+        except Exception as exc:
+            # onnxruntime's errors share no base class (pybind11 types, RuntimeError).
+            raise ModelError(f"the local model failed on a batch of {len(batch)}") from exc
+        probs = _softmax(np.asarray(logits, dtype=np.float64))
+        votes = probs @ self._votes
+        return [
+            self._classify_one(p, v, item.signals)
+            for p, v, item in zip(probs, votes, batch, strict=True)
+        ]
+
+    def classify(self, data: bytes) -> Classification:
+        """:meth:`prepare` then :meth:`infer` on one image (tests, tools)."""
+        return self.infer([self.prepare(data)])[0]
+
+    # --- the rules -------------------------------------------------------------------
+
+    def _classify_one(
+        self,
+        probs: npt.NDArray[np.float64],
+        votes: npt.NDArray[np.float64],
+        signals: ImageSignals,
+    ) -> Classification:
+        vote = {key: float(votes[i]) for i, key in enumerate(_VOTE_KEYS)}
+        website = float(probs[_WEBSITE_INDEX])
+        decision = _decide(vote, website, signals)
+        top = np.argsort(-probs)[:_TOP_K]
+        top5 = [
+            {"index": int(i), "label": self._labels[i], "probability": round(float(probs[i]), 4)}
+            for i in top
+        ]
+        evidence: dict[str, Any] = {
+            "model": self.model_name,
+            "rule": decision.rule,
+            "top5": top5,
+            "votes": {str(k): round(v, 4) for k, v in vote.items()},
+            "detectors": {"faces": signals.faces, "people": signals.people},
+            "signals": signals.as_dict(),
+        }
+        return Classification(
+            category=decision.category,
+            confidence=decision.confidence,
+            source=Source.LOCAL,
+            model=self.model_name,
+            description=_describe(self._labels[int(top[0])], float(probs[top[0]]), signals),
+            provider=None,
+            local_inference_result=evidence,
+        )
+
+
+def _decide(vote: dict[Category | Evidence, float], website: float, s: ImageSignals) -> _Decision:
+    """The rules of the module docstring, in order."""
+    idcard = s.idcard_score + _DOCUMENT_HINT * vote[Evidence.DOCUMENT] if s.card_shape else 0.0
+    screen_objects = vote[Evidence.SCREEN] - website  # weighted mass of other screen classes
+    screenshot = s.screenshot_score + _WEBSITE_HINT * website + _SCREEN_HINT * screen_objects
+    # Both can fire (a card-shaped page element inside a screenshot): the stronger wins.
+    if idcard >= IDCARD_THRESHOLD and idcard >= screenshot:
+        return _Decision(Category.IDCARD, _conf(idcard), "idcard_signals")
+    if screenshot >= SCREENSHOT_THRESHOLD:
+        return _Decision(Category.SCREENSHOT, _conf(screenshot), "screenshot_signals")
+
+    # Line art and flat graphics (a silhouette, a logo) are no photos of pets, food
+    # or places, whatever ImageNet's nearest class is: their content votes count less.
+    graphic = s.flat_fraction >= _GRAPHIC_FLAT and s.top_colours_fraction >= _GRAPHIC_COLOURS
+    discount = _GRAPHIC_DISCOUNT if graphic else 1.0
+    person = _person_evidence(vote[Evidence.PERSON], s)
+    candidates: list[tuple[float, Category, str]] = [
+        (discount * vote[Category.PETS], Category.PETS, "imagenet_pets"),
+        (discount * vote[Category.FOODS], Category.FOODS, "imagenet_foods"),
+        (
+            discount * vote[Category.TRAVEL_SCENERY],
+            Category.TRAVEL_SCENERY,
+            "imagenet_travel_scenery",
+        ),
+    ]
+    if person > 0.0:
+        if s.persons >= 2:
+            candidates.append((person, Category.SOCIAL_ACTIVITIES, "people_detected"))
+        elif s.persons == 1:
+            candidates.append((person, Category.SINGLE_PERSON, "person_detected"))
+        else:
+            candidates.append(
+                (discount * person, Category.SINGLE_PERSON, "imagenet_person_classes")
+            )
+    best, category, rule = max(candidates, key=lambda c: c[0])
+    if best >= MIN_VOTE:
+        return _Decision(category, _conf(best), rule)
+    strongest = max(best, idcard, screenshot)
+    return _Decision(Category.OTHER, _conf(1.0 - strongest), "no_category_evidence")
+
+
+def _person_evidence(person_mass: float, s: ImageSignals) -> float:
+    """0..1: detector strength combined with ImageNet's clothing classes."""
+    detector = 0.0
+    if s.face_boxes:
+        tallest = max(h for _x, _y, _w, h in s.face_boxes)
+        detector = min(1.0, _FACE_BASE + _FACE_SIZE_GAIN * tallest)
+    if s.people:
+        detector = max(detector, _PEOPLE_STRENGTH)
+    imagenet = _PERSON_CLASS_FACTOR * person_mass
+    return 1.0 - (1.0 - detector) * (1.0 - imagenet)
+
+
+def _conf(value: float) -> float:
+    return round(min(_CONF_MAX, max(_CONF_MIN, value)), 4)
+
+
+def _softmax(logits: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    out: npt.NDArray[np.float64] = exp / exp.sum(axis=1, keepdims=True)
+    return out
+
+
+def _describe(label: str, probability: float, s: ImageSignals) -> str:
+    """A short human sentence: "tabby cat (ImageNet 62%), 1 face"."""
+    parts = [f"{label} (ImageNet {probability:.0%})"]
+    if s.faces:
+        parts.append(f"{s.faces} face{'s' if s.faces != 1 else ''}")
+    if s.people:
+        parts.append(f"{s.people} {'person' if s.people == 1 else 'people'}")
+    if s.screenshot_score >= 0.5:
+        parts.append("looks like a screenshot")
+    if s.idcard_score >= 0.5:
+        parts.append("looks like an ID card")
+    return ", ".join(parts)

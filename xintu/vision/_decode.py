@@ -1,0 +1,366 @@
+"""Bytes in, model tensor and detector image out: one Pillow decode per upload.
+
+:func:`decode_image` is the only place where untrusted image bytes meet Pillow. It
+checks, in this order, and before any pixel is decoded:
+
+1. the byte count (:class:`~xintu.errors.PayloadTooLarge`, 413),
+2. that the bytes are an image at all (:class:`~xintu.errors.BadImage`, 400),
+3. that the format is accepted (:class:`~xintu.errors.UnsupportedFormat`, 415),
+4. the pixel count from the header (:class:`~xintu.errors.TooManyPixels`, 413).
+
+Then it decodes once, at reduced scale for large JPEGs (draft mode: a 12 MP photo
+decodes at 1/4 scale), applies the EXIF orientation, converts every mode to RGB
+(alpha composited on white, 16-bit and float images scaled, not clipped), and
+produces from that one image both the classifier's normalised 224x224 tensor and a
+larger grayscale copy for the detectors (longest side :data:`DETECT_MAX_SIDE`).
+
+Pillow's own decompression-bomb guard stays on: its
+:class:`~PIL.Image.DecompressionBombWarning` is turned into an error once per
+process (see :func:`_setup_pillow`) and both it and
+:class:`~PIL.Image.DecompressionBombError` become :class:`TooManyPixels`. Pillow's
+guard fires above ``Image.MAX_IMAGE_PIXELS`` (about 89.5 MP), so a configured
+``images.max_pixels`` above that is effectively capped there.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .._config import ImagesConfig
+from ..errors import (
+    BadImage,
+    ClientError,
+    PayloadTooLarge,
+    TooManyPixels,
+    UnsupportedFormat,
+)
+from ._detect import ImageSignals, measure_pixels
+
+__all__ = [
+    "CROP_SIZE",
+    "DETECT_MAX_SIDE",
+    "RESIZE_SHORTER",
+    "DecodedImage",
+    "decode_image",
+]
+
+#: The classifier's preprocessing: shorter side to 256 (bilinear), centre crop 224.
+RESIZE_SHORTER = 256
+CROP_SIZE = 224
+#: Longest side of the grayscale image the detectors see.
+DETECT_MAX_SIDE = 640
+#: Longest side of the RGB thumbnail used for colour statistics (nearest-neighbour,
+#: so that flat UI colours survive exactly).
+STATS_MAX_SIDE = 256
+
+# EXIF tags.
+_ORIENTATION = 0x0112
+_MAKE = 0x010F
+_MODEL = 0x0110
+_EXIF_IFD = 0x8769
+_EXPOSURE_TIME = 0x829A
+_F_NUMBER = 0x829D
+_ISO = 0x8827
+
+_FloatArray = npt.NDArray[np.float32]
+_U8Array = npt.NDArray[np.uint8]
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedImage:
+    """One decoded, preprocessed upload.
+
+    ``tensor`` is the model input for this image: float32, shape (3, 224, 224),
+    RGB, normalised as ``(x - 127) / 128``. ``width``/``height`` are the full-size
+    dimensions after EXIF orientation; ``format`` is Pillow's format name.
+    ``decoded_size`` is the size Pillow actually decoded (smaller than the image
+    when JPEG draft mode applied). ``gray`` is the detectors' uint8 grayscale
+    image (longest side at most :data:`DETECT_MAX_SIDE`);
+    :meth:`LocalClassifier.prepare` drops it once the detectors have run, so
+    queued images hold only the tensor.
+    """
+
+    tensor: _FloatArray
+    width: int
+    height: int
+    format: str
+    signals: ImageSignals
+    decoded_size: tuple[int, int] = (0, 0)
+    gray: _U8Array | None = field(default=None, repr=False, compare=False)
+
+
+_setup_lock = threading.Lock()
+_setup_done = False  # process-wide, set once by _setup_pillow (documented cache)
+
+
+def _setup_pillow() -> None:
+    """Once per process: register the HEIF opener and make bomb warnings errors.
+
+    Both are process-global by nature (Pillow's plugin registry and the warnings
+    filter list); doing them here, idempotently and under a lock, keeps them in
+    one place.
+    """
+    global _setup_done
+    if _setup_done:
+        return
+    with _setup_lock:
+        if _setup_done:
+            return
+        import pillow_heif
+
+        pillow_heif.register_heif_opener()
+        Image.init()
+        warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+        _setup_done = True
+
+
+def _too_many_pixels(width: int, height: int, limit: int) -> TooManyPixels:
+    return TooManyPixels(
+        f"image is {width}x{height} = {width * height} pixels; the limit is {limit} pixels"
+    )
+
+
+def _bomb(limit: int) -> TooManyPixels:
+    return TooManyPixels(f"image has too many pixels (over the limit of {limit} pixels)")
+
+
+def _open(data: bytes, images: ImagesConfig) -> Image.Image:
+    """Identify the image from its header, with only the accepted format plugins."""
+    allowed = [f.upper() for f in images.formats]
+    # MPO has no opener of its own: Pillow's JPEG opener returns MPO files.
+    openers = [f for f in allowed if f in Image.OPEN]
+    if "MPO" in allowed and "JPEG" not in openers:
+        openers.append("JPEG")
+    try:
+        img = Image.open(io.BytesIO(data), formats=openers) if openers else None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _bomb(images.max_pixels) from exc
+    except UnidentifiedImageError as exc:
+        raise _unidentified(data, allowed, images.max_pixels) from exc
+    except MemoryError:
+        raise
+    except Exception as exc:
+        # Pillow's plugins raise assorted types (ValueError, OSError, SyntaxError,
+        # struct.error, EOFError, ...) on malformed headers; all mean "bad image".
+        raise BadImage("the image header is malformed") from exc
+    if img is None:
+        raise _unidentified(data, allowed, images.max_pixels)
+    if img.format not in allowed:  # a plain JPEG when only MPO is accepted
+        raise _unsupported(str(img.format), allowed)
+    return img
+
+
+def _unidentified(data: bytes, allowed: list[str], max_pixels: int) -> ClientError:
+    """415 for a real image in a format that is not accepted, else 400.
+
+    The probe opens only the header, with every Pillow plugin; an image that is
+    also a decompression bomb is answered 413.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            unaccepted = probe.format
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return _bomb(max_pixels)
+    except MemoryError:
+        raise
+    except Exception:  # no plugin recognises the bytes, or the header is broken
+        unaccepted = None
+    if unaccepted is not None and unaccepted not in allowed:
+        return _unsupported(unaccepted, allowed)
+    return BadImage("the file is not a recognised image")
+
+
+def _unsupported(name: str, allowed: list[str]) -> UnsupportedFormat:
+    return UnsupportedFormat(
+        f"image format {name} is not accepted; accepted formats: {', '.join(allowed)}"
+    )
+
+
+def _exif_info(img: Image.Image) -> tuple[int, bool]:
+    """(EXIF orientation 1..8, whether camera EXIF — make/model/exposure — is present)."""
+    try:
+        exif = img.getexif()
+    except MemoryError:
+        raise
+    except Exception:  # malformed EXIF is common and harmless: ignore it
+        return 1, False
+    orientation = exif.get(_ORIENTATION, 1)
+    if not isinstance(orientation, int) or not 1 <= orientation <= 8:
+        orientation = 1
+    camera = any(str(exif.get(tag, "")).strip(" \x00") for tag in (_MAKE, _MODEL))
+    if not camera:
+        try:
+            ifd = exif.get_ifd(_EXIF_IFD)
+        except MemoryError:
+            raise
+        except Exception:
+            ifd = {}
+        camera = any(tag in ifd for tag in (_EXPOSURE_TIME, _F_NUMBER, _ISO))
+    return orientation, camera
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB: alpha on white, wide ranges scaled, not clipped."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        if "transparency" in img.info:
+            return _on_white(img.convert("RGBA"))
+        return img.convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        return _on_white(img.convert("RGBA"))
+    if mode in ("L", "1", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
+        return img.convert("RGB")
+    if mode.startswith(("I", "F")):
+        return Image.fromarray(_scale_to_u8(np.asarray(img)), "L").convert("RGB")
+    return img.convert("RGB")  # any other mode Pillow knows how to convert
+
+
+def _on_white(rgba: Image.Image) -> Image.Image:
+    background = Image.new("RGB", rgba.size, (255, 255, 255))
+    background.paste(rgba, mask=rgba.getchannel("A"))
+    return background
+
+
+def _scale_to_u8(arr: npt.NDArray[np.generic]) -> _U8Array:
+    """A single-channel integer or float image scaled to 0..255.
+
+    16-bit data scales by 255/65535; 32-bit integers in 0..255 or 0..65535 are
+    taken as 8- or 16-bit; floats in 0..1 scale by 255; anything else is
+    stretched from its minimum to its maximum.
+    """
+    if arr.ndim != 2:
+        arr = arr.reshape(arr.shape[0], -1)
+    a = arr.astype(np.float64)
+    a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    kind = arr.dtype.kind
+    if kind == "u" and arr.dtype.itemsize == 2:
+        scaled = a / 257.0
+    elif kind in "iu" and lo >= 0 and hi <= 255:
+        scaled = a
+    elif kind in "iu" and lo >= 0 and hi <= 65535:
+        scaled = a / 257.0
+    elif kind == "f" and lo >= 0 and hi <= 1.0:
+        scaled = a * 255.0
+    elif hi > lo:
+        scaled = (a - lo) * (255.0 / (hi - lo))
+    else:
+        scaled = np.zeros_like(a)
+    out: _U8Array = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    return out
+
+
+def _tensor(rgb: Image.Image) -> _FloatArray:
+    """Shorter side to 256 (bilinear), centre crop 224, (x - 127) / 128, CHW float32.
+
+    Resizing only the crop's source box gives the same pixels as resizing the
+    whole image and then cropping, for a fraction of the work.
+    """
+    w, h = rgb.size
+    scale = RESIZE_SHORTER / min(w, h)
+    rw, rh = round(w * scale), round(h * scale)
+    left = (rw - CROP_SIZE) // 2
+    top = (rh - CROP_SIZE) // 2
+    box = (
+        left * w / rw,
+        top * h / rh,
+        (left + CROP_SIZE) * w / rw,
+        (top + CROP_SIZE) * h / rh,
+    )
+    crop = rgb.resize((CROP_SIZE, CROP_SIZE), Image.Resampling.BILINEAR, box=box)
+    arr = np.asarray(crop, dtype=np.float32)
+    chw: _FloatArray = np.ascontiguousarray(((arr - 127.0) / 128.0).transpose(2, 0, 1))
+    return chw
+
+
+def _fit(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    w, h = size
+    if max(w, h) <= max_side:
+        return w, h
+    s = max_side / max(w, h)
+    return max(1, round(w * s)), max(1, round(h * s))
+
+
+def decode_image(data: bytes, images: ImagesConfig) -> DecodedImage:
+    """Decode and preprocess one upload; thread-safe, CPU-bound (run it in a thread).
+
+    Raises :class:`PayloadTooLarge`, :class:`BadImage`, :class:`UnsupportedFormat`
+    or :class:`TooManyPixels` (see the module docstring); each message is safe to
+    show to the client.
+    """
+    if len(data) > images.max_image_bytes:
+        raise PayloadTooLarge(
+            f"image is {len(data)} bytes; the limit is {images.max_image_bytes} bytes"
+        )
+    if not data:
+        raise BadImage("the image is empty (0 bytes)")
+    _setup_pillow()
+    # The image reads from an in-memory buffer: there is no file to close.
+    img = _open(data, images)
+    fmt = img.format or "unknown"
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise BadImage("the image has no pixels")
+    if width * height > images.max_pixels:
+        raise _too_many_pixels(width, height, images.max_pixels)
+    orientation, exif_camera = _exif_info(img)
+    rgb = _decode_rgb(img, fmt, orientation, images.max_pixels)
+    decoded_size = img.size
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    tensor = _tensor(rgb)
+    gray_img = rgb.convert("L")
+    dsize = _fit(gray_img.size, DETECT_MAX_SIDE)
+    if dsize != gray_img.size:
+        gray_img = gray_img.resize(dsize, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    gray: _U8Array = np.asarray(gray_img, dtype=np.uint8)
+    ssize = _fit(rgb.size, STATS_MAX_SIDE)
+    small = rgb.resize(ssize, Image.Resampling.NEAREST) if ssize != rgb.size else rgb
+    signals = measure_pixels(
+        np.asarray(small, dtype=np.uint8),
+        gray,
+        width=width,
+        height=height,
+        image_format=fmt,
+        exif_camera=exif_camera,
+    )
+    return DecodedImage(
+        tensor=tensor,
+        width=width,
+        height=height,
+        format=fmt,
+        signals=signals,
+        decoded_size=decoded_size,
+        gray=gray,
+    )
+
+
+def _decode_rgb(img: Image.Image, fmt: str, orientation: int, max_pixels: int) -> Image.Image:
+    """Decode the first frame (at reduced scale for big JPEGs) to an upright RGB copy."""
+    try:
+        if fmt in ("JPEG", "MPO"):
+            # Decode at 1/2, 1/4 or 1/8 scale while both sides stay >= the
+            # detector size (which is larger than the classifier's 256).
+            img.draft("RGB", (DETECT_MAX_SIDE, DETECT_MAX_SIDE))
+        img.load()
+        frame: Image.Image = img
+        if orientation != 1:
+            frame = ImageOps.exif_transpose(img)
+        return _to_rgb(frame)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _bomb(max_pixels) from exc
+    except MemoryError:
+        raise
+    except Exception as exc:
+        # Truncated data raises OSError; broken streams ValueError, SyntaxError,
+        # EOFError, struct.error and others, depending on the plugin.
+        raise BadImage("the image data is truncated or corrupt") from exc
