@@ -336,6 +336,39 @@ async def test_declared_huge_upload_is_refused_before_reading(tmp_path: Path) ->
             assert reply.startswith(b"HTTP/1.1 413 ")
 
 
+async def test_a_refusal_before_the_body_arrives_says_connection_close(tmp_path: Path) -> None:
+    """Hypercorn closes a connection whose request body was not read in full. The
+    response must say so, or a keep-alive client (httpx, browsers) sends its next
+    request into the closing socket and gets "server disconnected"."""
+    config = hostile_config(tmp_path)
+    with trio.fail_after(30):
+        async with real_server(config, DecodingModel(config.images)) as base:
+            host, port = base.removeprefix("http://").split(":")
+            stream = await trio.open_tcp_stream(host, int(port))
+            async with stream:
+                await stream.send_all(
+                    b"POST /api/v1/classify HTTP/1.1\r\nHost: x\r\n"
+                    b"X-Deadline-Ms: soon\r\n"
+                    b"Content-Type: multipart/form-data; boundary=b\r\n"
+                    b"Content-Length: 1000\r\n\r\n--b\r\n"  # the rest never comes
+                )
+                reply = b""
+                while data := await stream.receive_some(65536):  # until the server closes
+                    reply += data
+            head = reply.partition(b"\r\n\r\n")[0].lower()
+            assert head.startswith(b"http/1.1 422 ")
+            assert b"\r\nconnection: close" in head
+
+            # A request whose body was read keeps its connection open.
+            async with httpx.AsyncClient(base_url=base) as client:
+                photo = encode(solid(8, 8, (1, 2, 3)), "PNG")
+                resp = await client.post(V1, files={"image": ("p.png", photo)})
+                assert resp.status_code == 200
+                assert resp.headers.get("connection") != "close"
+                bad = await client.post(V1, headers={"X-Deadline-Ms": "soon"}, content=b"x")
+                assert bad.status_code == 422  # the body was complete: nothing to close
+
+
 # --- fuzzing -----------------------------------------------------------------------------
 
 _NAMES = st.sampled_from(["image", "images", "image_hash", "image_hashes", "user_id", "x"])

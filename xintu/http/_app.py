@@ -101,6 +101,11 @@ def create_app(config: Config, *, model_factory: ModelFactory | None = None) -> 
         rid = getattr(g, "request_id", None)
         if rid:
             response.headers["X-Request-ID"] = rid
+        if _body_unread():
+            # Answered (usually refused) before the whole body arrived: Hypercorn
+            # will close this connection after the response, so say so, or a
+            # keep-alive client may send its next request into the closing socket.
+            response.headers["Connection"] = "close"
         _observe(app, response)
         return response
 
@@ -190,6 +195,17 @@ def _observe(app: XintuApp, response: Response) -> None:
         provider=getattr(g, "provider", None),
         client_ip=getattr(g, "client_ip", None) or request.remote_addr,
     )
+
+
+def _body_unread() -> bool:
+    """True when the request declared a body that has not been received in full."""
+    declared = request.content_length
+    chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    if not chunked and not declared:
+        return False
+    # quart's Body sets ``_complete`` once the last ASGI body message arrived.
+    complete = getattr(request.body, "_complete", None)
+    return complete is not None and not complete.is_set()
 
 
 def _rid() -> str:
