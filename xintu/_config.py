@@ -63,6 +63,9 @@ class ServerConfig:
     max_body_bytes: int = _bounded(1024)
     request_deadline_s: float = _bounded(0.05, 3600)
     keep_alive_s: float = _bounded(0, 3600)
+    max_connections: int = _bounded(1, 1_000_000)
+    body_timeout_s: float = _bounded(0.1, 3600)
+    read_timeout_s: float = _bounded(0.1, 86_400)
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,8 +342,21 @@ def load_config(
             values[k] = _coerce(key, v, hints[k], fields[k].metadata, from_env=from_env)
             origins[key] = origin
         built[s] = cls(**values)
+    _check_server(built["server"])
     llm = llm_config_from(llm_raw, environ)
     return Config(**built, llm=llm, origins=types.MappingProxyType(origins))
+
+
+def _check_server(server: ServerConfig) -> None:
+    """Rules between keys of ``[server]``."""
+    # Hypercorn keeps reading while a request is served: a read timeout shorter
+    # than the longest deadline would hang up on clients waiting for an answer.
+    if server.read_timeout_s <= server.request_deadline_s:
+        raise ConfigError(
+            "server.read_timeout_s",
+            f"must exceed server.request_deadline_s ({server.request_deadline_s}), "
+            f"got {server.read_timeout_s}",
+        )
 
 
 def _merge_tables(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

@@ -147,6 +147,14 @@ class Metrics:
         self.ready = Gauge(
             "xintu_ready", "1 when this worker is ready for traffic.", registry=r, **live
         )
+        self.connections_open = Gauge(
+            "xintu_connections_open", "Open client connections.", registry=r, **live
+        )
+        self.connections_refused = Counter(
+            "xintu_connections_refused",
+            "Client connections answered 503 and closed: server.max_connections reached.",
+            registry=r,
+        )
         self._last: dict[str, float] = {}
 
     # --- per request -------------------------------------------------------------
@@ -201,6 +209,11 @@ class Metrics:
         self.batch_size.labels("last").set(lp.last_batch_size)
         self.batch_size.labels("mean").set(lp.mean_batch_size)
         self._sample_llm(stats.llm, stats.fallbacks)
+
+    def sample_connections(self, conns: Any) -> None:
+        """Bring the connection metrics up to date from a ``ConnectionStatistics``."""
+        self.connections_open.set(conns.open)
+        self._advance(self.connections_refused, "conn_refused", conns.refused)
 
     def _sample_llm(self, llm: Any, fallbacks: Mapping[str, int]) -> None:
         state_code = {"closed": 0, "half_open": 1, "open": 2}

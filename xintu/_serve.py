@@ -18,6 +18,7 @@ each the same way (readiness fails once its in-flight requests are done).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import tempfile
@@ -27,6 +28,7 @@ import structlog
 import trio
 from hypercorn.config import Config as HypercornConfig
 
+from . import _connections
 from ._config import Config
 from .http import create_app
 from .http._app import ModelFactory
@@ -43,6 +45,7 @@ def hypercorn_config(config: Config) -> HypercornConfig:
     hc.workers = max(config.server.workers, 1)
     hc.graceful_timeout = config.server.graceful_timeout_s
     hc.keep_alive_timeout = config.server.keep_alive_s
+    hc.read_timeout = math.ceil(config.server.read_timeout_s)  # Hypercorn wants an int
     hc.accesslog = None
     # Hypercorn logs through the stdlib logger that _log routes into structlog.
     hc.errorlog = logging.getLogger("hypercorn.error")
@@ -66,6 +69,8 @@ async def serve_in_process(
     """
     from hypercorn.trio import serve as hypercorn_serve
 
+    _connections.install()
+    _connections.raise_open_files_limit(config.server.max_connections)
     app = create_app(config, model_factory=model_factory)
 
     async def shutdown_trigger() -> None:

@@ -49,6 +49,7 @@ __all__ = [
     "Overloaded",
     "PayloadTooLarge",
     "RateLimited",
+    "RequestTimeout",
     "StoreError",
     "StoreUnavailable",
     "TooManyPixels",
@@ -124,6 +125,12 @@ class IdempotencyInFlight(ClientError):
     error_code = "idempotency_key_in_flight"
 
 
+class RequestTimeout(ClientError):
+    """The client did not send its request body within ``server.body_timeout_s``."""
+
+    error_code = "request_timeout"
+
+
 class _RetryAfter:
     retry_after_s: float
 
@@ -196,6 +203,7 @@ _STATUS: tuple[tuple[type[XintuError], int], ...] = (
     (UnsupportedFormat, 415),
     (ValidationFailed, 422),
     (IdempotencyInFlight, 409),
+    (RequestTimeout, 408),
     (RateLimited, 429),
     (Unauthorized, 401),
     (Forbidden, 403),

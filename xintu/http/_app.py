@@ -18,9 +18,10 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from .._config import Config
+from .._connections import ConnectionGate
 from .._metrics import Metrics
 from ..actors import LocalModel, Runtime
-from ..errors import BadRequest, PayloadTooLarge, XintuError
+from ..errors import BadRequest, PayloadTooLarge, RequestTimeout, XintuError
 from ..store import Store, open_store
 from ._respond import error_response, json_response
 
@@ -46,6 +47,7 @@ class XintuApp(QuartTrio):
     store: Store
     xintu_config: Config
     metrics: Metrics
+    connections: ConnectionGate
     sampler: trio.CancelScope
 
 
@@ -54,6 +56,8 @@ def create_app(config: Config, *, model_factory: ModelFactory | None = None) -> 
     app = XintuApp("xintu")
     app.xintu_config = config
     app.metrics = Metrics()
+    # Entered by every connection when served by xintu._serve (see _connections).
+    app.connections = ConnectionGate(config.server.max_connections)
     app.config.update(
         MAX_CONTENT_LENGTH=config.server.max_body_bytes,
         # Non-file form fields (image_hash, image_hashes) are small.
@@ -62,7 +66,7 @@ def create_app(config: Config, *, model_factory: ModelFactory | None = None) -> 
         # The runtime drains itself in after_serving; this is only the backstop.
         BACKGROUND_TASK_SHUTDOWN_TIMEOUT=config.server.graceful_timeout_s + 5.0,
         RESPONSE_TIMEOUT=None,
-        BODY_TIMEOUT=60,
+        BODY_TIMEOUT=config.server.body_timeout_s,
         JSON_SORT_KEYS=False,
     )
     factory = model_factory or _default_model
@@ -120,6 +124,11 @@ def create_app(config: Config, *, model_factory: ModelFactory | None = None) -> 
             return error_response(PayloadTooLarge("request body too large"), _rid())
         if status == 400:
             return error_response(BadRequest("malformed request"), _rid())
+        if status == 408:
+            timeout = config.server.body_timeout_s
+            return error_response(
+                RequestTimeout(f"request body not received within {timeout:g} s"), _rid()
+            )
         code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
         body = {
             "success": False,
@@ -162,8 +171,14 @@ async def _sample_metrics(
     with trio.CancelScope() as scope:
         task_status.started(scope)
         while True:
-            app.metrics.sample(app.runtime.statistics())
+            sample_metrics(app)
             await trio.sleep(_SAMPLE_INTERVAL_S)
+
+
+def sample_metrics(app: XintuApp) -> None:
+    """Bring the sampled metrics up to date (actors and connections)."""
+    app.metrics.sample(app.runtime.statistics())
+    app.metrics.sample_connections(app.connections.statistics())
 
 
 # Routes whose requests are not worth a log line each (probes and scrapes).

@@ -43,6 +43,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         400: "Not an image, truncated image, malformed multipart or JSON",
         401: "No valid API key (Authorization: Bearer KEY); see WWW-Authenticate",
         403: "A valid API key without admin access",
+        408: "The request body did not arrive within server.body_timeout_s",
         409: "Idempotency-Key whose first request is still in flight (Retry-After)",
         413: "Body or image over the byte limit, or image over the pixel limit",
         415: "Image format not accepted",
@@ -204,7 +205,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
                             "properties": {"image_hash": _HASH, "user_id": _BODY_USER},
                         }
                     ),
-                    "responses": _ok(check) | _errors(400, 409, 413, 422, 429, 503, *auth),
+                    "responses": _ok(check) | _errors(400, 408, 409, 413, 422, 429, 503, *auth),
                 }
             },
             "/api/v1/classify/batch-check-cache": {
@@ -226,7 +227,8 @@ def openapi_document(config: Config) -> dict[str, Any]:
                             },
                         }
                     ),
-                    "responses": _ok(batch_check) | _errors(400, 409, 413, 422, 429, 503, *auth),
+                    "responses": _ok(batch_check)
+                    | _errors(400, 408, 409, 413, 422, 429, 503, *auth),
                 }
             },
             "/api/v1/classify": {
@@ -246,7 +248,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
                         },
                     },
                     "responses": _ok(classify)
-                    | _errors(400, 409, 413, 415, 422, 429, 503, 504, *auth),
+                    | _errors(400, 408, 409, 413, 415, 422, 429, 503, 504, *auth),
                 }
             },
             "/api/v1/classify/batch": {
@@ -279,7 +281,8 @@ def openapi_document(config: Config) -> dict[str, Any]:
                             }
                         },
                     },
-                    "responses": _ok(batch) | _errors(400, 409, 413, 422, 429, 503, 504, *auth),
+                    "responses": _ok(batch)
+                    | _errors(400, 408, 409, 413, 422, 429, 503, 504, *auth),
                 }
             },
             "/healthz": {

@@ -10,6 +10,7 @@ from quart import Blueprint, Response, current_app
 
 from .._metrics import CONTENT_TYPE_LATEST
 from ..errors import StoreError, Unavailable
+from ._app import sample_metrics
 from ._openapi import openapi_document
 from ._respond import json_response
 
@@ -63,7 +64,7 @@ async def metrics() -> Response:
     app = current_app
     runtime = getattr(app, "runtime", None)
     if runtime is not None:
-        app.metrics.sample(runtime.statistics())  # type: ignore[attr-defined]
+        sample_metrics(app)  # type: ignore[arg-type]
     body = app.metrics.render()  # type: ignore[attr-defined]
     return Response(body, status=200, content_type=CONTENT_TYPE_LATEST)
 
