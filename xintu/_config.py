@@ -51,7 +51,8 @@ def _choice(*choices: str) -> Any:
 
 
 def _secret() -> Any:
-    return field(metadata={"secret": True})
+    # Never in a repr: a Config logged or shown in a traceback carries no secret.
+    return field(metadata={"secret": True}, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

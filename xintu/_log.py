@@ -33,7 +33,9 @@ def configure_logging(cfg: LogConfig, stream: TextIO | None = None) -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: structlog.types.Processor = (
-        structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer(exception_formatter=_console_tracebacks())
+        if use_console
+        else structlog.processors.JSONRenderer()
     )
     structlog.configure(
         processors=[
@@ -61,6 +63,16 @@ def configure_logging(cfg: LogConfig, stream: TextIO | None = None) -> None:
     for name in ("hypercorn.error", "hypercorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+
+
+def _console_tracebacks() -> structlog.typing.ExceptionRenderer:
+    """Tracebacks for the console renderer, never with local variables: a frame's
+    locals can hold a store URL with its password or an API key."""
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return structlog.dev.plain_traceback
+    return structlog.dev.RichTracebackFormatter(show_locals=False)
 
 
 def reset_logging() -> None:
