@@ -513,7 +513,7 @@ async def test_a_failed_owner_hands_over_at_once(store_url: str, tmp_path: Path)
     assert (classify_a.calls, classify_b.calls) == (1, 1)
     # Released, so taken over at the next poll (<= 200 ms), not after the 30 s TTL
     # or at half the 10 s deadline.
-    assert handed_over_s < 2.0
+    assert handed_over_s < 4.0
     stats = b.dispatcher.statistics()
     assert (stats.takeovers, stats.claims_won, stats.wait_timeouts) == (1, 1, 0)
 
@@ -537,7 +537,7 @@ async def test_a_dead_owners_claim_is_taken_over_after_its_ttl(
             assert await claims_in(store_url) == {}
     assert answer == Answer(answer_for(data), h(data), from_cache=False)
     assert classify.calls == 1
-    assert 0.25 < took_s < 2.0
+    assert 0.25 < took_s < 4.0  # after the 0.3 s TTL, well before half the 10 s deadline
     stats = b.dispatcher.statistics()
     assert (stats.claims_lost, stats.takeovers, stats.wait_timeouts) == (1, 1, 0)
 
