@@ -26,8 +26,13 @@ def test_service_time_estimates_the_queue() -> None:
     assert st.mean_s == pytest.approx(0.3)
     assert st.expected_wait_s(0, 2) == pytest.approx(0.3)  # its own service only
     assert st.expected_wait_s(4, 2) == pytest.approx(0.9)  # two rounds ahead, then its own
-    # Cautious (long-tailed work): its own service counts two mean deviations more.
-    assert st.expected_wait_s(4, 2, cautious=True) == pytest.approx(0.9 + 2 * 0.1)
+    # Cautious (long-tailed work): two mean deviations per round, summed like
+    # independent errors: 2 * 0.1 * sqrt(3) for two rounds ahead and its own.
+    assert st.deviation_s == pytest.approx(0.1)
+    assert st.expected_wait_s(0, 2, cautious=True) == pytest.approx(0.3 + 2 * 0.1)
+    assert st.expected_wait_s(4, 2, cautious=True) == pytest.approx(0.9 + 2 * 0.1 * 3**0.5)
+    assert st.likely_within(0.31)
+    assert not st.likely_within(0.29)
 
 
 class SlowModel(FakeModel):

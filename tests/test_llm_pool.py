@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+import outcome
 import pytest
 import trio
 import trio.testing
@@ -336,6 +337,41 @@ async def test_no_call_when_it_would_not_fit(clock: trio.testing.MockClock) -> N
     assert (err.reason, str(err)) == ("no_time", "not enough time left for an LLM call")
     assert upstream.count() == 0
     assert pool.statistics().refused_no_time == 1
+
+
+def slow_ok(seconds: float) -> Action:
+    async def act(request: httpx.Request) -> httpx.Response:
+        await trio.sleep(seconds)
+        return await ok()(request)
+
+    return act
+
+
+async def test_a_call_that_queued_too_long_is_not_made(clock: trio.testing.MockClock) -> None:
+    """Admitted on the estimate, then the job ahead ran long: when a worker takes it,
+    less time is left than a call usually takes, so no call is made and the caller
+    falls back at once; that refusal does not count as a (zero) service time."""
+    upstream = Upstream().then("openai.example", slow_ok(2.0), slow_ok(3.0))
+    with trio.fail_after(30):
+        async with running(config(workers=1), upstream) as pool:
+            await classify(pool, 0)  # measures 2 s per call
+            results: dict[str, Any] = {}
+
+            async def one(name: str, n: int, within_s: float) -> None:
+                results[name] = await outcome.acapture(classify, pool, n, within_s=within_s)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one, "a", 1, 10.0)
+                await trio.testing.wait_all_tasks_blocked()
+                # One round ahead (the running call) and its own: 4 s <= 5.5 - 1.5.
+                nursery.start_soon(one, "b", 2, 5.5)
+            mean_after = pool._service.mean_s
+    assert results["a"].unwrap().category == "pets"
+    err = results["b"].error
+    assert isinstance(err, LlmUnavailable)
+    assert err.reason == "no_time"
+    assert upstream.count() == 2  # b's call was never made: 1 s left, calls take 2+
+    assert mean_after == pytest.approx(2.2)  # 2 s, then 3 s; b's refusal not counted
 
 
 async def test_hang_times_out_within_the_deadline(clock: trio.testing.MockClock) -> None:

@@ -69,15 +69,27 @@ class ServiceTime:
     def mean_s(self) -> float | None:
         return self._mean_s
 
+    @property
+    def deviation_s(self) -> float:
+        return self._deviation_s
+
     def expected_wait_s(self, ahead: int, parallel: int, *, cautious: bool = False) -> float:
         """Time until a new item is done: the queue ahead, then its own service.
 
-        *cautious* adds two mean deviations to its own service time, for work with
-        a long tail (LLM calls), where admitting on the mean would let many calls
-        run out of time after they were queued.
+        *cautious* adds a margin for the spread of service times, for work with a
+        long tail (LLM calls): two mean deviations per round, summed like independent
+        errors (so ``2 * deviation * sqrt(rounds + 1)``). Admitting on the mean alone
+        puts the last admitted items right at their deadline, where half of them run
+        out of time after they were queued: late refusals instead of fast ones.
         """
         if self._mean_s is None:
             return 0.0
         rounds = ahead // max(parallel, 1)
-        own = self._mean_s + (2.0 * self._deviation_s if cautious else 0.0)
-        return rounds * self._mean_s + own
+        expected = (rounds + 1) * self._mean_s
+        if cautious:
+            expected += 2.0 * self._deviation_s * math.sqrt(rounds + 1)
+        return expected
+
+    def likely_within(self, seconds: float) -> bool:
+        """Whether one item, started now, is more likely than not done in *seconds*."""
+        return self._mean_s is None or seconds >= self._mean_s

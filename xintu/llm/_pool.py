@@ -353,14 +353,23 @@ class LlmPool:
                     continue
                 self._busy += 1
                 started = trio.current_time()
+                # Only work that reached an upstream is a service time: counting the
+                # instant refusals (no time, breakers open) would make the queue look
+                # faster than it is and admit work that then runs out of time.
+                measured = True
                 try:
                     classification = await self._run_chain(job.data, job.deadline, lane)
                 except trio.Cancelled:
+                    measured = False
                     _deliver(
                         job.reply,
                         outcome.Error(LlmUnavailable("shutting down", reason="closed")),
                     )
                     raise
+                except LlmUnavailable as exc:
+                    measured = False
+                    self._failed += 1
+                    _deliver(job.reply, outcome.Error(exc))
                 except LlmError as exc:
                     self._failed += 1
                     _deliver(job.reply, outcome.Error(exc))
@@ -374,7 +383,8 @@ class LlmPool:
                     self._succeeded += 1
                     _deliver(job.reply, outcome.Value(classification))
                 finally:
-                    self._service.record(trio.current_time() - started)
+                    if measured:
+                        self._service.record(trio.current_time() - started)
                     self._busy -= 1
                     self._idle.unpark_all()
 
@@ -429,7 +439,10 @@ class LlmPool:
 
     async def _run_chain(self, data: bytes, deadline: float, lane: int) -> Classification:
         """Try each provider in order until one answers; *deadline* bounds it all."""
-        if trio.current_time() >= deadline:
+        if not self._service.likely_within(deadline - trio.current_time()):
+            # Queued longer than admission expected: a call that would more likely
+            # than not run out of time is not made; the caller falls back now, while
+            # the local model may still have room, instead of at the deadline.
             raise LlmUnavailable("not enough time left for an LLM call", reason="no_time")
         image = await self._prepare(data)
         last: LlmError | None = None
