@@ -798,6 +798,30 @@ async def test_sqlite_lock_held_by_another_process_is_unavailable(tmp_path: Path
             assert s.statistics().errors == 1
 
 
+async def test_sqlite_reads_do_not_wait_for_a_blocked_write(tmp_path: Path) -> None:
+    """A cache lookup runs on the reader connection: a write stuck behind another
+    process's lock holds the writer connection, not the reads."""
+    path = tmp_path / "x.sqlite3"
+    h = new_hash()
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(f"sqlite:///{path}", tmp_path, query_timeout_s=3.0) as s:
+            assert await s.apply(WriteBatch(new_id(), results=(ResultWrite(h, clf(), 10),)))
+            other = sqlite3.connect(path, isolation_level=None)
+            try:
+                other.execute("BEGIN IMMEDIATE")  # another writer holds the file
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(s.apply, WriteBatch(new_id()))
+                    await trio.sleep(0.2)  # the write is waiting on the writer connection
+                    assert s.statistics().pool_in_use == 1
+                    with trio.fail_after(1.0):  # not the 3 s the write may wait
+                        entry = await s.get(h)
+                        await s.ping()
+                    assert entry is not None
+                    other.execute("ROLLBACK")  # the write goes through
+            finally:
+                other.close()
+
+
 _LEGACY_SQLITE = """
 CREATE TABLE image_classification_cache (
     id INTEGER PRIMARY KEY, image_hash CHAR(64) NOT NULL UNIQUE, category TEXT NOT NULL,

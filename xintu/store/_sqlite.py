@@ -1,10 +1,15 @@
 """The embedded backend: one SQLite file under the data directory.
 
-Each store owns ONE ``sqlite3`` connection. Every call runs in a worker thread
-(``trio.to_thread.run_sync``) while holding a :class:`trio.Lock`, so the
-connection is never used by two threads at once. The file is in WAL mode with
-``synchronous=NORMAL`` and a busy timeout, and every write transaction starts with
-``BEGIN IMMEDIATE``, so several processes on one machine can share it.
+Each store owns TWO ``sqlite3`` connections: one for writes (and the
+transactions that read then write: claims, idempotency) and a read-only one for
+the hot reads (cache lookups, request-log and album-stats reads, the readiness
+ping). The file is in WAL mode, where readers never wait for the writer, so a
+cache lookup does not queue behind a batch of hit counts. Every call runs in a
+worker thread (``trio.to_thread.run_sync``) while holding its connection's
+:class:`trio.Lock`, so a connection is never used by two threads at once. WAL
+mode comes with ``synchronous=NORMAL`` and a busy timeout, and every write
+transaction starts with ``BEGIN IMMEDIATE``, so several processes on one machine
+can share the file.
 
 Bounding a call: the thread cannot be cancelled, so the call is not abandoned on
 cancellation (the connection would be left mid-transaction); instead a progress
@@ -150,6 +155,22 @@ def _record(scope: str, key: str, row: Sequence[Any]) -> IdempotencyRecord:
     )
 
 
+class _Lane:
+    """One ``sqlite3`` connection and what serialises its use."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.conn: sqlite3.Connection | None = None
+        self.lock = trio.Lock()
+        # The lock admits one call at a time, so this limiter never makes one wait; it
+        # keeps the store off Trio's default thread limiter, which others may fill.
+        self.threads = trio.CapacityLimiter(1)
+        self.deadline = math.inf  # read by the progress handler, in the worker thread
+
+    def progress(self) -> int:
+        return 1 if time.monotonic() > self.deadline else 0
+
+
 class SQLiteStore(Store):
     """The store on one SQLite file. Build it with :meth:`open`."""
 
@@ -158,15 +179,11 @@ class SQLiteStore(Store):
     def __init__(self, path: Path, *, query_timeout_s: float) -> None:
         self._path = path
         self._timeout_s = query_timeout_s
-        self._conn: sqlite3.Connection | None = None
-        self._lock = trio.Lock()
-        # The lock admits one call at a time, so this limiter never makes one wait; it
-        # keeps the store off Trio's default thread limiter, which others may fill.
-        self._threads = trio.CapacityLimiter(1)
+        self._writer = _Lane("write")
+        self._reader = _Lane("read")
         self._counters = Counters()
-        self._deadline = math.inf  # read by the progress handler, in the worker thread
+        self._connections_opened = 0
         self._closed = False
-        self._opened = False
         self._last_prune = -math.inf
 
     @classmethod
@@ -188,10 +205,7 @@ class SQLiteStore(Store):
 
     # --- plumbing ----------------------------------------------------------------
 
-    def _progress(self) -> int:
-        return 1 if time.monotonic() > self._deadline else 0
-
-    def _connect_sync(self) -> sqlite3.Connection:
+    def _connect_sync(self, lane: _Lane) -> sqlite3.Connection:
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -211,16 +225,23 @@ class SQLiteStore(Store):
             conn.execute(f"PRAGMA busy_timeout = {max(1, int(self._timeout_s * 1000))}")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
-            conn.set_progress_handler(self._progress, _PROGRESS_EVERY)
+            if lane is self._reader:
+                conn.execute("PRAGMA query_only = ON")
+            conn.set_progress_handler(lane.progress, _PROGRESS_EVERY)
         except sqlite3.Error as exc:
             conn.close()
             raise StoreUnavailable(f"sqlite store: cannot set up {self._path}: {exc}") from exc
         return conn
 
     async def _open(self) -> None:
-        self._conn = await trio.to_thread.run_sync(self._connect_sync, limiter=self._threads)
-        self._opened = True
+        w = self._writer
+        w.conn = await trio.to_thread.run_sync(self._connect_sync, w, limiter=w.threads)
+        self._connections_opened += 1
         await self._call("migrate", self._migrate_sync, timeout_s=MIGRATION_TIMEOUT_S)
+        # After the migration: the reader sees the tables it reads.
+        r = self._reader
+        r.conn = await trio.to_thread.run_sync(self._connect_sync, r, limiter=r.threads)
+        self._connections_opened += 1
 
     def _translate(
         self, exc: sqlite3.Error, what: str, *, timed_out: bool, limit: float
@@ -234,13 +255,14 @@ class SQLiteStore(Store):
 
     def _in_thread(
         self,
+        lane: _Lane,
         conn: sqlite3.Connection,
         fn: Callable[[sqlite3.Connection], T],
         what: str,
         limit: float,
     ) -> T:
         deadline = time.monotonic() + limit
-        self._deadline = deadline
+        lane.deadline = deadline
         ok = False
         try:
             result = fn(conn)
@@ -250,38 +272,47 @@ class SQLiteStore(Store):
             timed_out = time.monotonic() >= deadline
             raise self._translate(exc, what, timed_out=timed_out, limit=limit) from exc
         finally:
-            self._deadline = math.inf
+            lane.deadline = math.inf
             if not ok and conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.rollback()
 
     async def _call(
-        self, what: str, fn: Callable[[sqlite3.Connection], T], *, timeout_s: float | None = None
+        self,
+        what: str,
+        fn: Callable[[sqlite3.Connection], T],
+        *,
+        timeout_s: float | None = None,
+        read_only: bool = False,
     ) -> T:
-        """Run *fn* on the connection in a worker thread, bounded and translated."""
+        """Run *fn* on a connection in a worker thread, bounded and translated.
+
+        *read_only* calls use the reader connection, which never waits for writes.
+        """
         if self._closed:
             raise trio.ClosedResourceError("the store is closed")
+        lane = self._reader if read_only else self._writer
         limit = self._timeout_s if timeout_s is None else timeout_s
         try:
             with trio.fail_after(limit):
-                await self._lock.acquire()
+                await lane.lock.acquire()
         except trio.TooSlowError as exc:
             self._counters.errors += 1
             raise StoreUnavailable(
                 f"sqlite store: {what} waited over {limit:g}s for the connection"
             ) from exc
         try:
-            conn = self._conn
+            conn = lane.conn
             if conn is None:
                 raise trio.ClosedResourceError("the store is closed")
             return await trio.to_thread.run_sync(
-                self._in_thread, conn, fn, what, limit, limiter=self._threads
+                self._in_thread, lane, conn, fn, what, limit, limiter=lane.threads
             )
         except StoreError:
             self._counters.errors += 1
             raise
         finally:
-            self._lock.release()
+            lane.lock.release()
 
     def _execute(
         self, conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()
@@ -352,7 +383,7 @@ class SQLiteStore(Store):
                     out[entry.image_hash] = entry
             return out
 
-        return await self._call("get", run)
+        return await self._call("get", run, read_only=True)
 
     async def get_request_log(self, request_id: str) -> RequestLogRow | None:
         def run(conn: sqlite3.Connection) -> RequestLogRow | None:
@@ -361,7 +392,7 @@ class SQLiteStore(Store):
             ).fetchone()
             return None if row is None else decode_log_row(row)
 
-        return await self._call("get_request_log", run)
+        return await self._call("get_request_log", run, read_only=True)
 
     async def album_stats(self, now: datetime) -> AlbumStats:
         queries = stats_queries(now, placeholder="?", encode_time=time_text)
@@ -372,13 +403,13 @@ class SQLiteStore(Store):
                 for name, (sql, params) in queries.items()
             }
 
-        return assemble_stats(now, await self._call("album_stats", run))
+        return assemble_stats(now, await self._call("album_stats", run, read_only=True))
 
     async def ping(self) -> None:
         def run(conn: sqlite3.Connection) -> None:
             self._execute(conn, "SELECT 1").fetchone()
 
-        await self._call("ping", run)
+        await self._call("ping", run, read_only=True)
 
     # --- writes ------------------------------------------------------------------
 
@@ -573,39 +604,51 @@ class SQLiteStore(Store):
         if self._closed:
             return
         self._closed = True
+        # The reader first, then the writer (which runs PRAGMA optimize).
+        for lane in (self._reader, self._writer):
+            await self._close_lane(lane)
+
+    async def _close_lane(self, lane: _Lane) -> None:
         # Wait (bounded, even while cancelled) for a running call to finish first.
         with trio.CancelScope(shield=True), trio.move_on_after(self._timeout_s) as waited:
-            await self._lock.acquire()
+            await lane.lock.acquire()
         if waited.cancelled_caught:
-            _log.warning("store_close_busy", backend=self.backend, path=str(self._path))
+            _log.warning(
+                "store_close_busy", backend=self.backend, path=str(self._path), lane=lane.name
+            )
             return
         try:
-            conn, self._conn = self._conn, None
+            conn, lane.conn = lane.conn, None
             if conn is not None:
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(self._close_sync, conn, limiter=self._threads)
+                    await trio.to_thread.run_sync(
+                        self._close_sync, lane, conn, limiter=lane.threads
+                    )
         finally:
-            self._lock.release()
+            lane.lock.release()
 
-    def _close_sync(self, conn: sqlite3.Connection) -> None:
-        self._deadline = time.monotonic() + self._timeout_s  # bounds PRAGMA optimize
+    def _close_sync(self, lane: _Lane, conn: sqlite3.Connection) -> None:
+        lane.deadline = time.monotonic() + self._timeout_s  # bounds PRAGMA optimize
         try:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("PRAGMA optimize")
+            if lane is self._writer:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("PRAGMA optimize")
         finally:
-            self._deadline = math.inf
+            lane.deadline = math.inf
             conn.close()
 
     def statistics(self) -> StoreStatistics:
-        in_use = 1 if self._lock.locked() else 0
-        live = self._conn is not None
+        lanes = (self._writer, self._reader)
+        live = [lane for lane in lanes if lane.conn is not None]
+        in_use = sum(1 for lane in live if lane.lock.locked())
+        created = self._connections_opened
         return merge_statistics(
             self.backend,
             self._counters,
-            pool_size=1,
-            pool_in_use=in_use if live else 0,
-            pool_idle=(1 - in_use) if live else 0,
-            pool_waiting=self._lock.statistics().tasks_waiting,
-            pool_created=1 if self._opened else 0,
-            pool_discarded=1 if self._opened and self._closed else 0,
+            pool_size=len(lanes),
+            pool_in_use=in_use,
+            pool_idle=len(live) - in_use,
+            pool_waiting=sum(lane.lock.statistics().tasks_waiting for lane in lanes),
+            pool_created=created,
+            pool_discarded=created if self._closed else 0,
         )
