@@ -25,6 +25,7 @@ def breaker(**kw: float) -> Breaker:
         "failure_ratio": 0.5,
         "open_s": 15.0,
         "half_open_probes": 2,
+        "consecutive_failures": 0,
     }
     params.update(kw)
     return Breaker(
@@ -34,6 +35,7 @@ def breaker(**kw: float) -> Breaker:
         failure_ratio=params["failure_ratio"],
         open_s=params["open_s"],
         half_open_probes=int(params["half_open_probes"]),
+        consecutive_failures=int(params["consecutive_failures"]),
     )
 
 
@@ -54,6 +56,36 @@ async def test_stays_closed_below_min_calls(clock: trio.testing.MockClock) -> No
     assert b.state is BreakerState.CLOSED
     s = b.statistics()
     assert (s.failures_in_window, s.successes_in_window, s.failure_ratio) == (3, 0, 1.0)
+
+
+async def test_consecutive_failures_open_it_before_the_ratio_does(
+    clock: trio.testing.MockClock,
+) -> None:
+    """A window full of earlier successes keeps the ratio low; five failures in a
+    row open it anyway. A success in between resets the run."""
+    with capture_logs() as logs:
+        b = breaker(min_calls=4, consecutive_failures=5)
+        for _ in range(20):
+            outcome(b, True)
+        for _ in range(4):
+            outcome(b, False)
+        outcome(b, True)  # the run of failures starts over
+        for _ in range(4):
+            outcome(b, False)
+        assert b.state is BreakerState.CLOSED
+        assert b.statistics().consecutive_failures == 4
+        outcome(b, False)  # the fifth in a row; 9 of 30 is far below the ratio
+        assert b.state is BreakerState.OPEN
+    opened = [e for e in logs if e["event"] == "breaker_opened"]
+    assert [(e["reason"], e["failures"]) for e in opened] == [("consecutive_failures", 5)]
+    assert b.statistics().consecutive_failures == 0
+
+
+async def test_consecutive_failures_zero_is_off(clock: trio.testing.MockClock) -> None:
+    b = breaker(min_calls=1000, consecutive_failures=0)
+    for _ in range(50):
+        outcome(b, False)
+    assert b.state is BreakerState.CLOSED
 
 
 async def test_opens_on_ratio_then_half_open_then_closes(clock: trio.testing.MockClock) -> None:

@@ -135,6 +135,7 @@ def config(providers: str = "openai", **llm: Any) -> LlmConfig:
         "retry_max_s": 2.0,
         "retry_budget_min": 100,
         "breaker_min_calls": 1000,
+        "breaker_consecutive_failures": 0,
     }
     raw.update(llm)
     return llm_config_from(raw, env)

@@ -2,7 +2,8 @@
 
 ::
 
-              failures/calls >= ratio, calls >= min_calls (over window_s)
+              failures/calls >= ratio, calls >= min_calls (over window_s),
+              or consecutive_failures calls in a row failed
     CLOSED ─────────────────────────────────────────────────────────▶ OPEN
       ▲                                                             │  ▲
       │ a probe succeeds                          open_s has passed │  │ a probe fails
@@ -21,6 +22,12 @@ only add a channel hop to every call. Time is ``trio.current_time()``, so tests
 drive it with ``autojump_clock``. Outcomes of calls that started before the last
 transition (a slow call admitted while closed that ends after the breaker opened)
 are ignored: only the current state's own calls move it.
+
+Why both rules: the ratio over a window is steady under mixed traffic but slow
+when the window still holds the successes from before an outage (at 50 % over 30 s,
+a hard outage takes ~15 s to open it); a run of consecutive failures says at once
+that the upstream is down, and one success in between resets it, so sporadic
+errors never open the breaker that way.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ class BreakerStatistics:
     state: BreakerState
     successes_in_window: int
     failures_in_window: int
+    consecutive_failures: int
     failure_ratio: float
     probes_in_flight: int
     max_probes: int
@@ -103,12 +111,15 @@ class Breaker:
         window_s: float,
         min_calls: int,
         failure_ratio: float,
+        consecutive_failures: int = 0,
         open_s: float,
         half_open_probes: int,
     ) -> None:
         self.name = name
         self._window_s = window_s
         self._min_calls = min_calls
+        self._consecutive_limit = consecutive_failures
+        self._streak = 0  # failures in a row, closed state only
         self._failure_ratio = failure_ratio
         self._open_s = open_s
         self._max_probes = half_open_probes
@@ -157,6 +168,7 @@ class Breaker:
             state=self._state,
             successes_in_window=total - self._failures,
             failures_in_window=self._failures,
+            consecutive_failures=self._streak,
             failure_ratio=self._failures / total if total else 0.0,
             probes_in_flight=self._probes,
             max_probes=self._max_probes,
@@ -180,12 +192,17 @@ class Breaker:
                 self._open(now, reason="probe_failed")
             return
         self._outcomes.append((now, ok))
-        if not ok:
+        if ok:
+            self._streak = 0
+        else:
             self._failures += 1
+            self._streak += 1
         self._prune(now)
         total = len(self._outcomes)
         if not ok and total >= self._min_calls and self._failures >= self._failure_ratio * total:
             self._open(now, reason="failure_ratio", failures=self._failures, calls=total)
+        elif not ok and 0 < self._consecutive_limit <= self._streak:
+            self._open(now, reason="consecutive_failures", failures=self._streak)
 
     def _release(self, generation: int, *, probe: bool) -> None:
         if probe and generation == self._generation:
@@ -219,6 +236,7 @@ class Breaker:
         self._generation += 1
         self._outcomes.clear()
         self._failures = 0
+        self._streak = 0
         self._probes = 0
         self._last_transition_at = now
         event = "breaker_opened" if state is BreakerState.OPEN else f"breaker_{state.value}"

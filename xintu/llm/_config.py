@@ -38,10 +38,12 @@ environment (``env``), the environment winning. The block to paste into
     retry_budget_min = 3
     retry_budget_window_s = 10.0
     # Circuit breaker per provider: opens when at least breaker_min_calls outcomes in
-    # the last breaker_window_s fail at breaker_failure_ratio or more; stays open
+    # the last breaker_window_s fail at breaker_failure_ratio or more, or when
+    # breaker_consecutive_failures calls in a row fail (0: off); stays open
     # breaker_open_s; then lets breaker_half_open_probes concurrent probes through.
     breaker_window_s = 30.0
     breaker_min_calls = 10
+    breaker_consecutive_failures = 5
     breaker_failure_ratio = 0.5
     breaker_open_s = 15.0
     breaker_half_open_probes = 3
@@ -95,6 +97,7 @@ DEFAULTS: Mapping[str, Any] = {
     "retry_budget_window_s": 10.0,
     "breaker_window_s": 30.0,
     "breaker_min_calls": 10,
+    "breaker_consecutive_failures": 5,
     "breaker_failure_ratio": 0.5,
     "breaker_open_s": 15.0,
     "breaker_half_open_probes": 3,
@@ -118,6 +121,7 @@ _NUMBERS: Mapping[str, tuple[type[int] | type[float], float | None, float | None
     "retry_budget_window_s": (float, 0.1, 3600),
     "breaker_window_s": (float, 0.1, 3600),
     "breaker_min_calls": (int, 1, None),
+    "breaker_consecutive_failures": (int, 0, None),
     "breaker_failure_ratio": (float, 0.01, 1),
     "breaker_open_s": (float, 0, 3600),
     "breaker_half_open_probes": (int, 1, 1024),
@@ -200,6 +204,7 @@ class LlmConfig:
     retry_budget_window_s: float
     breaker_window_s: float
     breaker_min_calls: int
+    breaker_consecutive_failures: int
     breaker_failure_ratio: float
     breaker_open_s: float
     breaker_half_open_probes: int

@@ -118,6 +118,7 @@ class _Provider:
             cfg.name,
             window_s=config.breaker_window_s,
             min_calls=config.breaker_min_calls,
+            consecutive_failures=config.breaker_consecutive_failures,
             failure_ratio=config.breaker_failure_ratio,
             open_s=config.breaker_open_s,
             half_open_probes=config.breaker_half_open_probes,
