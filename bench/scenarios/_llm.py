@@ -34,6 +34,7 @@ __all__ = [
     "llm_missing",
     "llm_settings",
     "seeded_llm_service",
+    "service_counters",
 ]
 
 _POLL_S = 0.1
@@ -77,6 +78,7 @@ class LlmSettings:
     workers: int
     breaker_open_s: float
     breaker_min_calls: int
+    breaker_consecutive_failures: int
     fallback_reserve_s: float
 
 
@@ -92,8 +94,27 @@ def llm_settings(bench: Bench, extra_env: Mapping[str, str] | None = None) -> Ll
         workers=llm.workers,
         breaker_open_s=llm.breaker_open_s,
         breaker_min_calls=llm.breaker_min_calls,
+        breaker_consecutive_failures=llm.breaker_consecutive_failures,
         fallback_reserve_s=llm.fallback_reserve_s,
     )
+
+
+# Counters of the service's /metrics that say where LLM work went.
+_COUNTERS = ("xintu_llm_fallbacks_total", "xintu_shed_requests_total", "xintu_llm_calls_total")
+
+
+def service_counters(svc: Service) -> dict[str, Any]:
+    """Fallbacks by reason, sheds by reason and LLM calls by outcome, from ``/metrics``."""
+    try:
+        text = httpx.get(f"{svc.url}/metrics", timeout=5.0).text
+    except httpx.HTTPError as exc:
+        return {"error": repr(exc)}
+    out: dict[str, Any] = {}
+    for line in text.splitlines():
+        if line.startswith(_COUNTERS):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
 
 
 def lognormal_mean_s(median_ms: float, sigma: float) -> float:

@@ -24,7 +24,14 @@ from .._loadgen import poisson_schedule
 from .._plots import plot_timeline
 from .._report import Check, Outcome, Row
 from .._stats import summarize, timeline
-from ._llm import StatsPoller, llm_missing, llm_settings, lognormal_mean_s, seeded_llm_service
+from ._llm import (
+    StatsPoller,
+    llm_missing,
+    llm_settings,
+    lognormal_mean_s,
+    seeded_llm_service,
+    service_counters,
+)
 from ._mixed import TAG_HIT, TAG_MISS, mixed_load
 
 __all__ = ["run"]
@@ -94,6 +101,7 @@ def run(bench: Bench) -> Outcome:
         )
         poller.stop()
         upstream = fake.stats()
+        counters = service_counters(svc)
     s = result.samples
     b0, b1 = before, before + burst_s
     windows = {
@@ -111,6 +119,7 @@ def run(bench: Bench) -> Outcome:
         "windows": windows,
         "upstream": {k: v for k, v in upstream.items() if k != "images"},
         "upstream_series": poller.series(result.t0),
+        "service_counters": counters,
         "load": result.params,
         "generator_cpu_s": round(result.generator_cpu_s, 2),
         "client_errors": result.client_errors,

@@ -156,6 +156,8 @@ def run(bench: Bench) -> Outcome:
     service = _service(bench, pipeline["classifier_img_s"])
     out.details["service"] = service
     bench.measured["local_img_s"] = service["closed"]["goodput_rps"]
+    if (p99 := service["open"]["latency_accepted_ms"]["p99"]) is not None:
+        bench.measured["local_open_p99_ms"] = p99  # the outage scenario compares with it
     closed, opened = service["closed"], service["open"]
     lat = closed["latency_accepted_ms"]
     out.rows += [

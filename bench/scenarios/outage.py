@@ -12,6 +12,9 @@ fallback can absorb the outage and what is measured is the breaker. Measured:
   0.1 s;
 - accepted P99 during the outage (misses fall back to the local model) against P99
   before it;
+- misses' P99 once the breaker is open (from its opening to the outage's end)
+  against the local path's P99 at 70 % of its maximum (the ``local`` scenario, when
+  it ran first in the same invocation: ``python -m bench local outage``);
 - upstream calls made during the outage (retries and half-open probes included);
 - time to recover: from the outage's end to the first miss answered by the LLM.
 
@@ -83,6 +86,7 @@ def run(bench: Bench) -> Outcome:
         "service_env": env,
         "breaker_open_s": settings.breaker_open_s,
         "breaker_min_calls": settings.breaker_min_calls,
+        "breaker_consecutive_failures": settings.breaker_consecutive_failures,
     }
     with seeded_llm_service(
         bench,
@@ -132,6 +136,9 @@ def run(bench: Bench) -> Outcome:
         "after": summarize(s, start=o1, end=total),
         "all": summarize(s, start=0.0, end=total),
         "outage_misses": summarize(s, start=o0, end=o1, tag=TAG_MISS),
+        "open_misses": summarize(
+            s, start=o1 if opened is None else opened - t0, end=o1, tag=TAG_MISS
+        ),
         "before_misses": summarize(s, start=0.0, end=o0, tag=TAG_MISS),
     }
     opened_after = None if opened is None else round(opened - (t0 + o0), 2)
@@ -157,6 +164,7 @@ def run(bench: Bench) -> Outcome:
         extra_rates={"upstream LLM calls": poller.call_rate(result.t0)},
     )
     out = Outcome("outage", details=details, plots=[plot.name])
+    local_p99 = bench.measured.get("local_open_p99_ms")
     bm, om = windows["before_misses"], windows["outage_misses"]
     out.rows = [
         Row(
@@ -164,7 +172,8 @@ def run(bench: Bench) -> Outcome:
             opened_after,
             "s",
             note=f"upstream silent for {QUIET_S} s; breaker_min_calls "
-            f"{settings.breaker_min_calls}, fake latency ~{LATENCY_MEDIAN_MS:.0f} ms",
+            f"{settings.breaker_min_calls}, breaker_consecutive_failures "
+            f"{settings.breaker_consecutive_failures}, fake latency ~{LATENCY_MEDIAN_MS:.0f} ms",
         ),
         Row(
             "misses' P99 during the outage",
@@ -174,6 +183,15 @@ def run(bench: Bench) -> Outcome:
             bm["latency_accepted_ms"]["p99"],
             f"sources during outage {om['sources']}; all requests' P99 "
             f"{windows['outage']['latency_accepted_ms']['p99']} ms",
+        ),
+        Row(
+            "misses' P99 once the breaker is open",
+            windows["open_misses"]["latency_accepted_ms"]["p99"],
+            "ms",
+            "local path P99 at 70 % (local scenario)" if local_p99 else "",
+            local_p99,
+            f"{windows['open_misses']['requests']} misses from the opening to the outage's end"
+            + ("" if local_p99 else "; run `python -m bench local outage` for the baseline"),
         ),
         Row(
             "upstream calls during the outage",
@@ -209,5 +227,14 @@ def run(bench: Bench) -> Outcome:
             f"after {recovered_after} s",
         ),
     ]
+    open_p99 = windows["open_misses"]["latency_accepted_ms"]["p99"]
+    if local_p99:
+        out.checks.append(
+            Check(
+                "misses' P99 once the breaker is open within 2x the local path's P99",
+                open_p99 is not None and open_p99 <= 2.0 * local_p99,
+                f"{open_p99} ms vs local {local_p99} ms",
+            )
+        )
     out.seconds = time.monotonic() - t_start
     return out
