@@ -8,6 +8,7 @@ whose calls are counted.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -24,10 +25,10 @@ from xintu import Category, Classification, Source
 from xintu.actors import Answer, Cache, ClassifyRequest, Dispatcher, Envelope, LocalPool, Writer
 from xintu.actors._envelope import open_reply, wait_reply
 from xintu.actors._supervisor import CrashRecord
-from xintu.errors import DeadlineExceeded, Overloaded
+from xintu.errors import BadImage, ClassifierError, DeadlineExceeded, Overloaded
 from xintu.store import HitIncrement, Lru, ResultWrite
 
-from .fakes import FakeModel, MemoryStore
+from .fakes import FakeDecoded, FakeModel, MemoryStore, fake_category
 
 PROPERTY = settings(
     max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -307,6 +308,66 @@ async def test_local_pool_batches_and_answers_every_job() -> None:
     stats = pool.statistics()
     assert stats.completed == 10
     assert stats.failed == 1
+
+
+class OrderedSlowModel(FakeModel):
+    """Each preparation takes 50 ms of its thread; records the order of preparations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.order: list[bytes] = []
+
+    def prepare(self, data: bytes) -> FakeDecoded:
+        with self._lock:
+            self.order.append(data)
+        time.sleep(0.05)
+        return super().prepare(data)
+
+
+async def test_the_priority_lane_goes_ahead_of_the_queue() -> None:
+    """An LLM fallback (classify_now) waits for the preparation in progress, not for
+    the queue; every queued job is still answered."""
+    from xintu.actors._local_pool import LocalJob
+
+    model = OrderedSlowModel()
+    pool = LocalPool(
+        model, inbox_size=32, decode_threads=1, inference_threads=1, max_batch=4, max_wait_ms=1
+    )
+    queued = [f"q{i}".encode() for i in range(6)]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pool.run)
+            receivers = []
+            for data in queued:
+                send, receive = trio.open_memory_channel[outcome.Outcome[Classification]](1)
+                pool.inbox.send_nowait(LocalJob(data, h(data), send))
+                receivers.append(receive)
+            # The decode worker has taken the first job and holds the one thread.
+            await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+            urgent = await pool.classify_now(b"urgent", h(b"urgent"))
+            answers = [await r.receive() for r in receivers]
+            pool.close()
+    assert urgent.category == fake_category(b"urgent")
+    assert model.order[:2] == [b"q0", b"urgent"]  # right after the one in progress
+    assert all(isinstance(a, outcome.Value) for a in answers)
+    stats = pool.statistics()
+    assert (stats.completed, stats.urgent) == (7, 1)
+
+
+async def test_the_priority_lane_raises_the_images_own_error() -> None:
+    pool = LocalPool(
+        FakeModel(), inbox_size=4, decode_threads=1, inference_threads=1, max_batch=4, max_wait_ms=1
+    )
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(ClassifierError, match="not running"):
+                await pool.classify_now(b"x", h(b"x"))
+            await nursery.start(pool.run)
+            with pytest.raises(BadImage):
+                await pool.classify_now(b"bad-urgent", h(b"bad-urgent"))
+            pool.close()
+            with pytest.raises(ClassifierError, match="shutting down"):
+                await pool.classify_now(b"late", h(b"late"))
 
 
 async def test_supervisor_restarts_a_crashing_worker(autojump_clock: object) -> None:

@@ -114,6 +114,9 @@ async def test_open_breaker_sends_work_local_without_upstream_calls(
     assert fake.stats()["calls"] == calls_when_open == 3
     assert stats.llm.providers[0].breaker.state == "open"
     assert stats.fallbacks["breaker_open"] == 5
+    # The three failed calls were queued work (priority lane); the five refused at
+    # the door were not.
+    assert stats.local.urgent == 3
 
 
 async def test_concurrent_requests_make_one_upstream_call(tmp_path: Path, fake: FakeLlm) -> None:
@@ -208,3 +211,4 @@ async def test_hanging_upstream_falls_back_within_the_deadline(
     # The LLM call got the deadline less the reserve, then the local model answered.
     assert 0.7 <= elapsed < 1.5
     assert sum(stats.fallbacks.values()) == 1
+    assert stats.local.urgent == 1  # the caller had waited: the priority lane

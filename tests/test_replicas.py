@@ -26,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -43,8 +43,8 @@ from PIL import Image
 from xintu import Category, Classification, Source
 from xintu.actors import Answer, Cache, ClassifyRequest, Dispatcher, Envelope, Writer
 from xintu.actors._envelope import open_reply, wait_reply
-from xintu.errors import ClassifierError, StoreUnavailable
-from xintu.store import CachedEntry, Lru, Store, WriteBatch
+from xintu.errors import ClassifierError, Overloaded, StoreUnavailable, XintuError
+from xintu.store import CachedEntry, Lru, ResultWrite, Store, WriteBatch
 from xintu.store._mysql import parse_mysql_url
 
 from .backends import mysql_admin, mysql_url_of, open_test_store
@@ -112,6 +112,7 @@ async def replica(
     *,
     claim_ttl_s: float = 30.0,
     autojump: bool = False,
+    precheck: Callable[[float], XintuError | None] | None = None,
 ) -> AsyncIterator[Replica]:
     """One process's actors (the dispatcher and its writer) on *store*."""
     writer = Writer(store, inbox_size=1000, max_batch=50, flush_ms=5)
@@ -126,6 +127,7 @@ async def replica(
         claim_ttl_s=claim_ttl_s,
         owner=owner,
         wall_clock=trio_wall_clock if autojump else None,
+        precheck=precheck,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
@@ -244,6 +246,37 @@ async def test_the_waiter_polls_with_backoff_and_answers_from_the_owners_result(
     assert a.dispatcher.statistics().claims_won == 1
     assert store.claims == {}
     assert store.rows[h(data)].hit_count == 1  # the waiter's answer counts as a hit
+
+
+async def test_a_miss_no_classifier_can_take_is_refused_before_the_claim(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The precheck answers a miss at once (no claim, no classifier); a photo the
+    store knows is still answered, whatever the precheck says."""
+    store = ClaimStore()
+    classify = Classifier()
+    known = b"\x05 a photo another replica classified"
+    await store.apply(WriteBatch("seed", results=(ResultWrite(h(known), answer_for(known), 1),)))
+    asked: list[float] = []
+
+    def full(deadline: float) -> XintuError | None:
+        asked.append(deadline)
+        return Overloaded("no classifier can answer before the deadline", retry_after_s=3.0)
+
+    with trio.fail_after(60):
+        async with replica(store, classify, "b", autojump=True, precheck=full) as b:
+            deadline = trio.current_time() + 10
+            with pytest.raises(Overloaded) as info:
+                await b.ask(b"\x06 a new photo", deadline)
+            hit = await b.ask(known, deadline)
+    assert info.value.retry_after_s == 3.0
+    assert asked == [deadline]  # asked once, for the miss only
+    assert classify.calls == 0
+    assert store.claims == {}
+    assert store.release_calls == 0
+    assert hit.from_cache
+    stats = b.dispatcher.statistics()
+    assert (stats.claims_won, stats.claims_lost, stats.failed, stats.cache_hits) == (0, 0, 1, 1)
 
 
 async def test_the_waiter_gives_up_at_half_its_deadline(autojump_clock: trio.abc.Clock) -> None:

@@ -130,7 +130,8 @@ class Dispatcher:
     if it dies (it must cover a slow classification); ``owner`` names this
     process in its claims (default :func:`process_owner`); ``wall_clock`` gives
     the claim times (default ``datetime.now(UTC)``; tests derive it from Trio's
-    clock).
+    clock). ``precheck(deadline)``, asked after a store miss and before the claim,
+    returns an error to answer at once when no classifier could take the work.
     """
 
     def __init__(
@@ -140,6 +141,7 @@ class Dispatcher:
         writer: Writer,
         classify: Classify,
         on_cached_hit: Callable[[CachedEntry, bytes], None] | None = None,
+        precheck: Callable[[float], XintuError | None] | None = None,
         inbox_size: int,
         max_in_flight: int,
         flight_grace_s: float,
@@ -156,6 +158,7 @@ class Dispatcher:
         self._writer = writer
         self._classify = classify
         self._on_cached_hit = on_cached_hit
+        self._precheck = precheck
         self._max_in_flight = max_in_flight
         self._flight_grace_s = flight_grace_s
         self._send, self._receive = trio.open_memory_channel[Envelope](inbox_size)
@@ -276,6 +279,12 @@ class Dispatcher:
                 max(flight.deadline - trio.current_time(), 0) + self._flight_grace_s
             ):
                 entry = await self._cache.lookup(flight.image_hash)
+                if entry is None and self._precheck is not None:
+                    # Not known anywhere: refuse now if no classifier could take it,
+                    # before claiming it across replicas for work that cannot happen.
+                    refusal = self._precheck(flight.deadline)
+                    if refusal is not None:
+                        raise refusal
                 if entry is None:
                     entry = await self._coordinate(flight)
                 classification = None

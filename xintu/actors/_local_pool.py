@@ -11,6 +11,12 @@
 Every job carries its own reply channel (buffer 1); an error on one image (not an
 image, too many pixels, …) answers that job alone. Jobs are never dropped: a
 runner that fails answers every job of its batch with the error.
+
+:meth:`LocalPool.classify_now` is the priority lane, for work the service has
+already held (an LLM call that failed or ran out of time): it skips the inbox and
+takes the next free decode thread (Trio's ``CapacityLimiter`` is FIFO, and the
+decode workers ask for a thread again only after taking their next job), so it
+waits for at most one image's preparation instead of the whole queue.
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ class LocalPoolStatistics:
     inferring: int
     completed: int
     failed: int
+    urgent: int  # jobs that came through the priority lane (classify_now)
     batches: int
     last_batch_size: int
     mean_batch_size: float
@@ -117,6 +124,9 @@ class LocalPool:
         self._batched_images = 0
         self._last_batch_size = 0
         self._prepare_time = ServiceTime()
+        self._urgent = 0
+        # The priority lane's way into the batch channel (set while running).
+        self._urgent_send: trio.MemorySendChannel[tuple[object, LocalJob]] | None = None
 
     @property
     def inbox(self) -> trio.MemorySendChannel[LocalJob]:
@@ -124,13 +134,59 @@ class LocalPool:
         return self._send
 
     def expected_wait_s(self) -> float:
-        """How long a job queued now would take to be answered (decoding dominates)."""
+        """How long a job queued now would take to be answered (decoding dominates).
+
+        Cautious (a margin for the spread of preparation times): admitting on the
+        mean puts the last admitted jobs right at their deadline, where the jobs
+        of the priority lane, or a slower photo ahead, turn them into 504s.
+        """
         ahead = self._receive.statistics().current_buffer_used + self._decoding
-        return self._prepare_time.expected_wait_s(ahead, self._decode_threads)
+        return self._prepare_time.expected_wait_s(ahead, self._decode_threads, cautious=True)
+
+    def would_take(self, deadline: float) -> bool:
+        """Whether a job sent now would find room and be answered before *deadline*."""
+        if self._receive.statistics().current_buffer_used >= self._max_queued:
+            return False
+        return trio.current_time() + self.expected_wait_s() <= deadline
 
     def close(self) -> None:
         """No more jobs: workers finish what is queued and return."""
         self._send.close()
+        if self._urgent_send is not None:
+            self._urgent_send.close()
+
+    async def classify_now(self, data: bytes, image_hash: str) -> Classification:
+        """Classify ahead of the inbox (the priority lane; see the module docstring).
+
+        Raises the image's own error, or :class:`~xintu.errors.ClassifierError` when
+        the pool is not running or shuts down meanwhile.
+        """
+        urgent = self._urgent_send
+        if urgent is None:
+            raise ClassifierError("the local classifier is not running")
+        self._urgent += 1
+        self._decoding += 1
+        started = trio.current_time()
+        try:
+            decoded = await trio.to_thread.run_sync(
+                self.model.prepare, data, limiter=self._decode_limiter
+            )
+            self._prepare_time.record(trio.current_time() - started)
+        except trio.Cancelled:
+            raise
+        except Exception as exc:
+            self._failed += 1
+            raise _as_error(exc) from exc
+        finally:
+            self._decoding -= 1
+        send, receive = trio.open_memory_channel[LocalResult](1)
+        try:
+            await urgent.send((decoded, LocalJob(data, image_hash, send)))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise ClassifierError("the local classifier is shutting down") from None
+        with receive:
+            result = await receive.receive()
+        return result.unwrap()
 
     def statistics(self) -> LocalPoolStatistics:
         return LocalPoolStatistics(
@@ -141,6 +197,7 @@ class LocalPool:
             inferring=self._inferring,
             completed=self._completed,
             failed=self._failed,
+            urgent=self._urgent,
             batches=self._batches,
             last_batch_size=self._last_batch_size,
             mean_batch_size=self._batched_images / self._batches if self._batches else 0.0,
@@ -153,6 +210,7 @@ class LocalPool:
                     runners.start_soon(
                         self._crashes.supervise, f"local-infer-{i}", self._infer_loop
                     )
+                self._urgent_send = self._batch_send.clone()
                 async with self._batch_send:
                     for i in range(self._decode_threads):
                         decoders.start_soon(self._decoder, i, self._batch_send.clone())

@@ -13,6 +13,14 @@
 flights; then the LLM pool and then the local pool finish their queues; then the writer
 flushes; then ``run`` returns.
 
+The fallback of work the LLM pool had queued (a failed or timed-out call) takes
+the local pool's priority lane: the caller has already waited, and only new work
+is refused at the door.
+
+A miss that neither the LLM chain nor the local pool could take before its
+deadline (their queues' expected waits) is refused with 503 as soon as the store
+has said it is a miss, before the dispatcher claims it across replicas.
+
 Classification goes to the LLM provider chain first. Any LLM failure, an open
 breaker, a full LLM inbox or too little time left sends the image to the local
 pool instead; the caller never sees the LLM's error. A cache hit on a local answer,
@@ -96,6 +104,7 @@ class Runtime:
             writer=self.writer,
             classify=self._classify,
             on_cached_hit=self._maybe_recheck,
+            precheck=self._no_classifier_can_take,
             inbox_size=config.dispatcher.inbox_size,
             max_in_flight=config.dispatcher.max_in_flight,
             flight_grace_s=config.server.request_deadline_s,
@@ -201,7 +210,22 @@ class Runtime:
                 reason = exc.reason if isinstance(exc, LlmUnavailable) else "llm_failed"
                 self._fallbacks[reason] += 1
                 log.info("llm_fallback", reason=reason, image_hash=image_hash[:12], error=str(exc))
+                if exc.queued:
+                    # The caller has already waited for the LLM: its fallback goes
+                    # ahead of new work, which can still be refused at the door.
+                    return await self.local.classify_now(data, image_hash)
         return await self._classify_local(data, image_hash, deadline)
+
+    def _no_classifier_can_take(self, deadline: float) -> Overloaded | None:
+        """A refusal when neither the LLM chain nor the local pool would take work
+        for *deadline* now (the dispatcher asks before it claims a miss)."""
+        if (self.llm.enabled and self.llm.would_take(deadline)) or self.local.would_take(deadline):
+            return None
+        self._local_refused_for_time += 1
+        return Overloaded(
+            "no classifier can answer before the deadline",
+            retry_after_s=self.local.expected_wait_s(),
+        )
 
     def _maybe_recheck(self, entry: CachedEntry, data: bytes) -> None:
         """A hit on a local answer with the bytes in hand: queue an LLM answer for it."""

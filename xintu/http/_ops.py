@@ -105,6 +105,7 @@ def _service(stats: Any) -> dict[str, Any]:
                 "depth": lp.queued,
                 "capacity": lp.max_queued,
                 "batch_mean": round(lp.mean_batch_size, 2),
+                "priority_lane": lp.urgent,
             },
             "llm": {"depth": llm.queued, "capacity": llm.max_queued, "busy": llm.busy},
             "writer": {

@@ -51,9 +51,15 @@ UnavailableReason = Literal[
 
 
 class LlmError(ClassifierError):
-    """An LLM classification failed; the dispatcher falls back to the local pool."""
+    """An LLM classification failed; the dispatcher falls back to the local pool.
+
+    ``queued`` is True when the pool had taken the work (the caller waited for it)
+    and False for a refusal at the door: the runtime gives the fallback of queued
+    work priority over new work on the local pool.
+    """
 
     error_code = "llm_error"
+    queued = False
 
 
 class LlmUnavailable(LlmError):

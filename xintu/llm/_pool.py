@@ -238,22 +238,10 @@ class LlmPool:
         caller falls back; the error holds no upstream body and no key.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
-        if not self._providers:
-            raise self._refuse("no_provider", "no LLM provider is configured")
-        if self._closed:
-            raise self._refuse("closed", "the LLM pool is shutting down")
+        refusal = self._refusal(deadline)
+        if refusal is not None:
+            raise self._refuse(*refusal)
         call_deadline = deadline - self._reserve_s
-        if call_deadline <= trio.current_time():
-            raise self._refuse("no_time", "not enough time left for an LLM call")
-        if not any(p.breaker.would_allow() for p in self._providers):
-            raise self._refuse("breaker_open", "every LLM provider's circuit breaker is open")
-        ahead = self._receive.statistics().current_buffer_used + self._busy
-        if (
-            trio.current_time() + self._service.expected_wait_s(ahead, self._workers, cautious=True)
-            > call_deadline
-        ):
-            # Queueing would only end in "no time left": fall back now, while there is.
-            raise self._refuse("queue_too_long", "the LLM queue would outlast the deadline")
         reply, receive = trio.open_memory_channel[_Result](1)
         try:
             self._send.send_nowait(_Job(data, image_hash, call_deadline, reply))
@@ -267,8 +255,40 @@ class LlmPool:
         with receive:
             with trio.move_on_at(call_deadline + _REPLY_GRACE_S):
                 result = await receive.receive()
-                return result.unwrap()
-        raise UpstreamTimeout("llm", "no LLM answer before the deadline")
+                try:
+                    return result.unwrap()
+                except LlmError as exc:
+                    exc.queued = True
+                    raise
+        timeout = UpstreamTimeout("llm", "no LLM answer before the deadline")
+        timeout.queued = True
+        raise timeout
+
+    def would_take(self, deadline: float) -> bool:
+        """Whether :meth:`classify` would queue work for *deadline* now (it queues none)."""
+        if self._receive.statistics().current_buffer_used >= self.config.inbox_size:
+            return False
+        return self._refusal(deadline) is None
+
+    def _refusal(self, deadline: float) -> tuple[UnavailableReason, str] | None:
+        """Why work for *deadline* would be refused at once, or None if it would queue."""
+        if not self._providers:
+            return "no_provider", "no LLM provider is configured"
+        if self._closed:
+            return "closed", "the LLM pool is shutting down"
+        call_deadline = deadline - self._reserve_s
+        if call_deadline <= trio.current_time():
+            return "no_time", "not enough time left for an LLM call"
+        if not any(p.breaker.would_allow() for p in self._providers):
+            return "breaker_open", "every LLM provider's circuit breaker is open"
+        ahead = self._receive.statistics().current_buffer_used + self._busy
+        if (
+            trio.current_time() + self._service.expected_wait_s(ahead, self._workers, cautious=True)
+            > call_deadline
+        ):
+            # Queueing would only end in "no time left": fall back now, while there is.
+            return "queue_too_long", "the LLM queue would outlast the deadline"
+        return None
 
     def offer_recheck(self, data: bytes, image_hash: str) -> bool:
         """Queue a background LLM re-classification; False if not taken (never waits).
