@@ -203,6 +203,39 @@ async def test_store_down_at_shutdown_journals_everything(tmp_path: Path) -> Non
         assert all(len(b.results) + len(b.logs) <= 4 for b in batches)
 
 
+async def test_a_long_outage_journals_the_overflow_and_replays_it_once(tmp_path: Path) -> None:
+    """An outage longer than the inbox: once it is half full the queue goes to the
+    journal, so puts never wait for the store and nothing is dropped; the first
+    commit after the outage replays it, in order, each write once."""
+    store = MemoryStore()
+    store.down = True
+    journal = tmp_path / "journal"
+    writer = writer_for(store, journal, inbox_size=8, max_batch=4)
+    ops: list[object] = [result(bytes([i])) for i in range(30)]
+    ops += [HitIncrement(h(bytes([i % 3])), 1, T0) for i in range(30)]
+    ops += [log_row(f"r{i}", bytes([i])) for i in range(30)]
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            for op in ops:
+                await writer.put(op)  # type: ignore[arg-type]  # never waits for the store
+            during = writer.statistics()
+            assert during.journaled_ops > 0
+            assert during.store_healthy is False
+            assert store.rows == {}
+            assert Journal(journal).pending()
+            store.down = False
+            await writer.wait_idle()
+            writer.close()
+    stats = writer.statistics()
+    assert stats.ops_dropped == 0
+    assert stats.replayed_batches >= 1
+    assert Journal(journal).pending() == []
+    assert len(store.rows) == 30
+    assert [store.rows[h(bytes([i]))].hit_count for i in range(3)] == [10, 10, 10]
+    assert sorted(store.logs) == sorted(f"r{i}" for i in range(30))
+
+
 async def test_without_a_journal_shutdown_keeps_retrying_until_cancelled(
     autojump_clock: trio.abc.Clock,
 ) -> None:

@@ -203,6 +203,7 @@ class Metrics:
         self._advance(self.coalesced, "coalesced", d.coalesced)
         self._advance(self.writer_ops.labels("applied"), "w_applied", w.ops_applied)
         self._advance(self.writer_ops.labels("dropped"), "w_dropped", w.ops_dropped)
+        self._advance(self.writer_ops.labels("journaled"), "w_journaled", w.journaled_ops)
         self._advance(self.writer_retries, "w_retries", w.retries)
         self._advance(self.worker_crashes, "crashes", sup.crashes_total)
         self._advance(self.classifications.labels("local"), "local_done", lp.completed)

@@ -9,7 +9,11 @@ whichever comes first, folds hit increments per image, and applies the lot as on
 A batch keeps its ``batch_id`` across retries, and the store applies a batch id at
 most once, so a retry after an ambiguous failure (the commit may have happened)
 never counts a hit twice. While the store is down the batch is retried with
-exponential backoff; new operations wait in the bounded inbox meanwhile.
+exponential backoff; new operations wait in the bounded inbox meanwhile, and with a
+journal, once the inbox is half full, they are moved to the journal (in batches of
+their own) instead of filling it: nothing is dropped however long the outage lasts.
+The first commit after the outage replays those journal files, exactly once, before
+the writer takes new work.
 
 Result writes are sent with ``await`` by the classification flights (off the
 response path: the callers were answered first); hit increments and log rows are
@@ -103,6 +107,8 @@ class Writer:
         self._journal_files = 0
         self._replayed_batches = 0
         self._replaying = False
+        # Operations were journaled during an outage: replay them once it is over.
+        self._spilled = False
         self._closing = trio.Event()
         # Operations taken from the inbox, and the batch made of them being committed:
         # what the journal must keep if the writer has to stop now.
@@ -255,6 +261,10 @@ class Writer:
             self._in_hand = None
             self._taken = []
             self._pending = 0
+            if self._spilled:  # the store is back: commit what the outage journaled
+                self._spilled = False
+                self._replaying = True
+                await self._replay()
             if not self._receive.statistics().current_buffer_used:
                 self._idle.set()
 
@@ -279,6 +289,11 @@ class Writer:
                     self._closing.is_set() and self._journal is not None
                 ):
                     return False
+                if self._journal is not None and self._inbox_over_high_water():
+                    # A long outage: journal the queue rather than drop hit counts
+                    # and log rows, or hold up results, once the inbox fills.
+                    await self._spill(None, self._drain_inbox())
+                    self._spilled = True
                 if self._closing.is_set():  # closing, but nowhere else to put it
                     await trio.sleep(delay)
                 else:  # back off, but wake at once for a close: then one last try
@@ -297,6 +312,9 @@ class Writer:
         return True
 
     # --- the journal ---------------------------------------------------------------
+
+    def _inbox_over_high_water(self) -> bool:
+        return self._receive.statistics().current_buffer_used >= max(self._max_queued // 2, 1)
 
     def _drain_inbox(self) -> list[WriteOp]:
         ops: list[WriteOp] = []
