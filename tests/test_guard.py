@@ -23,6 +23,7 @@ from xintu.http import XintuApp, create_app
 from xintu.http._guard import Guard, KeyRing, RateLimiter, TrustedProxies, bearer_token
 
 from .fakes import FakeModel
+from .test_ops import metric
 
 API_KEY = "xk-live-7f3a0c2e9b14d85e"  # what a client sends
 ADMIN_KEY = "xk-admin-4d1e8b77c0a2f953"
@@ -370,6 +371,34 @@ async def test_rate_limit_zero_disables_it(tmp_path: Path) -> None:
     async with serving(config) as (_app, client):
         codes = {(await client.get("/openapi.json")).status_code for _ in range(20)}
         assert codes == {200}
+
+
+# --- metrics -------------------------------------------------------------------------
+
+
+async def test_refusals_and_idempotency_outcomes_are_in_metrics(tmp_path: Path) -> None:
+    config = keyed(tmp_path, ratelimit={"rate_per_s": 0.001, "burst": 3, "max_clients": 100})
+    async with serving(config) as (_app, client):
+
+        async def check(headers: dict[str, str]) -> int:
+            body = {"image_hash": HASH}
+            return (await client.post(f"{V1}/check-cache", json=body, headers=headers)).status_code
+
+        user = bearer(API_KEY)
+        assert await check({}) == 401
+        assert (await client.get("/metrics", headers=user)).status_code == 403
+        once = {**user, "Idempotency-Key": "k-1"}
+        assert await check(once) == 200
+        assert await check(once) == 200  # replayed
+        assert await check(user) == 429  # the burst of 3 is spent
+        text = (await (await client.get("/metrics", headers=bearer(ADMIN_KEY))).get_data()).decode()
+    assert metric(text, "xintu_guard_refusals_total", reason="unauthorized") == 1
+    assert metric(text, "xintu_guard_refusals_total", reason="forbidden") == 1
+    assert metric(text, "xintu_guard_refusals_total", reason="rate_limited") == 1
+    assert metric(text, "xintu_ratelimit_clients") >= 2
+    assert metric(text, "xintu_idempotency_keys_total", outcome="claimed") == 1
+    assert metric(text, "xintu_idempotency_keys_total", outcome="completed") == 1
+    assert metric(text, "xintu_idempotency_keys_total", outcome="replayed") == 1
 
 
 # --- secrets -------------------------------------------------------------------------

@@ -147,6 +147,22 @@ class Metrics:
         self.ready = Gauge(
             "xintu_ready", "1 when this worker is ready for traffic.", registry=r, **live
         )
+        self.guard_refusals = Counter(
+            "xintu_guard_refusals",
+            "Requests refused by the guard: unauthorized, forbidden, rate_limited.",
+            ["reason"],
+            registry=r,
+        )
+        self.ratelimit_clients = Gauge(
+            "xintu_ratelimit_clients", "Clients in the rate limiter's table.", registry=r, **live
+        )
+        self.idempotency = Counter(
+            "xintu_idempotency_keys",
+            "Idempotency-Key outcomes: claimed, completed, released, replayed, "
+            "in_flight_conflict, reused, taken_over, store_error.",
+            ["outcome"],
+            registry=r,
+        )
         self.connections_open = Gauge(
             "xintu_connections_open", "Open client connections.", registry=r, **live
         )
@@ -210,6 +226,28 @@ class Metrics:
         self.batch_size.labels("last").set(lp.last_batch_size)
         self.batch_size.labels("mean").set(lp.mean_batch_size)
         self._sample_llm(stats.llm, stats.fallbacks)
+
+    def sample_guard(self, guard: Any) -> None:
+        """Bring the guard's metrics up to date from a ``GuardStatistics``."""
+        for reason in ("unauthorized", "forbidden", "rate_limited"):
+            self._advance(
+                self.guard_refusals.labels(reason), f"guard:{reason}", getattr(guard, reason)
+            )
+        self.ratelimit_clients.set(guard.clients_tracked)
+
+    def sample_idempotency(self, idem: Any) -> None:
+        """Bring the idempotency metrics up to date from an ``IdempotencyStatistics``."""
+        for outcome, field in (
+            ("claimed", "claimed"),
+            ("completed", "completed"),
+            ("released", "released"),
+            ("replayed", "replayed"),
+            ("in_flight_conflict", "in_flight_conflicts"),
+            ("reused", "reused"),
+            ("taken_over", "taken_over"),
+            ("store_error", "store_errors"),
+        ):
+            self._advance(self.idempotency.labels(outcome), f"idem:{outcome}", getattr(idem, field))
 
     def sample_connections(self, conns: Any) -> None:
         """Bring the connection metrics up to date from a ``ConnectionStatistics``."""

@@ -176,9 +176,13 @@ async def _sample_metrics(
 
 
 def sample_metrics(app: XintuApp) -> None:
-    """Bring the sampled metrics up to date (actors and connections)."""
+    """Bring the sampled metrics up to date (actors, connections, guard, idempotency)."""
     app.metrics.sample(app.runtime.statistics())
     app.metrics.sample_connections(app.connections.statistics())
+    if (guard := app.extensions.get("xintu.guard")) is not None:
+        app.metrics.sample_guard(guard.statistics())
+    if (idempotency := app.extensions.get("xintu.idempotency")) is not None:
+        app.metrics.sample_idempotency(idempotency.statistics())
 
 
 # Routes whose requests are not worth a log line each (probes and scrapes).
