@@ -348,6 +348,20 @@ def slow_ok(seconds: float) -> Action:
     return act
 
 
+async def test_slow_calls_do_not_switch_the_llm_off(clock: trio.testing.MockClock) -> None:
+    """A call that ran to its deadline makes the estimate say "no time"; with a worker
+    free the next call is made anyway (a probe), so the estimate can learn again."""
+    upstream = Upstream().then("openai.example", hang())
+    with trio.fail_after(60):
+        async with running(config(workers=2, timeout_s=60.0), upstream) as pool:
+            err = await fails(pool, 0, within_s=10)  # runs to 10 - 1.5 s
+            assert isinstance(err, UpstreamTimeout)
+            answers = [await classify(pool, n, within_s=10) for n in (1, 2, 3)]
+    assert [a.category for a in answers] == ["pets"] * 3
+    assert upstream.count() == 4
+    assert pool.statistics().refused_queue_too_long == 0
+
+
 async def test_a_call_that_queued_too_long_is_not_made(clock: trio.testing.MockClock) -> None:
     """Admitted on the estimate, then the job ahead ran long: when a worker takes it,
     less time is left than a call usually takes, so no call is made and the caller

@@ -106,6 +106,9 @@ class _Job:
     image_hash: str
     deadline: float  # of the LLM work: the request's deadline less the reserve
     reply: trio.MemorySendChannel[_Result]
+    # A worker was free when it was admitted: a probe, made whatever the estimate
+    # says (the estimate only learns from calls that are made).
+    probe: bool = False
 
 
 class _Provider:
@@ -242,9 +245,10 @@ class LlmPool:
         if refusal is not None:
             raise self._refuse(*refusal)
         call_deadline = deadline - self._reserve_s
+        probe = self._receive.statistics().current_buffer_used + self._busy < self._workers
         reply, receive = trio.open_memory_channel[_Result](1)
         try:
-            self._send.send_nowait(_Job(data, image_hash, call_deadline, reply))
+            self._send.send_nowait(_Job(data, image_hash, call_deadline, reply, probe))
         except trio.WouldBlock:
             reply.close()
             raise self._refuse("inbox_full", "the LLM pool is over capacity") from None
@@ -282,7 +286,10 @@ class LlmPool:
         if not any(p.breaker.would_allow() for p in self._providers):
             return "breaker_open", "every LLM provider's circuit breaker is open"
         ahead = self._receive.statistics().current_buffer_used + self._busy
-        if (
+        # With a worker free there is no queue to wait for, and the call is bounded
+        # by its own deadline. Refusing it on the estimate alone could refuse every
+        # call for good after a few slow ones: refusals teach the estimate nothing.
+        if ahead >= self._workers and (
             trio.current_time() + self._service.expected_wait_s(ahead, self._workers, cautious=True)
             > call_deadline
         ):
@@ -379,7 +386,9 @@ class LlmPool:
                 # faster than it is and admit work that then runs out of time.
                 measured = True
                 try:
-                    classification = await self._run_chain(job.data, job.deadline, lane)
+                    classification = await self._run_chain(
+                        job.data, job.deadline, lane, check_time=not job.probe
+                    )
                 except trio.Cancelled:
                     measured = False
                     _deliver(
@@ -428,7 +437,7 @@ class LlmPool:
             return
         deadline = trio.current_time() + max(p.cfg.timeout_s for p in self._providers)
         try:
-            classification = await self._run_chain(data, deadline, self._workers)
+            classification = await self._run_chain(data, deadline, self._workers, check_time=False)
         except trio.Cancelled:
             raise
         except LlmError as exc:
@@ -458,9 +467,16 @@ class LlmPool:
             return prepare()
         return await trio.to_thread.run_sync(prepare, limiter=self._image_limiter)
 
-    async def _run_chain(self, data: bytes, deadline: float, lane: int) -> Classification:
-        """Try each provider in order until one answers; *deadline* bounds it all."""
-        if not self._service.likely_within(deadline - trio.current_time()):
+    async def _run_chain(
+        self, data: bytes, deadline: float, lane: int, *, check_time: bool
+    ) -> Classification:
+        """Try each provider in order until one answers; *deadline* bounds it all.
+
+        *check_time*: the job waited in the queue; if less time is left than a call
+        usually takes, none is made.
+        """
+        left = deadline - trio.current_time()
+        if left <= 0 or (check_time and not self._service.likely_within(left)):
             # Queued longer than admission expected: a call that would more likely
             # than not run out of time is not made; the caller falls back now, while
             # the local model may still have room, instead of at the deadline.
