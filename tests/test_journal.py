@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -234,6 +235,92 @@ async def test_a_long_outage_journals_the_overflow_and_replays_it_once(tmp_path:
     assert len(store.rows) == 30
     assert [store.rows[h(bytes([i]))].hit_count for i in range(3)] == [10, 10, 10]
     assert sorted(store.logs) == sorted(f"r{i}" for i in range(30))
+
+
+class SlowWhenDown(MemoryStore):
+    """Down: the first attempt fails at once, later ones hang until released (a query
+    timing out), as a store that stopped answering does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = trio.Event()
+        self.failed_once = False
+
+    async def apply(self, batch: WriteBatch) -> bool:
+        if self.down and self.failed_once:
+            await self.release.wait()
+        if self.down:
+            self.failed_once = True
+        return await super().apply(batch)
+
+
+async def test_the_queue_is_journaled_while_a_commit_attempt_hangs(tmp_path: Path) -> None:
+    store = SlowWhenDown()
+    store.down = True
+    writer = writer_for(store, tmp_path / "journal", inbox_size=8, max_batch=4)
+    hashes = [h(bytes([i])) for i in range(3)]
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            for i in range(3):
+                await writer.put(result(bytes([i])))
+            for _ in range(1000):  # until the first attempt has failed
+                if store.failed_once:
+                    break
+                await trio.sleep(0.001)
+            # The retry now hangs; hit counts keep coming, 40 against an inbox of 8.
+            for i in range(40):
+                assert writer.offer(HitIncrement(hashes[i % 3], 1, T0)), i
+                await trio.sleep(0.001)
+            during = writer.statistics()
+            assert during.ops_dropped == 0
+            assert during.journal_files >= 5  # the inbox went to the journal, again and again
+            store.down = False
+            store.release.set()
+            await writer.wait_idle()
+            writer.close()
+    assert Journal(tmp_path / "journal").pending() == []
+    assert sum(store.rows[x].hit_count for x in hashes) == 40
+
+
+class Flaky(MemoryStore):
+    """Each apply fails before committing with probability *p* (seeded)."""
+
+    def __init__(self, seed: int, p: float) -> None:
+        super().__init__()
+        self._rng = random.Random(seed)
+        self._p = p
+
+    async def apply(self, batch: WriteBatch) -> bool:
+        if self._rng.random() < self._p:
+            await trio.lowlevel.checkpoint()
+            raise StoreUnavailable("flaky")
+        return await super().apply(batch)
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_an_intermittent_store_ends_with_every_write_once(tmp_path: Path, seed: int) -> None:
+    """Failures at any point (the batch in hand, a replay, between spills) while work
+    keeps coming: once the writer is idle, the journal is empty and every write is in
+    the store exactly once."""
+    store = Flaky(seed, 0.6)
+    writer = writer_for(store, tmp_path / "journal", inbox_size=6, max_batch=3)
+    n = 60
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            for i in range(n):
+                await writer.put(result(bytes([i])))
+                await writer.put(HitIncrement(h(bytes([i])), 2, T0))
+                await writer.put(log_row(f"r{i}", bytes([i])))
+            store._p = 0.0  # the store settles
+            await writer.wait_idle()
+            writer.close()
+    assert Journal(tmp_path / "journal").pending() == []
+    assert writer.statistics().ops_dropped == 0
+    assert len(store.rows) == n
+    assert {e.hit_count for e in store.rows.values()} == {2}
+    assert len(store.logs) == n
 
 
 async def test_without_a_journal_shutdown_keeps_retrying_until_cancelled(

@@ -10,10 +10,11 @@ A batch keeps its ``batch_id`` across retries, and the store applies a batch id 
 most once, so a retry after an ambiguous failure (the commit may have happened)
 never counts a hit twice. While the store is down the batch is retried with
 exponential backoff; new operations wait in the bounded inbox meanwhile, and with a
-journal, once the inbox is half full, they are moved to the journal (in batches of
-their own) instead of filling it: nothing is dropped however long the outage lasts.
-The first commit after the outage replays those journal files, exactly once, before
-the writer takes new work.
+journal, a task of the writer's moves them to the journal (in batches of their own)
+whenever the inbox is half full, also while a commit attempt is still running, so
+nothing is dropped however long the outage lasts (unless the journal itself cannot
+be written). The first commit after the outage replays those journal files, exactly
+once and before newer work.
 
 Result writes are sent with ``await`` by the classification flights (off the
 response path: the callers were answered first); hit increments and log rows are
@@ -109,6 +110,11 @@ class Writer:
         self._replaying = False
         # Operations were journaled during an outage: replay them once it is over.
         self._spilled = False
+        # Set by producers when the inbox passes half full while the store fails.
+        self._overflow = trio.Event()
+        # Held while a spill writes its file, so a replay never misses a file that is
+        # being written.
+        self._spill_lock = trio.Lock()
         self._closing = trio.Event()
         # Operations taken from the inbox, and the batch made of them being committed:
         # what the journal must keep if the writer has to stop now.
@@ -134,6 +140,7 @@ class Writer:
             return False
         self._accepted += 1
         self._idle = trio.Event() if self._idle.is_set() else self._idle
+        self._watch_overflow()
         return True
 
     async def put(self, op: WriteOp) -> None:
@@ -153,6 +160,7 @@ class Writer:
             return
         self._accepted += 1
         self._idle = trio.Event() if self._idle.is_set() else self._idle
+        self._watch_overflow()
 
     def close(self) -> None:
         """No more operations: the writer flushes what it has and returns.
@@ -202,16 +210,22 @@ class Writer:
                 self._idle = trio.Event()
         task_status.started()
         try:
-            if self._replaying:
-                await self._replay()
-            await self._loop()
-        except trio.Cancelled:
-            # Cancelled with writes in hand (a shutdown that ran out of time): keep them.
-            if journal is not None:
-                loose = [] if self._in_hand is not None else self._taken
-                with trio.CancelScope(shield=True):
-                    await self._spill(self._in_hand, [*loose, *self._drain_inbox()])
-            raise
+            async with trio.open_nursery() as nursery:
+                if journal is not None:
+                    nursery.start_soon(self._overflow_guard)
+                try:
+                    if self._replaying:
+                        await self._replay()
+                    await self._loop()
+                except trio.Cancelled:
+                    # Cancelled with writes in hand (a shutdown that ran out of time):
+                    # keep them.
+                    if journal is not None:
+                        loose = [] if self._in_hand is not None else self._taken
+                        with trio.CancelScope(shield=True):
+                            await self._spill(self._in_hand, [*loose, *self._drain_inbox()])
+                    raise
+                nursery.cancel_scope.cancel()
         finally:
             self._in_hand = None
             self._taken = []
@@ -253,7 +267,8 @@ class Writer:
                 self._ops_applied += len(ops)
             else:
                 # Closing and the store is down: journal this batch and the rest.
-                await self._spill(batch, self._drain_inbox())
+                with trio.CancelScope(shield=True):
+                    await self._spill(batch, self._drain_inbox())
                 self._in_hand = None
                 self._taken = []
                 self._pending = 0
@@ -261,7 +276,7 @@ class Writer:
             self._in_hand = None
             self._taken = []
             self._pending = 0
-            if self._spilled:  # the store is back: commit what the outage journaled
+            while self._spilled:  # the store is back: commit what the outage journaled
                 self._spilled = False
                 self._replaying = True
                 await self._replay()
@@ -289,11 +304,7 @@ class Writer:
                     self._closing.is_set() and self._journal is not None
                 ):
                     return False
-                if self._journal is not None and self._inbox_over_high_water():
-                    # A long outage: journal the queue rather than drop hit counts
-                    # and log rows, or hold up results, once the inbox fills.
-                    await self._spill(None, self._drain_inbox())
-                    self._spilled = True
+                self._watch_overflow()
                 if self._closing.is_set():  # closing, but nowhere else to put it
                     await trio.sleep(delay)
                 else:  # back off, but wake at once for a close: then one last try
@@ -313,8 +324,29 @@ class Writer:
 
     # --- the journal ---------------------------------------------------------------
 
-    def _inbox_over_high_water(self) -> bool:
-        return self._receive.statistics().current_buffer_used >= max(self._max_queued // 2, 1)
+    def _watch_overflow(self) -> None:
+        """Wake the overflow guard if the store is failing and the inbox half full."""
+        if (
+            not self._store_healthy
+            and self._journal is not None
+            and self._receive.statistics().current_buffer_used >= max(self._max_queued // 2, 1)
+        ):
+            self._overflow.set()
+
+    async def _overflow_guard(self) -> None:
+        """While the store fails, move the inbox to the journal whenever it is half full
+        (a long outage then drops no hit count or log row and holds up no result)."""
+        while True:
+            await self._overflow.wait()
+            self._overflow = trio.Event()
+            if self._store_healthy:
+                continue
+            with trio.CancelScope(shield=True):  # drained operations must reach the file
+                async with self._spill_lock:
+                    ops = self._drain_inbox()
+                    if ops:
+                        self._spilled = True
+                        await self._spill(None, ops)
 
     def _drain_inbox(self) -> list[WriteOp]:
         ops: list[WriteOp] = []
@@ -362,9 +394,10 @@ class Writer:
         """Commit every journaled batch under its own id; delete each file once done."""
         journal = self._journal
         assert journal is not None
-        files = await trio.to_thread.run_sync(
-            lambda: list(journal.claim()), abandon_on_cancel=False
-        )
+        async with self._spill_lock:  # a file being spilled is claimed once written
+            files = await trio.to_thread.run_sync(
+                lambda: list(journal.claim()), abandon_on_cancel=False
+            )
         try:
             while files:
                 claimed = files[0]
