@@ -8,7 +8,7 @@ whose calls are counted.
 from __future__ import annotations
 
 import hashlib
-import time
+import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -25,7 +25,7 @@ from xintu import Category, Classification, Source
 from xintu.actors import Answer, Cache, ClassifyRequest, Dispatcher, Envelope, LocalPool, Writer
 from xintu.actors._envelope import open_reply, wait_reply
 from xintu.actors._supervisor import CrashRecord
-from xintu.errors import BadImage, ClassifierError, DeadlineExceeded, Overloaded
+from xintu.errors import BadImage, ClassifierError, DeadlineExceeded, Draining, Overloaded
 from xintu.store import HitIncrement, Lru, ResultWrite
 
 from .fakes import FakeDecoded, FakeModel, MemoryStore, fake_category
@@ -310,18 +310,29 @@ async def test_local_pool_batches_and_answers_every_job() -> None:
     assert stats.failed == 1
 
 
-class OrderedSlowModel(FakeModel):
-    """Each preparation takes 50 ms of its thread; records the order of preparations."""
+class GatedModel(FakeModel):
+    """Records the order of preparations; the first one waits for ``release``."""
 
     def __init__(self) -> None:
         super().__init__()
         self.order: list[bytes] = []
+        self.release = threading.Event()
 
     def prepare(self, data: bytes) -> FakeDecoded:
         with self._lock:
             self.order.append(data)
-        time.sleep(0.05)
+            first = len(self.order) == 1
+        if first and not self.release.wait(10):
+            raise AssertionError("never released")
         return super().prepare(data)
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(2000):
+        if condition():
+            return
+        await trio.sleep(0.005)
+    raise AssertionError("condition never met")
 
 
 async def test_the_priority_lane_goes_ahead_of_the_queue() -> None:
@@ -329,7 +340,7 @@ async def test_the_priority_lane_goes_ahead_of_the_queue() -> None:
     the queue; every queued job is still answered."""
     from xintu.actors._local_pool import LocalJob
 
-    model = OrderedSlowModel()
+    model = GatedModel()
     pool = LocalPool(
         model, inbox_size=32, decode_threads=1, inference_threads=1, max_batch=4, max_wait_ms=1
     )
@@ -343,9 +354,19 @@ async def test_the_priority_lane_goes_ahead_of_the_queue() -> None:
                 pool.inbox.send_nowait(LocalJob(data, h(data), send))
                 receivers.append(receive)
             # The decode worker has taken the first job and holds the one thread.
-            await trio.testing.wait_all_tasks_blocked(cushion=0.01)
-            urgent = await pool.classify_now(b"urgent", h(b"urgent"))
+            await _until(lambda: model.order == [b"q0"])
+            urgent_answer: list[Classification] = []
+
+            async def urgent_job() -> None:
+                urgent_answer.append(await pool.classify_now(b"urgent", h(b"urgent")))
+
+            nursery.start_soon(urgent_job)
+            # The priority lane waits for the thread, ahead of the worker's next job.
+            await _until(lambda: pool._decode_limiter.statistics().tasks_waiting == 1)
+            model.release.set()
             answers = [await r.receive() for r in receivers]
+            await _until(lambda: bool(urgent_answer))
+            urgent = urgent_answer[0]
             pool.close()
     assert urgent.category == fake_category(b"urgent")
     assert model.order[:2] == [b"q0", b"urgent"]  # right after the one in progress
@@ -366,7 +387,7 @@ async def test_the_priority_lane_raises_the_images_own_error() -> None:
             with pytest.raises(BadImage):
                 await pool.classify_now(b"bad-urgent", h(b"bad-urgent"))
             pool.close()
-            with pytest.raises(ClassifierError, match="shutting down"):
+            with pytest.raises(Draining):
                 await pool.classify_now(b"late", h(b"late"))
 
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import trio
 
-from xintu import Config, load_config
+from xintu import Config, _connections, load_config
 from xintu.errors import ConfigError
 
 from .fakes import FakeModel
@@ -110,6 +110,23 @@ async def test_connections_over_the_cap_get_a_503_and_are_closed(tmp_path: Path)
                 assert await _metric(client, "xintu_connections_open") == 3.0  # 2 + this
             for stream in held:
                 await stream.aclose()
+
+
+async def test_past_the_refusals_in_progress_a_connection_is_closed_unanswered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Answering a refusal holds a descriptor for a moment; a flood beyond the
+    refusals in progress is closed at once (here the bound is set to zero)."""
+    monkeypatch.setattr(_connections, "_MAX_REFUSING", 0)
+    config = slow_config(tmp_path, max_connections=1, keep_alive_s=30.0)
+    with trio.fail_after(30):
+        async with real_server(config, FakeModel()) as base:
+            held = await _held_connection(base)
+            extra = await _connect(base)
+            async with extra:
+                await extra.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert await _read_until_closed(extra) == b""
+            await held.aclose()
 
 
 async def test_headers_that_never_end_are_cut_off_and_others_are_served(
@@ -219,5 +236,9 @@ async def test_a_silent_client_mid_body_is_dropped_after_the_read_timeout(
 def test_a_read_timeout_within_the_deadline_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"server\.read_timeout_s.*request_deadline_s"):
         load_config(env={}, server={"request_deadline_s": 30.0, "read_timeout_s": 30.0})
+    # The deadline and the idempotency record's two store calls: 10 + 2 x 5 s.
+    with pytest.raises(ConfigError, match=r"\(20\), got 20$"):
+        load_config(env={"XINTU_SERVER_READ_TIMEOUT_S": "20"})
+    assert load_config(env={"XINTU_SERVER_READ_TIMEOUT_S": "20.5"}).server.read_timeout_s == 20.5
     with pytest.raises(ConfigError, match=r"server\.max_connections"):
         load_config(env={"XINTU_SERVER_MAX_CONNECTIONS": "lots"})

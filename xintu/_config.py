@@ -343,20 +343,22 @@ def load_config(
             values[k] = _coerce(key, v, hints[k], fields[k].metadata, from_env=from_env)
             origins[key] = origin
         built[s] = cls(**values)
-    _check_server(built["server"])
+    _check_server(built["server"], built["store"])
     llm = llm_config_from(llm_raw, environ)
     return Config(**built, llm=llm, origins=types.MappingProxyType(origins))
 
 
-def _check_server(server: ServerConfig) -> None:
-    """Rules between keys of ``[server]``."""
-    # Hypercorn keeps reading while a request is served: a read timeout shorter
-    # than the longest deadline would hang up on clients waiting for an answer.
-    if server.read_timeout_s <= server.request_deadline_s:
+def _check_server(server: ServerConfig, store: StoreConfig) -> None:
+    """Rules between keys of ``[server]`` (and the store timeout they depend on)."""
+    # Hypercorn keeps reading while a request is served: a read timeout shorter than
+    # the longest answer would hang up on clients waiting for it. The longest answer
+    # is the deadline plus the idempotency record's two store calls around it.
+    longest = server.request_deadline_s + 2 * store.query_timeout_s
+    if server.read_timeout_s <= longest:
         raise ConfigError(
             "server.read_timeout_s",
-            f"must exceed server.request_deadline_s ({server.request_deadline_s}), "
-            f"got {server.read_timeout_s}",
+            f"must exceed server.request_deadline_s + 2 x store.query_timeout_s "
+            f"({longest:g}), got {server.read_timeout_s:g}",
         )
 
 

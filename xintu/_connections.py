@@ -41,7 +41,10 @@ __all__ = [
 log = structlog.get_logger("xintu.connections")
 
 # A refused connection may take this long in all (answer, drain, close).
-_REFUSAL_BUDGET_S = 0.5
+_REFUSAL_BUDGET_S = 0.25
+# At most this many refusals are answered at once; beyond, a connection is closed
+# without an answer, so a flood cannot hold descriptors in refusals either.
+_MAX_REFUSING = 64
 _REFUSAL_RETRY_AFTER_S = 1
 # File descriptors a process needs besides its client connections (store pool,
 # model, journal, logs, listeners).
@@ -66,6 +69,7 @@ class ConnectionGate:
         self._peak = 0
         self._accepted = 0
         self._refused = 0
+        self.refusing = 0  # refusals being answered now
 
     def try_enter(self) -> bool:
         """Take a slot for a new connection; False (and counted) when all are taken."""
@@ -118,7 +122,15 @@ class GatedTCPServer(TCPServer):
             await super().run()
             return
         if not gate.try_enter():
-            await _refuse(self.stream)
+            if gate.refusing >= _MAX_REFUSING:
+                with trio.CancelScope(shield=True):
+                    await self.stream.aclose()
+                return
+            gate.refusing += 1
+            try:
+                await _refuse(self.stream)
+            finally:
+                gate.refusing -= 1
             return
         try:
             await super().run()

@@ -22,6 +22,7 @@ waits for at most one image's preparation instead of the whole queue.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -32,7 +33,7 @@ import trio
 
 from .._rate import ServiceTime
 from .._types import Classification
-from ..errors import ClassifierError, XintuError
+from ..errors import ClassifierError, Draining, XintuError
 from ._envelope import send_reply
 from ._supervisor import CrashRecord
 
@@ -125,8 +126,11 @@ class LocalPool:
         self._last_batch_size = 0
         self._prepare_time = ServiceTime()
         self._urgent = 0
-        # The priority lane's way into the batch channel (set while running).
-        self._urgent_send: trio.MemorySendChannel[tuple[object, LocalJob]] | None = None
+        self._running = False
+        self._closed = False
+        # The priority lane's way into the batch channel; the runners end once it and
+        # the decoders' clones are all closed.
+        self._urgent_send = self._batch_send.clone()
 
     @property
     def inbox(self) -> trio.MemorySendChannel[LocalJob]:
@@ -151,27 +155,27 @@ class LocalPool:
 
     def close(self) -> None:
         """No more jobs: workers finish what is queued and return."""
+        self._closed = True
         self._send.close()
-        if self._urgent_send is not None:
-            self._urgent_send.close()
+        self._urgent_send.close()
 
     async def classify_now(self, data: bytes, image_hash: str) -> Classification:
         """Classify ahead of the inbox (the priority lane; see the module docstring).
 
-        Raises the image's own error, or :class:`~xintu.errors.ClassifierError` when
-        the pool is not running or shuts down meanwhile.
+        Raises the image's own error, :class:`~xintu.errors.Draining` when the pool is
+        shutting down, or :class:`~xintu.errors.ClassifierError` before it runs.
         """
-        urgent = self._urgent_send
-        if urgent is None:
+        if self._closed:
+            raise Draining("the service is shutting down")
+        if not self._running:
             raise ClassifierError("the local classifier is not running")
         self._urgent += 1
         self._decoding += 1
-        started = trio.current_time()
         try:
-            decoded = await trio.to_thread.run_sync(
-                self.model.prepare, data, limiter=self._decode_limiter
+            decoded, seconds = await trio.to_thread.run_sync(
+                self._timed_prepare, data, limiter=self._decode_limiter
             )
-            self._prepare_time.record(trio.current_time() - started)
+            self._prepare_time.record(seconds)
         except trio.Cancelled:
             raise
         except Exception as exc:
@@ -181,9 +185,9 @@ class LocalPool:
             self._decoding -= 1
         send, receive = trio.open_memory_channel[LocalResult](1)
         try:
-            await urgent.send((decoded, LocalJob(data, image_hash, send)))
+            await self._urgent_send.send((decoded, LocalJob(data, image_hash, send)))
         except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise ClassifierError("the local classifier is shutting down") from None
+            raise Draining("the service is shutting down") from None
         with receive:
             result = await receive.receive()
         return result.unwrap()
@@ -210,7 +214,7 @@ class LocalPool:
                     runners.start_soon(
                         self._crashes.supervise, f"local-infer-{i}", self._infer_loop
                     )
-                self._urgent_send = self._batch_send.clone()
+                self._running = True
                 async with self._batch_send:
                     for i in range(self._decode_threads):
                         decoders.start_soon(self._decoder, i, self._batch_send.clone())
@@ -230,12 +234,11 @@ class LocalPool:
     ) -> None:
         async for job in self._receive:
             self._decoding += 1
-            started = trio.current_time()
             try:
-                decoded = await trio.to_thread.run_sync(
-                    self.model.prepare, job.data, limiter=self._decode_limiter
+                decoded, seconds = await trio.to_thread.run_sync(
+                    self._timed_prepare, job.data, limiter=self._decode_limiter
                 )
-                self._prepare_time.record(trio.current_time() - started)
+                self._prepare_time.record(seconds)
             except trio.Cancelled:
                 send_reply(job.reply, outcome.Error(ClassifierError("shutting down")))
                 raise
@@ -246,6 +249,12 @@ class LocalPool:
             finally:
                 self._decoding -= 1
             await batch_send.send((decoded, job))
+
+    def _timed_prepare(self, data: bytes) -> tuple[object, float]:
+        """``model.prepare`` and its own duration (not the wait for a thread), in a thread."""
+        started = time.perf_counter()
+        decoded = self.model.prepare(data)
+        return decoded, time.perf_counter() - started
 
     async def _infer_loop(self) -> None:
         receive = self._batch_receive
