@@ -22,7 +22,6 @@ waits for at most one image's preparation instead of the whole queue.
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -172,10 +171,10 @@ class LocalPool:
         self._urgent += 1
         self._decoding += 1
         try:
-            decoded, seconds = await trio.to_thread.run_sync(
-                self._timed_prepare, data, limiter=self._decode_limiter
+            # Not timed: its wait for a thread is not a preparation time.
+            decoded = await trio.to_thread.run_sync(
+                self.model.prepare, data, limiter=self._decode_limiter
             )
-            self._prepare_time.record(seconds)
         except trio.Cancelled:
             raise
         except Exception as exc:
@@ -234,11 +233,14 @@ class LocalPool:
     ) -> None:
         async for job in self._receive:
             self._decoding += 1
+            started = trio.current_time()
             try:
-                decoded, seconds = await trio.to_thread.run_sync(
-                    self._timed_prepare, job.data, limiter=self._decode_limiter
+                decoded = await trio.to_thread.run_sync(
+                    self.model.prepare, job.data, limiter=self._decode_limiter
                 )
-                self._prepare_time.record(seconds)
+                # Wall time from the worker's side, thread hand-offs included: what a
+                # queued job will wait per job ahead of it on a busy machine.
+                self._prepare_time.record(trio.current_time() - started)
             except trio.Cancelled:
                 send_reply(job.reply, outcome.Error(ClassifierError("shutting down")))
                 raise
@@ -249,12 +251,6 @@ class LocalPool:
             finally:
                 self._decoding -= 1
             await batch_send.send((decoded, job))
-
-    def _timed_prepare(self, data: bytes) -> tuple[object, float]:
-        """``model.prepare`` and its own duration (not the wait for a thread), in a thread."""
-        started = time.perf_counter()
-        decoded = self.model.prepare(data)
-        return decoded, time.perf_counter() - started
 
     async def _infer_loop(self) -> None:
         receive = self._batch_receive
