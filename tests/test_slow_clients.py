@@ -24,6 +24,14 @@ from .serving import real_server
 V1 = "/api/v1/classify"
 
 
+# The head of an upload that declares a 1,000-byte body; the tests send it slowly.
+_UPLOAD_HEAD = (
+    b"POST /api/v1/classify HTTP/1.1\r\nHost: x\r\n"
+    b"Content-Type: multipart/form-data; boundary=b\r\n"
+    b"Content-Length: 1000\r\n\r\n"
+)
+
+
 def slow_config(tmp_path: Path, **server: Any) -> Config:
     return load_config(
         env={},
@@ -194,11 +202,7 @@ async def test_a_trickled_body_gets_408_after_the_body_timeout(tmp_path: Path) -
         async with real_server(config, FakeModel()) as base:
             stream = await _connect(base)
             async with stream:
-                await stream.send_all(
-                    b"POST /api/v1/classify HTTP/1.1\r\nHost: x\r\n"
-                    b"Content-Type: multipart/form-data; boundary=b\r\n"
-                    b"Content-Length: 1000\r\n\r\n"
-                )
+                await stream.send_all(_UPLOAD_HEAD)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(trickle, stream)
                     reply = await _read_until_closed(stream)
@@ -220,11 +224,7 @@ async def test_a_silent_client_mid_body_is_dropped_after_the_read_timeout(
         async with real_server(config, FakeModel()) as base:
             stream = await _connect(base)
             async with stream:
-                await stream.send_all(
-                    b"POST /api/v1/classify HTTP/1.1\r\nHost: x\r\n"
-                    b"Content-Type: multipart/form-data; boundary=b\r\n"
-                    b"Content-Length: 1000\r\n\r\n--b\r\n"
-                )
+                await stream.send_all(_UPLOAD_HEAD + b"--b\r\n")
                 started = trio.current_time()
                 await _read_until_closed(stream)  # then nothing more is sent
                 waited = trio.current_time() - started
