@@ -26,6 +26,7 @@ from .._context import Bench
 from .._services import HOST, Service, free_port, python_argv
 
 __all__ = [
+    "BreakerPoller",
     "FakeLlm",
     "LlmSettings",
     "SeededService",
@@ -98,6 +99,39 @@ def llm_settings(bench: Bench, extra_env: Mapping[str, str] | None = None) -> Ll
         fallback_reserve_s=llm.fallback_reserve_s,
     )
 
+
+class BreakerPoller(threading.Thread):
+    """Samples the service's ``xintu_breaker_state`` for one provider from ``/metrics``
+    every 0.2 s: ``(monotonic s, state)`` with 0 closed, 1 half-open, 2 open. A scrape
+    samples the actors first, so each reading is current."""
+
+    def __init__(self, svc: Service, provider: str) -> None:
+        super().__init__(daemon=True, name="breaker-poller")
+        self.url = f"{svc.url}/metrics"
+        self.line = f'xintu_breaker_state{{provider="{provider}"}} '
+        self.samples: list[tuple[float, int]] = []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        with httpx.Client(timeout=2.0) as client:
+            while not self._stop_event.is_set():
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    for line in client.get(self.url).text.splitlines():
+                        if line.startswith(self.line):
+                            state = int(float(line.rsplit(" ", 1)[1]))
+                            self.samples.append((time.monotonic(), state))
+                self._stop_event.wait(_BREAKER_POLL_S)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(5)
+
+    def first_open(self, start: float, end: float) -> float | None:
+        """The first sample time in [start, end) at which the breaker was open."""
+        return next((t for t, state in self.samples if start <= t < end and state == 2), None)
+
+
+_BREAKER_POLL_S = 0.2
 
 # Counters of the service's /metrics that say where LLM work went.
 _COUNTERS = ("xintu_llm_fallbacks_total", "xintu_shed_requests_total", "xintu_llm_calls_total")

@@ -7,9 +7,10 @@ local model could take, whichever is less (the local path's throughput as the
 ``local`` scenario measured it in this run, else :data:`LOCAL_DEFAULT_IMG_S`), so the
 fallback can absorb the outage and what is measured is the breaker. Measured:
 
-- time until the breaker opens: from the outage's start to the moment upstream calls
-  stop (no new call for :data:`QUIET_S`), read from the fake's counters sampled every
-  0.1 s;
+- time until the breaker opens: from the outage's start to the first reading of
+  ``xintu_breaker_state`` = open on the service's ``/metrics`` (sampled every 0.2 s),
+  and, from the fake's side, to the moment upstream calls stop (no new call for
+  :data:`QUIET_S`; the fake's counters are sampled every 0.1 s);
 - accepted P99 during the outage (misses fall back to the local model) against P99
   before it;
 - misses' P99 once the breaker is open (from its opening to the outage's end)
@@ -36,7 +37,14 @@ from .._loadgen import poisson_schedule
 from .._plots import plot_timeline
 from .._report import Check, Outcome, Row
 from .._stats import summarize, timeline
-from ._llm import StatsPoller, llm_missing, llm_settings, lognormal_mean_s, seeded_llm_service
+from ._llm import (
+    BreakerPoller,
+    StatsPoller,
+    llm_missing,
+    llm_settings,
+    lognormal_mean_s,
+    seeded_llm_service,
+)
 from ._mixed import TAG_MISS, mixed_load
 
 __all__ = ["run"]
@@ -109,6 +117,8 @@ def run(bench: Bench) -> Outcome:
         t0 = bench.gen.start_time(sum(len(p) for p in payloads)) + 0.5
         poller = StatsPoller(fake)
         poller.start()
+        breaker = BreakerPoller(svc, "openai")
+        breaker.start()
         fake.control(outage_start_s=t0 + before - time.monotonic(), outage_duration_s=outage_s)
         result = bench.open(
             svc,
@@ -121,10 +131,14 @@ def run(bench: Bench) -> Outcome:
             start_at=t0,
         )
         poller.stop()
+        breaker.stop()
         upstream = fake.stats()
     s = result.samples
     o0, o1 = before, before + outage_s
-    opened = _breaker_opened(poller, t0 + o0, t0 + o1)
+    quiet = _breaker_opened(poller, t0 + o0, t0 + o1)
+    state_open = breaker.first_open(t0 + o0, t0 + o1)
+    # The service's own state when it was read; the fake's silence otherwise.
+    opened = state_open if state_open is not None else quiet
     calls_during = poller.calls_at(t0 + o1) - poller.calls_at(t0 + o0)
     llm_code = SOURCES.index("llm")
     ok_llm = (s["source"] == llm_code) & (s["status"] == 200) & (s["tag"] == TAG_MISS)
@@ -142,11 +156,14 @@ def run(bench: Bench) -> Outcome:
         "before_misses": summarize(s, start=0.0, end=o0, tag=TAG_MISS),
     }
     opened_after = None if opened is None else round(opened - (t0 + o0), 2)
+    quiet_after = None if quiet is None else round(quiet - (t0 + o0), 2)
     recovered_after = None if recovered is None else round(recovered, 2)
     details: dict[str, Any] = {
         "params": params,
         "windows": windows,
         "breaker_opened_after_s": opened_after,
+        "breaker_state_read": state_open is not None,
+        "upstream_quiet_after_s": quiet_after,
         "upstream_calls_during_outage": calls_during,
         "recovered_after_s": recovered_after,
         "upstream": {k: v for k, v in upstream.items() if k != "images"},
@@ -171,7 +188,13 @@ def run(bench: Bench) -> Outcome:
             "time until the breaker opens",
             opened_after,
             "s",
-            note=f"upstream silent for {QUIET_S} s; breaker_min_calls "
+            note=(
+                "read from xintu_breaker_state on /metrics"
+                if state_open is not None
+                else "the service's state was not read: when upstream calls stopped"
+            )
+            + f"; upstream calls stopped after {quiet_after} s "
+            f"(silent for {QUIET_S} s); breaker_min_calls "
             f"{settings.breaker_min_calls}, breaker_consecutive_failures "
             f"{settings.breaker_consecutive_failures}, fake latency ~{LATENCY_MEDIAN_MS:.0f} ms",
         ),
