@@ -24,7 +24,7 @@ from xintu.vision import decode_image
 
 from .fakes import FakeDecoded, FakeModel
 
-__all__ = ["DecodingModel", "real_server"]
+__all__ = ["DecodingModel", "open_raw", "real_server"]
 
 
 @asynccontextmanager
@@ -39,6 +39,12 @@ async def real_server(config: Config, model: LocalModel[Any]) -> AsyncIterator[s
             yield binds[0]
         finally:
             nursery.cancel_scope.cancel()
+
+
+async def open_raw(base: str) -> trio.SocketStream:
+    """A raw TCP connection to the server at *base*, for tests that write HTTP by hand."""
+    host, port = base.removeprefix("http://").split(":")
+    return await trio.open_tcp_stream(host, int(port))
 
 
 class DecodingModel(FakeModel):

@@ -30,7 +30,7 @@ from quart.typing import TestClientProtocol as Client
 from xintu import Config, load_config
 from xintu.http import XintuApp, create_app
 
-from .serving import DecodingModel, real_server
+from .serving import DecodingModel, open_raw, real_server
 from .test_decode import bomb_png
 
 V1 = "/api/v1/classify"
@@ -297,8 +297,7 @@ async def test_chunked_huge_upload_is_cut_off_at_the_limit(tmp_path: Path) -> No
 
     with trio.fail_after(30):
         async with real_server(config, DecodingModel(config.images)) as base:
-            host, port = base.removeprefix("http://").split(":")
-            stream = await trio.open_tcp_stream(host, int(port))
+            stream = await open_raw(base)
             async with stream:
                 await stream.send_all(
                     b"POST /api/v1/classify HTTP/1.1\r\nHost: x\r\n"
@@ -322,8 +321,7 @@ async def test_declared_huge_upload_is_refused_before_reading(tmp_path: Path) ->
     config = hostile_config(tmp_path)
     with trio.fail_after(30):
         async with real_server(config, DecodingModel(config.images)) as base:
-            host, port = base.removeprefix("http://").split(":")
-            stream = await trio.open_tcp_stream(host, int(port))
+            stream = await open_raw(base)
             async with stream:
                 await stream.send_all(
                     b"POST /api/v1/classify HTTP/1.1\r\nHost: x\r\n"
@@ -343,8 +341,7 @@ async def test_a_refusal_before_the_body_arrives_says_connection_close(tmp_path:
     config = hostile_config(tmp_path)
     with trio.fail_after(30):
         async with real_server(config, DecodingModel(config.images)) as base:
-            host, port = base.removeprefix("http://").split(":")
-            stream = await trio.open_tcp_stream(host, int(port))
+            stream = await open_raw(base)
             async with stream:
                 await stream.send_all(
                     b"POST /api/v1/classify HTTP/1.1\r\nHost: x\r\n"

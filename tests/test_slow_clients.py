@@ -19,7 +19,8 @@ from xintu import Config, _connections, load_config
 from xintu.errors import ConfigError
 
 from .fakes import FakeModel
-from .serving import real_server
+from .serving import open_raw, real_server
+from .test_ops import metric
 
 V1 = "/api/v1/classify"
 
@@ -42,14 +43,9 @@ def slow_config(tmp_path: Path, **server: Any) -> Config:
     )
 
 
-async def _connect(base: str) -> trio.SocketStream:
-    host, port = base.removeprefix("http://").split(":")
-    return await trio.open_tcp_stream(host, int(port))
-
-
 async def _held_connection(base: str) -> trio.SocketStream:
     """A keep-alive connection that has been served once, so it holds a slot."""
-    stream = await _connect(base)
+    stream = await open_raw(base)
     await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     reply = b""
     while not reply.endswith(b'{"status":"ok"}'):
@@ -79,11 +75,7 @@ def _split(reply: bytes) -> tuple[bytes, dict[str, str], bytes]:
 
 
 async def _metric(client: httpx.AsyncClient, name: str) -> float:
-    text = (await client.get("/metrics")).text
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
+    return metric((await client.get("/metrics")).text, name)
 
 
 async def test_connections_over_the_cap_get_a_503_and_are_closed(tmp_path: Path) -> None:
@@ -92,7 +84,7 @@ async def test_connections_over_the_cap_get_a_503_and_are_closed(tmp_path: Path)
         async with real_server(config, FakeModel()) as base:
             held = [await _held_connection(base) for _ in range(3)]
 
-            extra = await _connect(base)
+            extra = await open_raw(base)
             async with extra:
                 await extra.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
                 reply = await _read_until_closed(extra)
@@ -130,7 +122,7 @@ async def test_past_the_refusals_in_progress_a_connection_is_closed_unanswered(
     with trio.fail_after(30):
         async with real_server(config, FakeModel()) as base:
             held = await _held_connection(base)
-            extra = await _connect(base)
+            extra = await open_raw(base)
             async with extra:
                 await extra.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
                 assert await _read_until_closed(extra) == b""
@@ -149,7 +141,7 @@ async def test_headers_that_never_end_are_cut_off_and_others_are_served(
     done = trio.Event()
 
     async def loris(base: str) -> None:
-        stream = await _connect(base)
+        stream = await open_raw(base)
         lines = 0
         async with stream:
             try:
@@ -200,7 +192,7 @@ async def test_a_trickled_body_gets_408_after_the_body_timeout(tmp_path: Path) -
 
     with trio.fail_after(30):
         async with real_server(config, FakeModel()) as base:
-            stream = await _connect(base)
+            stream = await open_raw(base)
             async with stream:
                 await stream.send_all(_UPLOAD_HEAD)
                 async with trio.open_nursery() as nursery:
@@ -222,7 +214,7 @@ async def test_a_silent_client_mid_body_is_dropped_after_the_read_timeout(
     )
     with trio.fail_after(30):
         async with real_server(config, FakeModel()) as base:
-            stream = await _connect(base)
+            stream = await open_raw(base)
             async with stream:
                 await stream.send_all(_UPLOAD_HEAD + b"--b\r\n")
                 started = trio.current_time()
