@@ -19,6 +19,7 @@ import trio
 from xintu import Category, Classification, Source
 from xintu.errors import BadImage, StoreUnavailable
 from xintu.store import (
+    SHARED_SCOPE,
     AlbumStats,
     CachedEntry,
     IdempotencyRecord,
@@ -88,6 +89,8 @@ class MemoryStore(Store):
     def __init__(self) -> None:
         self.rows: dict[str, CachedEntry] = {}
         self.logs: dict[str, RequestLogRow] = {}
+        # (scope, alias hash) -> (verified hash, created_at)
+        self.aliases: dict[tuple[str, str], tuple[str, datetime]] = {}
         self.applied: set[str] = set()
         self.apply_calls = 0
         self.fail_applies = 0
@@ -98,15 +101,28 @@ class MemoryStore(Store):
         if self.down:
             raise StoreUnavailable("memory store is down")
 
-    async def get(self, image_hash: str) -> CachedEntry | None:
-        await trio.lowlevel.checkpoint()
-        self._check()
-        return self.rows.get(image_hash)
+    def _resolve(self, image_hash: str, scope: str | None) -> CachedEntry | None:
+        entry = self.rows.get(image_hash)
+        if entry is not None:
+            return entry
+        for visible in dict.fromkeys((scope or SHARED_SCOPE, SHARED_SCOPE)):
+            alias = self.aliases.get((visible, image_hash))
+            if alias is not None and alias[0] in self.rows:
+                return self.rows[alias[0]]
+        return None
 
-    async def get_many(self, hashes: Sequence[str]) -> dict[str, CachedEntry]:
+    async def get(self, image_hash: str, *, scope: str | None = None) -> CachedEntry | None:
         await trio.lowlevel.checkpoint()
         self._check()
-        return {h: self.rows[h] for h in hashes if h in self.rows}
+        return self._resolve(image_hash, scope)
+
+    async def get_many(
+        self, hashes: Sequence[str], *, scope: str | None = None
+    ) -> dict[str, CachedEntry]:
+        await trio.lowlevel.checkpoint()
+        self._check()
+        found = {h: self._resolve(h, scope) for h in hashes}
+        return {h: e for h, e in found.items() if e is not None}
 
     async def apply(self, batch: WriteBatch) -> bool:
         await trio.lowlevel.checkpoint()
@@ -143,6 +159,13 @@ class MemoryStore(Store):
                 )
         for row in batch.logs:
             self.logs.setdefault(row.request_id, row)
+        for a in batch.aliases:  # after the results, as the real stores
+            if a.alias_hash == a.image_hash:
+                continue
+            when = a.created_at or now
+            old_alias = self.aliases.get((a.scope, a.alias_hash))
+            if old_alias is None or when >= old_alias[1]:
+                self.aliases[(a.scope, a.alias_hash)] = (a.image_hash, when)
         return True
 
     async def get_request_log(self, request_id: str) -> RequestLogRow | None:

@@ -23,7 +23,7 @@ from xintu import Category, Classification, Source
 from xintu.actors import Writer
 from xintu.actors._journal import ClaimedFile, Journal, decode_batch, encode_batch
 from xintu.errors import StoreUnavailable
-from xintu.store import HitIncrement, RequestLogRow, ResultWrite, Store, WriteBatch
+from xintu.store import AliasWrite, HitIncrement, RequestLogRow, ResultWrite, Store, WriteBatch
 
 from .backends import open_test_store
 from .fakes import MemoryStore
@@ -117,6 +117,68 @@ def test_batch_round_trip() -> None:
     }
     assert again.results[0].created_at == T0
     assert again.logs[0].created_at == T0
+
+
+def test_batch_round_trip_with_aliases() -> None:
+    batch = WriteBatch(
+        batch_id="b-2",
+        results=(result(b"a", at=T0),),
+        aliases=(
+            AliasWrite("key:\u00e9", h(b"original"), h(b"a"), T0),
+            AliasWrite("*", h(b"other"), h(b"a")),
+        ),
+    )
+    again = decode_batch(encode_batch(batch))
+    assert again == batch
+    assert again.aliases[0].created_at == T0
+
+
+def test_a_line_written_before_aliases_still_reads() -> None:
+    """Journal files left by a Xintu without aliases have no ``aliases`` key."""
+    old = (
+        '{"batch_id":"b-old","hits":[{"count":2,"image_hash":"' + h(b"a") + '",'
+        '"last_hit_at":"2026-01-02T03:04:05.678901+00:00"}],"logs":[],"results":[],"v":1}'
+    )
+    batch = decode_batch(old)
+    assert batch == WriteBatch("b-old", hits=(HitIncrement(h(b"a"), 2, T0),))
+
+
+async def test_the_writer_writes_aliases_after_their_results(
+    tmp_path: Path, store_url: str
+) -> None:
+    """Aliases go through the writer like any write: folded into the batch of their
+    result, or journaled while the store is down and replayed later, keeping the
+    time they were made (so a later upload of the same alias still wins)."""
+    journal = tmp_path / "journal"
+    down = MemoryStore()
+    down.down = True
+    early = AliasWrite("key:a", h(b"orig-1"), h(b"x"))  # no time: stamped when journaled
+    await run_writer(writer_for(down, journal), [result(b"x"), early])
+    (claimed,) = list_claims(Journal(journal))
+    (journaled,) = [a for b in claimed.batches for a in b.aliases]
+    claimed.release()
+    assert journaled.created_at is not None
+    async with open_test_store(store_url, tmp_path / "d") as store:
+        writer = writer_for(store, journal)
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(writer.run)
+                await writer.wait_idle()  # the replay
+                await writer.put(result(b"y"))
+                await writer.put(AliasWrite("key:b", h(b"orig-2"), h(b"y")))
+                await writer.put(AliasWrite("*", h(b"orig-3"), h(b"y")))
+                await writer.wait_idle()
+                writer.close()
+        stats = writer.statistics()
+        assert (stats.replayed_batches, stats.ops_dropped) == (1, 0)
+        found = await store.get_many([h(b"orig-1"), h(b"orig-2"), h(b"orig-3")], scope="key:a")
+        assert {k: e.image_hash for k, e in found.items()} == {
+            h(b"orig-1"): h(b"x"),
+            h(b"orig-3"): h(b"y"),
+        }
+        entry = await store.get(h(b"orig-2"), scope="key:b")
+        assert entry is not None
+        assert entry.image_hash == h(b"y")
 
 
 @pytest.mark.parametrize(

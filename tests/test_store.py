@@ -20,6 +20,8 @@ from hypothesis import strategies as st
 from xintu import Category, Classification, Config, Source, load_config
 from xintu.errors import ConfigError, StoreError, StoreUnavailable
 from xintu.store import (
+    SHARED_SCOPE,
+    AliasWrite,
     CachedEntry,
     HitIncrement,
     IdempotencyRecord,
@@ -36,6 +38,7 @@ from xintu.store._base import parse_time
 from xintu.store._mysql import MySQLStore, parse_mysql_url
 from xintu.store._pool import Pool, PoolStatistics
 from xintu.store._schema import SCHEMA_VERSION
+from xintu.store._sqlite import SQLiteStore
 
 from .backends import (
     TcpProxy,
@@ -294,6 +297,181 @@ async def test_get_many(store: Store) -> None:
         assert found[stored[2]].image_size == 2
         assert await store.get_many([]) == {}
         assert await store.get(missing[0]) is None
+
+
+# --- client-named photos: aliases (DESIGN §2) ----------------------------------------
+
+
+async def sql_rows(url: str, sql: str) -> list[tuple[Any, ...]]:
+    """Rows of *sql*, read around the store (a connection of its own)."""
+    if url.startswith("sqlite"):
+
+        def read() -> list[tuple[Any, ...]]:
+            conn = sqlite3.connect(sqlite_path(url))
+            try:
+                return conn.execute(sql).fetchall()
+            finally:
+                conn.close()
+
+        rows: list[tuple[Any, ...]] = await trio.to_thread.run_sync(read)
+        return rows
+    return [tuple(r) for r in await mysql_execute(url, sql)]
+
+
+async def aliases_in(url: str) -> dict[tuple[str, str], str]:
+    """The ``image_hash_aliases`` rows: (scope, alias hash) -> verified hash."""
+    rows = await sql_rows(url, "SELECT scope, alias_hash, image_hash FROM image_hash_aliases")
+    return {(scope, alias): target for scope, alias, target in rows}
+
+
+async def name(store: Store, *aliases: AliasWrite) -> None:
+    assert await store.apply(WriteBatch(new_id(), aliases=aliases))
+
+
+async def target_of(store: Store, image_hash: str, scope: str | None = None) -> str | None:
+    entry = await store.get(image_hash, scope=scope)
+    return None if entry is None else entry.image_hash
+
+
+async def test_an_alias_is_seen_in_its_scope_only(store: Store) -> None:
+    with trio.fail_after(TEST_TIMEOUT_S):
+        target, alias = new_hash(), new_hash()
+        await put(store, ResultWrite(target, clf(category=Category.FOODS), 7))
+        await name(store, AliasWrite("key:a", alias, target))
+        entry = await store.get(alias, scope="key:a")
+        assert entry == await store.get(target)  # the verified entry itself
+        assert entry is not None
+        assert (entry.image_hash, entry.classification.category) == (target, Category.FOODS)
+        assert await target_of(store, alias, "key:b") is None
+        assert await target_of(store, alias, "KEY:A") is None  # scopes compare exactly
+        assert await target_of(store, alias) is None  # scope=None: shared aliases only
+        # Shared with everyone ("*"): every scope sees it, and so does scope=None.
+        shared = new_hash()
+        await name(store, AliasWrite(SHARED_SCOPE, shared, target))
+        for scope in ("key:a", "key:b", None, SHARED_SCOPE):
+            assert await target_of(store, shared, scope) == target
+
+
+async def test_own_scope_before_shared_and_verified_before_both(store: Store) -> None:
+    with trio.fail_after(TEST_TIMEOUT_S):
+        mine, theirs, other = new_hash(), new_hash(), new_hash()
+        await put(store, *(ResultWrite(h, clf(), 1) for h in (mine, theirs, other)))
+        alias = new_hash()
+        await name(
+            store,
+            AliasWrite("user:1", alias, mine),
+            AliasWrite(SHARED_SCOPE, alias, theirs),
+        )
+        assert await target_of(store, alias, "user:1") == mine
+        assert await target_of(store, alias, "user:2") == theirs
+        assert await target_of(store, alias) == theirs
+        # An alias never replaces a verified entry of the same hash, in any scope.
+        await name(store, AliasWrite("user:1", other, mine), AliasWrite("*", other, theirs))
+        for scope in ("user:1", "user:2", None):
+            assert await target_of(store, other, scope) == other
+        # An alias of a hash to itself is pointless: not stored.
+        await name(store, AliasWrite("user:1", mine, mine))
+        assert ("user:1", mine) not in await aliases_in_store(store)
+
+
+async def aliases_in_store(store: Store) -> dict[tuple[str, str], str]:
+    """:func:`aliases_in` for an open test store (whichever backend)."""
+    if isinstance(store, MySQLStore):
+        return await aliases_in(mysql_url_of(store.settings))
+    assert isinstance(store, SQLiteStore)
+    return await aliases_in(f"sqlite:///{store.path}")
+
+
+async def test_the_latest_alias_wins(store: Store) -> None:
+    with trio.fail_after(TEST_TIMEOUT_S):
+        first, second, third = new_hash(), new_hash(), new_hash()
+        await put(store, *(ResultWrite(h, clf(), 1) for h in (first, second, third)))
+        alias = new_hash()
+        await name(store, AliasWrite("ip:192.0.2.1", alias, first, at(1)))
+        await name(store, AliasWrite("ip:192.0.2.1", alias, second, at(2)))
+        assert await target_of(store, alias, "ip:192.0.2.1") == second
+        # An older upload applied late (a journal replayed after newer work) loses.
+        await name(store, AliasWrite("ip:192.0.2.1", alias, third, at(0)))
+        assert await target_of(store, alias, "ip:192.0.2.1") == second
+        # Within one batch, the later of two with the same time wins.
+        await name(
+            store,
+            AliasWrite("ip:192.0.2.1", alias, first, at(3)),
+            AliasWrite("ip:192.0.2.1", alias, third, at(3)),
+        )
+        assert await target_of(store, alias, "ip:192.0.2.1") == third
+        assert (await aliases_in_store(store))[("ip:192.0.2.1", alias)] == third
+
+
+async def test_an_alias_may_name_a_result_of_its_own_batch(store: Store) -> None:
+    with trio.fail_after(TEST_TIMEOUT_S):
+        target, alias, later = new_hash(), new_hash(), new_hash()
+        assert await store.apply(
+            WriteBatch(
+                new_id(),
+                aliases=(AliasWrite("key:a", alias, target),),
+                results=(ResultWrite(target, clf(), 3),),
+            )
+        )
+        assert await target_of(store, alias, "key:a") == target
+        # An alias whose entry is not (yet) stored answers nothing until it is.
+        await name(store, AliasWrite("key:a", new_hash(), later))
+        orphan = next(a for (s, a), t in (await aliases_in_store(store)).items() if t == later)
+        assert await store.get(orphan, scope="key:a") is None
+        await put(store, ResultWrite(later, clf(), 4))
+        assert await target_of(store, orphan, "key:a") == later
+
+
+async def test_get_many_is_keyed_by_the_asked_hash(store: Store) -> None:
+    with trio.fail_after(TEST_TIMEOUT_S):
+        t1, t2 = new_hash(), new_hash()
+        await put(store, ResultWrite(t1, clf(), 1), ResultWrite(t2, clf(), 2))
+        mine, shared, foreign = new_hash(), new_hash(), new_hash()
+        await name(
+            store,
+            AliasWrite("key:a", mine, t1),
+            AliasWrite(SHARED_SCOPE, shared, t2),
+            AliasWrite("key:b", foreign, t2),
+        )
+        missing = [new_hash() for _ in range(450)]  # more than one chunk
+        wanted = [*missing[:200], mine, t1, shared, foreign, *missing[200:], mine, t2]
+        found = await store.get_many(wanted, scope="key:a")
+        assert {k: e.image_hash for k, e in found.items()} == {
+            mine: t1,
+            t1: t1,
+            shared: t2,
+            t2: t2,
+        }
+        assert found[mine] == found[t1]
+        unscoped = await store.get_many(wanted)
+        assert {k: e.image_hash for k, e in unscoped.items()} == {t1: t1, shared: t2, t2: t2}
+
+
+async def test_a_retried_batch_applies_its_aliases_once(store: Store) -> None:
+    with trio.fail_after(TEST_TIMEOUT_S):
+        t1, t2, alias = new_hash(), new_hash(), new_hash()
+        await put(store, ResultWrite(t1, clf(), 1), ResultWrite(t2, clf(), 2))
+        # No created_at: each application would stamp "now", so a second application
+        # of the first batch would win over the newer alias.
+        first = WriteBatch(new_id(), aliases=(AliasWrite("key:a", alias, t1),))
+        assert await store.apply(first)
+        await name(store, AliasWrite("key:a", alias, t2))
+        assert await store.apply(first) is False
+        assert await target_of(store, alias, "key:a") == t2
+        assert await aliases_in_store(store) == {("key:a", alias): t2}
+
+
+def test_aliases_are_validated() -> None:
+    h = new_hash()
+    with pytest.raises(ValueError, match=r"^not a lowercase 64-hex SHA-256 digest: 'ABC'$"):
+        AliasWrite("key:a", "ABC", h)
+    with pytest.raises(ValueError, match=r"^not a lowercase 64-hex SHA-256 digest: 'x'$"):
+        AliasWrite("key:a", h, "x")
+    with pytest.raises(ValueError, match=r"^alias scope must have 1\.\.64 characters$"):
+        AliasWrite("", h, new_hash())
+    with pytest.raises(ValueError, match=r"^alias scope must have 1\.\.64 characters$"):
+        AliasWrite("k" * 65, h, new_hash())
+    assert AliasWrite("k" * 64, h, new_hash()).scope == "k" * 64
 
 
 async def test_idempotency_key_lifecycle(store: Store) -> None:
@@ -569,13 +747,21 @@ async def test_bad_claim_arguments_are_refused(store: Store) -> None:
         await store.claim("ABC", "o", now=now, ttl_s=60)
 
 
-async def test_a_version_1_database_gains_the_claims_table(store_url: str, tmp_path: Path) -> None:
-    """A database left by the previous version (no inflight_claims) is migrated."""
+@pytest.mark.parametrize("version", [1, 2])
+async def test_an_older_database_gains_the_new_tables(
+    store_url: str, tmp_path: Path, version: int
+) -> None:
+    """A database left by an older version is migrated: version 1 had no
+    inflight_claims, version 2 no image_hash_aliases."""
     with trio.fail_after(TEST_TIMEOUT_S):
         h = new_hash()
         async with open_test_store(store_url, tmp_path / "a") as s:
             await put(s, ResultWrite(h, clf(), 1))
-        downgrade = ("DROP TABLE inflight_claims", "UPDATE schema_version SET version = 1")
+        downgrade = (
+            "DROP TABLE image_hash_aliases",
+            *(["DROP TABLE inflight_claims"] if version == 1 else []),
+            f"UPDATE schema_version SET version = {version}",
+        )
         if store_url.startswith("sqlite"):
             conn = sqlite3.connect(sqlite_path(store_url))
             try:
@@ -592,6 +778,9 @@ async def test_a_version_1_database_gains_the_claims_table(store_url: str, tmp_p
             other = new_hash()
             assert await s.claim(other, "o/1", now=datetime.now(UTC), ttl_s=60)
             assert set(await claims_in(store_url)) == {other}
+            alias = new_hash()
+            await name(s, AliasWrite("key:a", alias, h))
+            assert await target_of(s, alias, "key:a") == h
             assert s.statistics().server_warnings == 0
         if store_url.startswith("sqlite"):
             conn = sqlite3.connect(sqlite_path(store_url))

@@ -9,6 +9,10 @@ Layout: one directory (``<data dir>/journal``) of files named
 
     <sha256 of the JSON, 64 hex> <the batch as one line of JSON>\\n
 
+The format is still 1 with aliases (DESIGN §2) added: a line written before them
+has no ``aliases`` key and reads as a batch without aliases; an older Xintu reading
+a newer line ignores the key, so a downgrade loses aliases only, never results.
+
 Writing (:meth:`Journal.write`): the whole file is written under a temporary name
 (``.tmp``), fsync'd, renamed into place and the directory fsync'd. A crash part-way
 leaves only the ``.tmp`` file, which is never replayed; a file that exists under its
@@ -44,7 +48,7 @@ from typing import Any
 import structlog
 
 from .._types import Category, Classification, Source
-from ..store import HitIncrement, RequestLogRow, ResultWrite, WriteBatch
+from ..store import AliasWrite, HitIncrement, RequestLogRow, ResultWrite, WriteBatch
 
 __all__ = ["ClaimedFile", "Journal", "decode_batch", "encode_batch"]
 
@@ -133,6 +137,15 @@ def encode_batch(batch: WriteBatch) -> str:
             }
             for row in batch.logs
         ],
+        "aliases": [
+            {
+                "scope": a.scope,
+                "alias_hash": a.alias_hash,
+                "image_hash": a.image_hash,
+                "created_at": _time(a.created_at),
+            }
+            for a in batch.aliases
+        ],
     }
     return json.dumps(
         payload,
@@ -186,7 +199,18 @@ def decode_batch(text: str) -> WriteBatch:
             )
             for row in payload["logs"]
         )
-        return WriteBatch(batch_id=payload["batch_id"], results=results, hits=hits, logs=logs)
+        aliases = tuple(
+            AliasWrite(
+                scope=a["scope"],
+                alias_hash=a["alias_hash"],
+                image_hash=a["image_hash"],
+                created_at=_parse_time(a["created_at"]),
+            )
+            for a in payload.get("aliases", ())  # absent in lines written before aliases
+        )
+        return WriteBatch(
+            batch_id=payload["batch_id"], results=results, hits=hits, logs=logs, aliases=aliases
+        )
     except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"malformed journal batch: {exc!r}") from exc
 

@@ -1,7 +1,8 @@
 """The writer: the only actor that writes to the store.
 
-Producers hand it :class:`~xintu.store.ResultWrite`, :class:`~xintu.store.HitIncrement`
-and :class:`~xintu.store.RequestLogRow` operations through a bounded inbox. The
+Producers hand it :class:`~xintu.store.ResultWrite`, :class:`~xintu.store.HitIncrement`,
+:class:`~xintu.store.RequestLogRow` and :class:`~xintu.store.AliasWrite` operations
+through a bounded inbox. The
 writer gathers up to ``writer_batch`` operations or ``writer_flush_ms`` of them,
 whichever comes first, folds hit increments per image, and applies the lot as one
 :class:`~xintu.store.WriteBatch` in one transaction.
@@ -46,14 +47,14 @@ import structlog
 import trio
 
 from ..errors import StoreError
-from ..store import HitIncrement, RequestLogRow, ResultWrite, Store, WriteBatch
+from ..store import AliasWrite, HitIncrement, RequestLogRow, ResultWrite, Store, WriteBatch
 from ._journal import Journal
 
 __all__ = ["WriteOp", "Writer", "WriterStatistics"]
 
 log = structlog.get_logger("xintu.writer")
 
-WriteOp = ResultWrite | HitIncrement | RequestLogRow
+WriteOp = ResultWrite | HitIncrement | RequestLogRow | AliasWrite
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,29 +424,35 @@ class Writer:
 
 
 def _stamped(batch: WriteBatch) -> WriteBatch:
-    """*batch* (same id) with the current time on results that have none."""
+    """*batch* (same id) with the current time on results and aliases that have none."""
     now = datetime.now(UTC)
     results = tuple(
         r if r.created_at is not None else dataclasses.replace(r, created_at=now)
         for r in batch.results
     )
-    return dataclasses.replace(batch, results=results)
+    aliases = tuple(
+        a if a.created_at is not None else dataclasses.replace(a, created_at=now)
+        for a in batch.aliases
+    )
+    return dataclasses.replace(batch, results=results, aliases=aliases)
 
 
 def _size(batch: WriteBatch) -> int:
     """Operations in *batch* (hit increments counted once per image)."""
-    return len(batch.results) + len(batch.hits) + len(batch.logs)
+    return len(batch.results) + len(batch.hits) + len(batch.logs) + len(batch.aliases)
 
 
 def _fold(batch_id: str, ops: list[WriteOp], *, stamp: bool = False) -> WriteBatch:
-    """One batch: results in order, hit increments summed per image, log rows.
+    """One batch: results in order, hit increments summed per image, log rows,
+    aliases in order (the store writes them after the results).
 
-    *stamp* gives results without a time the current one (for the journal: a result
-    replayed later keeps the time it was produced).
+    *stamp* gives results and aliases without a time the current one (for the
+    journal: one replayed later keeps the time it was produced).
     """
     results: list[ResultWrite] = []
     hits: dict[str, tuple[int, datetime]] = {}
     logs: list[RequestLogRow] = []
+    aliases: list[AliasWrite] = []
     now = datetime.now(UTC)
     for op in ops:
         if isinstance(op, ResultWrite):
@@ -455,6 +462,10 @@ def _fold(batch_id: str, ops: list[WriteOp], *, stamp: bool = False) -> WriteBat
         elif isinstance(op, HitIncrement):
             count, last = hits.get(op.image_hash, (0, op.last_hit_at))
             hits[op.image_hash] = (count + op.count, max(last, op.last_hit_at))
+        elif isinstance(op, AliasWrite):
+            if stamp and op.created_at is None:
+                op = dataclasses.replace(op, created_at=now)
+            aliases.append(op)
         else:
             logs.append(op)
     return WriteBatch(
@@ -462,4 +473,5 @@ def _fold(batch_id: str, ops: list[WriteOp], *, stamp: bool = False) -> WriteBat
         results=tuple(results),
         hits=tuple(HitIncrement(h, c, t) for h, (c, t) in hits.items()),
         logs=tuple(logs),
+        aliases=tuple(aliases),
     )

@@ -18,6 +18,8 @@ from pathlib import Path
 from .._config import Config
 from .._redact import redact_url
 from ..errors import ConfigError
+from ._base import SHARED_SCOPE as SHARED_SCOPE
+from ._base import AliasWrite as AliasWrite
 from ._base import CachedEntry as CachedEntry
 from ._base import HitIncrement as HitIncrement
 from ._base import IdempotencyRecord as IdempotencyRecord
@@ -34,7 +36,9 @@ from ._sqlite import SQLiteStore
 from ._stats import AlbumStats as AlbumStats
 
 __all__ = [
+    "SHARED_SCOPE",
     "AlbumStats",
+    "AliasWrite",
     "CachedEntry",
     "HitIncrement",
     "IdempotencyRecord",

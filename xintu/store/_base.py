@@ -33,6 +33,8 @@ from ._schema import LIMITS
 from ._stats import AlbumStats
 
 __all__ = [
+    "SHARED_SCOPE",
+    "AliasWrite",
     "CachedEntry",
     "HitIncrement",
     "IdempotencyRecord",
@@ -45,6 +47,9 @@ __all__ = [
 ]
 
 IdempotencyState = Literal["in_flight", "completed"]
+
+# The alias scope every client sees (``api.client_hash_mode = "shared"``).
+SHARED_SCOPE = "*"
 
 # A batch id is a client-chosen token (a UUID in practice); bounded by the column.
 _MAX_BATCH_ID = LIMITS["batch_id"]
@@ -130,13 +135,40 @@ class RequestLogRow:
 
 
 @dataclass(frozen=True, slots=True)
+class AliasWrite:
+    """A client's name *alias_hash* for the verified entry *image_hash*, seen in
+    *scope* (an uploader's scope, or :data:`SHARED_SCOPE` for everyone); DESIGN §2.
+
+    A later alias of the same (*scope*, *alias_hash*) replaces it (the latest upload
+    wins, by ``created_at``; ``None`` means the time the batch is applied). An alias
+    of a hash to itself is skipped. Lookups never let an alias hide a verified entry
+    of the same hash.
+    """
+
+    scope: str
+    alias_hash: str
+    image_hash: str
+    created_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        _check_hash(self.alias_hash)
+        _check_hash(self.image_hash)
+        if not 0 < len(self.scope) <= LIMITS["scope"]:
+            raise ValueError(f"alias scope must have 1..{LIMITS['scope']} characters")
+
+
+@dataclass(frozen=True, slots=True)
 class WriteBatch:
-    """Everything the writer flushes at once; applied in one transaction, at most once."""
+    """Everything the writer flushes at once; applied in one transaction, at most once.
+
+    Aliases are written after results, so an alias may name a result of the same batch.
+    """
 
     batch_id: str
     results: tuple[ResultWrite, ...] = ()
     hits: tuple[HitIncrement, ...] = ()
     logs: tuple[RequestLogRow, ...] = ()
+    aliases: tuple[AliasWrite, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 < len(self.batch_id) <= _MAX_BATCH_ID:
@@ -212,12 +244,22 @@ class Store(abc.ABC):
     backend: str
 
     @abc.abstractmethod
-    async def get(self, image_hash: str) -> CachedEntry | None:
-        """The stored answer for *image_hash*, or ``None``."""
+    async def get(self, image_hash: str, *, scope: str | None = None) -> CachedEntry | None:
+        """The stored answer for *image_hash*, or ``None``.
+
+        *image_hash* names the verified entry of that hash if there is one; else an
+        alias of it visible in *scope*; else one visible to everyone
+        (:data:`SHARED_SCOPE`). ``scope=None``: verified entries and shared aliases
+        only. The entry returned is the verified one (its ``image_hash`` may differ
+        from the one asked).
+        """
 
     @abc.abstractmethod
-    async def get_many(self, hashes: Sequence[str]) -> dict[str, CachedEntry]:
-        """The stored answers for those of *hashes* that have one."""
+    async def get_many(
+        self, hashes: Sequence[str], *, scope: str | None = None
+    ) -> dict[str, CachedEntry]:
+        """:meth:`get` for many hashes in one round trip, keyed by the hash asked
+        (only those that have an answer)."""
 
     @abc.abstractmethod
     async def apply(self, batch: WriteBatch) -> bool:
@@ -411,6 +453,52 @@ CACHE_SELECT = (
 )
 
 
+def lookup_sql(in_hashes: str, mark: str) -> str:
+    """One statement that finds each asked hash's verified entry and its aliases.
+
+    Each row is ``(asked, priority, *CACHE_SELECT)``: priority 0 for the verified
+    entry of that hash, 1 for an alias in the caller's scope, 2 for a shared alias
+    (:func:`resolve_lookup` keeps the best per asked hash). *in_hashes* is the
+    dialect's list of the asked hashes (bound twice), *mark* its placeholder for one
+    value; the parameters are ``(*hashes, *hashes, scope, SHARED_SCOPE)`` in SQLite's
+    form or ``(hashes, hashes, scope, SHARED_SCOPE)`` in MySQL's.
+    """
+    cols = ", ".join(f"c.{name.strip()}" for name in CACHE_SELECT.split(","))
+    return (
+        f"SELECT c.image_hash AS asked, 0 AS pri, {cols} "
+        f"FROM image_classification_cache c WHERE c.image_hash IN {in_hashes} "
+        "UNION ALL "
+        f"SELECT a.alias_hash, CASE WHEN a.scope = '{SHARED_SCOPE}' THEN 2 ELSE 1 END, {cols} "
+        "FROM image_hash_aliases a "
+        "JOIN image_classification_cache c ON c.image_hash = a.image_hash "
+        f"WHERE a.alias_hash IN {in_hashes} AND a.scope IN ({mark}, {mark})"
+    )
+
+
+def lookup_scope(scope: str | None) -> str:
+    """The scope bound in :func:`lookup_sql` (``None``: shared aliases only)."""
+    return SHARED_SCOPE if scope is None else scope
+
+
+def resolve_lookup(
+    rows: Sequence[Sequence[Any]], wanted: Sequence[str], out: dict[str, CachedEntry]
+) -> None:
+    """Add to *out*, keyed by the asked hash, the best answer of each in *rows*
+    (from :func:`lookup_sql`): the verified entry, else the caller's alias, else a
+    shared one."""
+    asked_set = set(wanted)
+    best: dict[str, tuple[int, Sequence[Any]]] = {}
+    for row in rows:
+        asked, pri = str(row[0]), int(row[1])
+        if asked not in asked_set:
+            asked = asked.lower()  # a case-insensitive legacy column may differ in case
+        prev = best.get(asked)
+        if prev is None or pri < prev[0]:
+            best[asked] = (pri, row[2:])
+    for asked, (_, row) in best.items():
+        out[asked] = decode_cache_row(row)
+
+
 def decode_cache_row(row: Sequence[Any]) -> CachedEntry:
     """A :class:`CachedEntry` from a row selected with :data:`CACHE_SELECT`."""
     (
@@ -507,6 +595,14 @@ class HitParams:
 
 
 @dataclass(frozen=True, slots=True)
+class AliasParams:
+    scope: str
+    alias_hash: str
+    image_hash: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class PreparedBatch:
     """A batch in the shape the backends write: sorted by key (so that concurrent
     writers take row locks in the same order), hit increments merged per hash,
@@ -517,10 +613,11 @@ class PreparedBatch:
     results: tuple[ResultParams, ...]
     hits: tuple[HitParams, ...]
     logs: tuple[RequestLogRow, ...] = field(default=())
+    aliases: tuple[AliasParams, ...] = field(default=())
 
     @property
     def empty(self) -> bool:
-        return not (self.results or self.hits or self.logs)
+        return not (self.results or self.hits or self.logs or self.aliases)
 
 
 def prepare_batch(batch: WriteBatch, *, now: datetime) -> PreparedBatch:
@@ -555,12 +652,23 @@ def prepare_batch(batch: WriteBatch, *, now: datetime) -> PreparedBatch:
     logs: dict[str, RequestLogRow] = {}
     for row in batch.logs:
         logs.setdefault(row.request_id, row)
+    # One alias per (scope, alias hash): the latest, the later one of a tie.
+    aliases: dict[tuple[str, str], AliasParams] = {}
+    for a in batch.aliases:
+        if a.alias_hash == a.image_hash:
+            continue  # pointless: the hash names its verified entry already
+        key = (a.scope, a.alias_hash)
+        made = AliasParams(a.scope, a.alias_hash, a.image_hash, to_utc(a.created_at or now))
+        before = aliases.get(key)
+        if before is None or made.created_at >= before.created_at:
+            aliases[key] = made
     return PreparedBatch(
         batch_id=batch.batch_id,
         applied_at=to_utc(now),
         results=results,
         hits=tuple(merged[k] for k in sorted(merged)),
         logs=tuple(logs[k] for k in sorted(logs)),
+        aliases=tuple(aliases[k] for k in sorted(aliases)),
     )
 
 

@@ -53,8 +53,8 @@ import trio_mysql.cursors
 from .._redact import redact_url
 from ..errors import ConfigError, StoreError, StoreUnavailable
 from ._base import (
-    CACHE_SELECT,
     LOG_COLUMNS,
+    SHARED_SCOPE,
     CachedEntry,
     Counters,
     IdempotencyRecord,
@@ -66,13 +66,15 @@ from ._base import (
     check_claim,
     check_idempotency_key,
     clip,
-    decode_cache_row,
     decode_log_row,
     log_params,
+    lookup_scope,
+    lookup_sql,
     merge_statistics,
     naive_utc,
     parse_time,
     prepare_batch,
+    resolve_lookup,
     to_utc,
 )
 from ._pool import Pool
@@ -377,6 +379,18 @@ _HIT = """
     WHERE image_hash = %s
 """
 
+# The latest upload wins: an older alias (a journal replayed late) changes nothing.
+# ``image_hash`` is assigned first, while ``created_at`` is still the stored one.
+_ALIAS = """
+    INSERT INTO image_hash_aliases (scope, alias_hash, image_hash, created_at)
+    VALUES (%(scope)s, %(alias_hash)s, %(image_hash)s, %(created_at)s)
+    ON DUPLICATE KEY UPDATE
+        image_hash = IF(%(created_at)s >= created_at, %(image_hash)s, image_hash),
+        created_at = GREATEST(created_at, %(created_at)s)
+"""
+
+_LOOKUP = lookup_sql("%s", "%s")
+
 _LOG = f"""
     INSERT INTO request_log ({LOG_COLUMNS})
     VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
@@ -552,26 +566,24 @@ class MySQLStore(Store):
 
     # --- reads -------------------------------------------------------------------
 
-    async def get(self, image_hash: str) -> CachedEntry | None:
-        found = await self.get_many([image_hash])
+    async def get(self, image_hash: str, *, scope: str | None = None) -> CachedEntry | None:
+        found = await self.get_many([image_hash], scope=scope)
         return found.get(image_hash)
 
-    async def get_many(self, hashes: Sequence[str]) -> dict[str, CachedEntry]:
+    async def get_many(
+        self, hashes: Sequence[str], *, scope: str | None = None
+    ) -> dict[str, CachedEntry]:
         wanted = list(dict.fromkeys(hashes))
         if not wanted:
             return {}
+        own = lookup_scope(scope)
 
         async def op(conn: MySQLConnection, attempt: _Attempt) -> dict[str, CachedEntry]:
             out: dict[str, CachedEntry] = {}
             for i in range(0, len(wanted), _CHUNK):
                 chunk = tuple(wanted[i : i + _CHUNK])
-                rows = await conn.fetchall(
-                    f"SELECT {CACHE_SELECT} FROM image_classification_cache WHERE image_hash IN %s",
-                    (chunk,),
-                )
-                for row in rows:
-                    entry = decode_cache_row(row)
-                    out[entry.image_hash] = entry
+                rows = await conn.fetchall(_LOOKUP, (chunk, chunk, own, SHARED_SCOPE))
+                resolve_lookup(rows, chunk, out)
             return out
 
         return await self._run("get", op)
@@ -659,6 +671,16 @@ class MySQLStore(Store):
                 params = log_params(log)
                 rows.append((*params[:-1], naive_utc(params[-1])))
             await conn.executemany(_LOG, rows)
+        for a in p.aliases:  # after the results: an alias may name one of this batch
+            await conn.execute(
+                _ALIAS,
+                {
+                    "scope": a.scope,
+                    "alias_hash": a.alias_hash,
+                    "image_hash": a.image_hash,
+                    "created_at": naive_utc(a.created_at),
+                },
+            )
         attempt.committing = True
         await conn.commit()
         return True

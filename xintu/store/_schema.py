@@ -12,6 +12,9 @@ Tables (DESIGN §5):
 - ``inflight_claims``: one row per photo some process is classifying now (its owner
   and when the claim lapses), so that replicas sharing the store classify a new
   photo once between them (added in version 2).
+- ``image_hash_aliases``: client-named photos (DESIGN §2): the hash a client gave a
+  photo (``alias_hash``), seen within ``scope`` (an uploader's scope, or ``"*"``
+  for everyone), names the verified entry ``image_hash`` (added in version 3).
 - ``schema_version``: one row, the version this module's tables describe.
 
 Migration is additive and idempotent: tables are created if missing (so a version 1
@@ -38,8 +41,9 @@ __all__ = [
     "Table",
 ]
 
-# 1: cache, request log, idempotency keys, applied batches; 2: + inflight_claims.
-SCHEMA_VERSION = 2
+# 1: cache, request log, idempotency keys, applied batches; 2: + inflight_claims;
+# 3: + image_hash_aliases.
+SCHEMA_VERSION = 3
 
 # Longest value (in characters) of each bounded column; the store clips free text to
 # these so that one over-long field cannot make a whole batch fail forever.
@@ -232,6 +236,22 @@ INFLIGHT_CLAIMS_TABLE = Table(
         expires_at TEXT NOT NULL""",
 )
 
+ALIASES_TABLE = Table(
+    "image_hash_aliases",
+    mysql=f"""
+        scope VARCHAR(64) {_KEY_MYSQL} NOT NULL,
+        alias_hash {_HASH_MYSQL} NOT NULL,
+        image_hash {_HASH_MYSQL} NOT NULL,
+        created_at DATETIME(6) NOT NULL,
+        PRIMARY KEY (scope, alias_hash)""",
+    sqlite="""
+        scope TEXT NOT NULL,
+        alias_hash CHAR(64) NOT NULL,
+        image_hash CHAR(64) NOT NULL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (scope, alias_hash)""",
+)
+
 # Created in this order; schema_version first so that its row can be read at once.
 TABLES: tuple[Table, ...] = (
     SCHEMA_VERSION_TABLE,
@@ -240,6 +260,7 @@ TABLES: tuple[Table, ...] = (
     IDEMPOTENCY_TABLE,
     APPLIED_BATCHES_TABLE,
     INFLIGHT_CLAIMS_TABLE,
+    ALIASES_TABLE,
 )
 
 # The tables that hold data (everything but schema_version).
@@ -264,4 +285,6 @@ INDEXES: tuple[Index, ...] = (
     Index("idempotency_keys", "idx_idem_expires_at", ("expires_at",)),
     Index("applied_batches", "idx_batches_applied_at", ("applied_at",)),
     Index("inflight_claims", "idx_claims_expires_at", ("expires_at",)),
+    Index("image_hash_aliases", "idx_alias_image_hash", ("image_hash",)),
+    Index("image_hash_aliases", "idx_alias_alias_hash", ("alias_hash",)),
 )

@@ -38,8 +38,8 @@ import trio
 
 from ..errors import StoreError, StoreUnavailable
 from ._base import (
-    CACHE_SELECT,
     LOG_COLUMNS,
+    SHARED_SCOPE,
     CachedEntry,
     Counters,
     IdempotencyRecord,
@@ -51,12 +51,14 @@ from ._base import (
     check_claim,
     check_idempotency_key,
     clip,
-    decode_cache_row,
     decode_log_row,
     log_params,
+    lookup_scope,
+    lookup_sql,
     merge_statistics,
     parse_time,
     prepare_batch,
+    resolve_lookup,
     time_text,
     to_utc,
 )
@@ -71,8 +73,9 @@ _log = structlog.get_logger("xintu.store")
 
 # Run the progress handler every this many virtual-machine instructions.
 _PROGRESS_EVERY = 10_000
-# Hashes per SELECT ... IN (...): below SQLite's historical 999-variable limit.
-_CHUNK = 500
+# Hashes per lookup: each is bound twice (entries, aliases), plus two scopes; below
+# SQLite's historical 999-variable limit.
+_CHUNK = 400
 # Pruning of old applied_batches rows, long-expired idempotency keys and in-flight
 # claims that lapsed (their owners died or could not release them).
 PRUNE_INTERVAL_S = 3600.0
@@ -117,6 +120,16 @@ _HIT = """
         last_hit_at = CASE
             WHEN last_hit_at IS NULL OR last_hit_at < ? THEN ? ELSE last_hit_at END
     WHERE image_hash = ?
+"""
+
+# The latest upload wins: an older alias (a journal replayed late) changes nothing.
+_ALIAS = """
+    INSERT INTO image_hash_aliases (scope, alias_hash, image_hash, created_at)
+    VALUES (?, ?, ?, ?)
+    ON CONFLICT (scope, alias_hash) DO UPDATE SET
+        image_hash = excluded.image_hash,
+        created_at = excluded.created_at
+    WHERE excluded.created_at >= image_hash_aliases.created_at
 """
 
 _LOG = f"""
@@ -360,27 +373,25 @@ class SQLiteStore(Store):
 
     # --- reads -------------------------------------------------------------------
 
-    async def get(self, image_hash: str) -> CachedEntry | None:
-        found = await self.get_many([image_hash])
+    async def get(self, image_hash: str, *, scope: str | None = None) -> CachedEntry | None:
+        found = await self.get_many([image_hash], scope=scope)
         return found.get(image_hash)
 
-    async def get_many(self, hashes: Sequence[str]) -> dict[str, CachedEntry]:
+    async def get_many(
+        self, hashes: Sequence[str], *, scope: str | None = None
+    ) -> dict[str, CachedEntry]:
         wanted = list(dict.fromkeys(hashes))
         if not wanted:
             return {}
+        scopes = (lookup_scope(scope), SHARED_SCOPE)
 
         def run(conn: sqlite3.Connection) -> dict[str, CachedEntry]:
             out: dict[str, CachedEntry] = {}
             for i in range(0, len(wanted), _CHUNK):
                 chunk = wanted[i : i + _CHUNK]
-                marks = ", ".join("?" * len(chunk))
-                sql = (
-                    f"SELECT {CACHE_SELECT} FROM image_classification_cache "
-                    f"WHERE image_hash IN ({marks})"
-                )
-                for row in self._execute(conn, sql, chunk):
-                    entry = decode_cache_row(row)
-                    out[entry.image_hash] = entry
+                sql = lookup_sql(f"({', '.join('?' * len(chunk))})", "?")
+                rows = self._execute(conn, sql, (*chunk, *chunk, *scopes)).fetchall()
+                resolve_lookup(rows, chunk, out)
             return out
 
         return await self._call("get", run, read_only=True)
@@ -469,6 +480,11 @@ class SQLiteStore(Store):
                 params = log_params(log)
                 log_rows.append((*params[:-1], time_text(params[-1])))
             self._executemany(conn, _LOG, log_rows)
+        if p.aliases:  # after the results: an alias may name one of this batch
+            alias_rows = [
+                (a.scope, a.alias_hash, a.image_hash, time_text(a.created_at)) for a in p.aliases
+            ]
+            self._executemany(conn, _ALIAS, alias_rows)
         self._execute(conn, "COMMIT")
         return True
 
