@@ -201,11 +201,13 @@ async def test_api_key_required_everywhere_but_healthz(tmp_path: Path) -> None:
             resp = await client.open(path, method=method)
             body = await resp.get_json()
             assert resp.status_code == 401, path
+            message = "a valid API key is required (Authorization: Bearer KEY)"
             assert body == {
                 "success": False,
-                "error": "a valid API key is required (Authorization: Bearer KEY)",
+                "error": message,
                 "error_code": "unauthorized",
                 "request_id": resp.headers["X-Request-ID"],
+                "detail": message,
             }
             assert resp.headers["WWW-Authenticate"] == 'Bearer realm="xintu"'
         resp = await check_cache(client, headers=bearer(OTHER_KEY))

@@ -133,7 +133,8 @@ async def test_check_cache_miss_then_hit(app: XintuApp, client: Client) -> None:
     assert body["success"] is True
     assert body["cached"] is False
     assert body["from_cache"] is False
-    assert "data" not in body
+    assert body["data"] is None  # present and null, as the original
+    assert isinstance(body["timestamp"], str)
 
     await classify(client, data)
     await flushed(app)
@@ -164,19 +165,40 @@ async def test_batch_check_cache(app: XintuApp, client: Client) -> None:
     assert [i["cached"] for i in body["items"]] == [True, False, True]
     assert [i["image_hash"] for i in body["items"]] == hashes
     assert body["items"][0]["data"]["category"] == fake_category(b"a").value
+    # A miss carries "data": null, as the original's items do.
+    assert "data" in body["items"][1]
+    assert body["items"][1]["data"] is None
 
 
-async def test_client_hash_is_verified(client: Client) -> None:
-    status, body = await classify(client, b"photo-3", image_hash=sha(b"other"))
-    assert status == 422
-    assert body == {
-        "success": False,
-        "error": "image_hash does not match the SHA-256 of the uploaded image",
-        "error_code": "image_hash_mismatch",
-        "request_id": body["request_id"],
-    }
-    status, body = await classify(client, b"photo-3", image_hash=sha(b"photo-3"))
-    assert status == 200
+async def test_client_hash_is_verified_in_verify_mode(
+    service_config: Config, model: FakeModel
+) -> None:
+    app = create_app(
+        service_config.replace(api={"client_hash_mode": "verify"}), model_factory=lambda _c: model
+    )
+    async with app.test_app():
+        client = app.test_client()
+        status, body = await classify(client, b"photo-3", image_hash=sha(b"other"))
+        assert status == 422
+        message = "image_hash does not match the SHA-256 of the uploaded image"
+        assert body == {
+            "success": False,
+            "error": message,
+            "error_code": "image_hash_mismatch",
+            "request_id": body["request_id"],
+            "detail": message,
+        }
+        status, body = await classify(client, b"photo-3", image_hash=sha(b"photo-3"))
+        assert status == 200
+        resp = await client.post(
+            f"{V1}/batch",
+            files={"images": upload(b"x1")},
+            form={"image_hashes": json.dumps([sha(b"nope")])},
+        )
+        body = await resp.get_json()
+        assert resp.status_code == 200
+        assert body["items"][0]["success"] is False
+        assert body["items"][0]["error_code"] == "image_hash_mismatch"
 
 
 async def test_bad_image_is_400_and_not_cached(
@@ -275,15 +297,6 @@ async def test_batch_classify(app: XintuApp, client: Client) -> None:
 
 
 async def test_batch_hash_list_checked(client: Client) -> None:
-    resp = await client.post(
-        f"{V1}/batch",
-        files={"images": upload(b"x1")},
-        form={"image_hashes": json.dumps([sha(b"nope")])},
-    )
-    body = await resp.get_json()
-    assert resp.status_code == 200
-    assert body["items"][0]["success"] is False
-    assert body["items"][0]["error_code"] == "image_hash_mismatch"
     resp = await client.post(
         f"{V1}/batch", files={"images": upload(b"x1")}, form={"image_hashes": "[1, 2]"}
     )

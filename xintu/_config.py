@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
@@ -130,6 +131,14 @@ class IdempotencyConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ApiConfig:
+    """What the v1 API promises its clients (DESIGN §2)."""
+
+    cors_origins: tuple[str, ...]
+    client_hash_mode: str = _choice("alias", "shared", "verify")
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = _choice("debug", "info", "warning", "error")
     format: str = _choice("auto", "json", "console")
@@ -148,6 +157,7 @@ class Config:
     security: SecurityConfig
     ratelimit: RateLimitConfig
     idempotency: IdempotencyConfig
+    api: ApiConfig
     log: LogConfig
     # The [llm] table and XINTU_LLM_* variables, validated by xintu.llm.
     llm: LlmConfig
@@ -344,6 +354,7 @@ def load_config(
             origins[key] = origin
         built[s] = cls(**values)
     _check_server(built["server"], built["store"])
+    _check_api(built["api"])
     llm = llm_config_from(llm_raw, environ)
     return Config(**built, llm=llm, origins=types.MappingProxyType(origins))
 
@@ -360,6 +371,20 @@ def _check_server(server: ServerConfig, store: StoreConfig) -> None:
             f"must exceed server.request_deadline_s + 2 x store.query_timeout_s "
             f"({longest:g}), got {server.read_timeout_s:g}",
         )
+
+
+# An origin as browsers send it: scheme://host[:port], no path (RFC 6454).
+_ORIGIN_RE = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s?#]+", re.IGNORECASE)
+
+
+def _check_api(api: ApiConfig) -> None:
+    for origin in api.cors_origins:
+        if origin != "*" and _ORIGIN_RE.fullmatch(origin) is None:
+            raise ConfigError(
+                "api.cors_origins",
+                f'each entry must be "*" or an origin like "https://album.example.com"'
+                f" (scheme://host[:port], no path); got {origin!r}",
+            )
 
 
 def _merge_tables(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

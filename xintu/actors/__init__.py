@@ -1,5 +1,6 @@
 """The actor system: dispatcher, local pool, writer, cache and their supervisor."""
 
+from ._cache import SHARED_SCOPE as SHARED_SCOPE
 from ._cache import Cache as Cache
 from ._dispatcher import Dispatcher as Dispatcher
 from ._envelope import Answer as Answer
@@ -12,6 +13,7 @@ from ._runtime import RuntimeStatistics as RuntimeStatistics
 from ._writer import Writer as Writer
 
 __all__ = [
+    "SHARED_SCOPE",
     "Answer",
     "Cache",
     "ClassifyRequest",

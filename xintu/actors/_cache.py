@@ -3,10 +3,19 @@
 Only the writer writes; this object reads, fills the LRU and records hits (as
 increments handed to the writer), so ``hit_count`` in the store equals the number
 of hits served.
+
+Lookups may name a photo by a client's own hash (an *alias*, DESIGN §2): with a
+``scope`` the store resolves an asked hash to the verified entry first, else to an
+alias in that scope, else to one visible to everyone (``"*"``). Resolved aliases
+are remembered in a bounded map beside the LRU (``(scope, alias) -> verified
+hash``), so a repeated alias lookup costs what a hit costs. An alias remembered
+here is not re-checked against a verified entry of the same hash that appears
+later in the store; both name the same photo's answer.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -14,10 +23,13 @@ from datetime import UTC, datetime
 import structlog
 
 from ..errors import StoreError
-from ..store import CachedEntry, HitIncrement, Lru, Store
+from ..store import AliasWrite, CachedEntry, HitIncrement, Lru, Store
 from ._writer import Writer
 
-__all__ = ["Cache", "CacheStatistics"]
+__all__ = ["SHARED_SCOPE", "Cache", "CacheStatistics"]
+
+# The scope of aliases every client sees (``api.client_hash_mode = "shared"``).
+SHARED_SCOPE = "*"
 
 log = structlog.get_logger("xintu.cache")
 
@@ -30,6 +42,7 @@ class CacheStatistics:
     store_hits: int
     misses: int
     store_errors: int
+    aliases: int  # resolved aliases remembered in this process
 
 
 class Cache:
@@ -37,6 +50,8 @@ class Cache:
         self.store = store
         self.lru = lru
         self._writer = writer
+        # (scope, alias hash) -> verified hash; bounded like the LRU.
+        self._aliases: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._lru_hits = 0
         self._store_hits = 0
         self._misses = 0
@@ -51,22 +66,56 @@ class Cache:
             store_hits=self._store_hits,
             misses=self._misses,
             store_errors=self._store_errors,
+            aliases=len(self._aliases),
         )
 
-    def peek(self, image_hash: str) -> CachedEntry | None:
-        """The LRU alone: no await, no store round trip."""
+    def peek(self, image_hash: str, scope: str | None = None) -> CachedEntry | None:
+        """The LRU alone: no await, no store round trip. With *scope*, an alias of
+        *image_hash* remembered for that scope (or for everyone) counts too."""
         entry = self.lru.get(image_hash)
+        if entry is None:
+            target = self._alias_target(image_hash, scope)
+            if target is not None:
+                entry = self.lru.get(target)
         if entry is not None:
             self._lru_hits += 1
         return entry
 
-    async def lookup(self, image_hash: str) -> CachedEntry | None:
-        """LRU, then the store; a store failure counts as a miss (and is logged)."""
-        entry = self.peek(image_hash)
+    def _alias_target(self, alias_hash: str, scope: str | None) -> str | None:
+        scopes = (SHARED_SCOPE,) if scope is None else (scope, SHARED_SCOPE)
+        for visible in scopes:
+            key = (visible, alias_hash)
+            target = self._aliases.get(key)
+            if target is not None:
+                self._aliases.move_to_end(key)
+                return target
+        return None
+
+    def _remember_alias(self, scope: str, alias_hash: str, image_hash: str) -> None:
+        if self.lru.maxsize == 0 or alias_hash == image_hash:
+            return
+        self._aliases[(scope, alias_hash)] = image_hash
+        self._aliases.move_to_end((scope, alias_hash))
+        while len(self._aliases) > self.lru.maxsize:
+            self._aliases.popitem(last=False)
+
+    def _found(self, asked: str, entry: CachedEntry, scope: str | None) -> None:
+        self.lru.put(entry)
+        if entry.image_hash != asked:
+            self._remember_alias(scope or SHARED_SCOPE, asked, entry.image_hash)
+
+    async def lookup(self, image_hash: str, scope: str | None = None) -> CachedEntry | None:
+        """LRU, then the store; a store failure counts as a miss (and is logged).
+
+        With *scope*, *image_hash* may also be a client's alias of an entry (see the
+        module docstring); without, only verified entries and aliases shared with
+        everyone are found. The entry returned is the verified one.
+        """
+        entry = self.peek(image_hash, scope)
         if entry is not None:
             return entry
         try:
-            entry = await self.store.get(image_hash)
+            entry = await self.store.get(image_hash, scope=scope)
         except StoreError as exc:
             self._store_errors += 1
             log.warning("store_read_failed", error=str(exc))
@@ -75,27 +124,31 @@ class Cache:
             self._misses += 1
             return None
         self._store_hits += 1
-        self.lru.put(entry)
+        self._found(image_hash, entry, scope)
         return entry
 
-    async def lookup_many(self, hashes: Sequence[str]) -> dict[str, CachedEntry]:
+    async def lookup_many(
+        self, hashes: Sequence[str], scope: str | None = None
+    ) -> dict[str, CachedEntry]:
+        """:meth:`lookup` for many hashes at once (one store round trip), keyed by
+        the asked hash."""
         found: dict[str, CachedEntry] = {}
         missing: list[str] = []
         for h in hashes:
-            entry = self.peek(h)
+            entry = self.peek(h, scope)
             if entry is not None:
                 found[h] = entry
             else:
                 missing.append(h)
         if missing:
             try:
-                from_store = await self.store.get_many(missing)
+                from_store = await self.store.get_many(missing, scope=scope)
             except StoreError as exc:
                 self._store_errors += 1
                 log.warning("store_read_failed", error=str(exc))
                 from_store = {}
             for h, entry in from_store.items():
-                self.lru.put(entry)
+                self._found(h, entry, scope)
                 found[h] = entry
             self._store_hits += len(from_store)
             self._misses += len(missing) - len(from_store)
@@ -103,6 +156,16 @@ class Cache:
 
     def remember(self, entry: CachedEntry) -> None:
         self.lru.put(entry)
+
+    async def name_alias(self, scope: str, alias_hash: str, image_hash: str) -> None:
+        """Record a client's hash *alias_hash* for the verified entry *image_hash*,
+        visible in *scope* (``SHARED_SCOPE``: everyone): at once in this process,
+        and through the writer in the store for every replica."""
+        if alias_hash == image_hash:
+            return
+        self._remember_alias(scope, alias_hash, image_hash)
+        # Never dropped: another replica's next check-cache depends on it.
+        await self._writer.put(AliasWrite(scope, alias_hash, image_hash, datetime.now(UTC)))
 
     def record_hit(self, image_hash: str, count: int = 1) -> None:
         """Count *count* hits served for *image_hash* (written by the writer)."""

@@ -23,7 +23,7 @@ from .._metrics import Metrics
 from ..actors import LocalModel, Runtime
 from ..errors import BadRequest, PayloadTooLarge, RequestTimeout, XintuError
 from ..store import Store, open_store
-from ._respond import error_response, json_response
+from ._respond import error_body, error_response, json_response
 
 __all__ = ["create_app"]
 
@@ -130,24 +130,12 @@ def create_app(config: Config, *, model_factory: ModelFactory | None = None) -> 
                 RequestTimeout(f"request body not received within {timeout:g} s"), _rid()
             )
         code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
-        body = {
-            "success": False,
-            "error": exc.name,
-            "error_code": code,
-            "request_id": _rid(),
-        }
-        return json_response(body, status)
+        return json_response(error_body(exc.name, code, _rid()), status)
 
     @app.errorhandler(Exception)
     async def _unexpected(exc: Exception) -> Response:
         log.exception("unhandled_error", request_id=_rid())
-        body: dict[str, Any] = {
-            "success": False,
-            "error": "internal error",
-            "error_code": "internal_error",
-            "request_id": _rid(),
-        }
-        return json_response(body, 500)
+        return json_response(error_body("internal error", "internal_error", _rid()), 500)
 
     from ._ops import ops
     from ._page import page
@@ -156,11 +144,13 @@ def create_app(config: Config, *, model_factory: ModelFactory | None = None) -> 
     app.register_blueprint(v1)
     app.register_blueprint(ops)
     app.register_blueprint(page)
+    from ._cors import install_cors
     from ._guard import install_guard
     from ._idempotency import install_idempotency
 
     install_guard(app, config)
     install_idempotency(app, config)
+    install_cors(app, config)
     return app
 
 

@@ -60,6 +60,7 @@ from werkzeug.formparser import default_stream_factory
 
 from .._config import Config
 from ..errors import ConfigError, Forbidden, RateLimited, Unauthorized, XintuError
+from ._cors import is_preflight
 from ._respond import error_response
 
 __all__ = [
@@ -70,6 +71,7 @@ __all__ = [
     "KeyRing",
     "RateLimiter",
     "TrustedProxies",
+    "alias_scope",
     "client_of",
     "install_guard",
 ]
@@ -123,6 +125,18 @@ def client_of(user_id: str | None = None) -> Client:
     if uid:
         return Client(ip=ip, identity=_digest_id("user", uid.encode("latin-1", "replace")))
     return Client(ip=ip, identity=_digest_id("ip", ip.encode()))
+
+
+def alias_scope(user_id: str | None = None) -> str:
+    """The scope a client's aliases live in (DESIGN §2, client-named photos): its API
+    key when keys are configured, else its user id (*user_id*, from the header or the
+    body), else its address; hashed like every identity."""
+    client = client_of(user_id)
+    if client.key_id is not None:
+        return client.identity
+    if user_id:
+        return _digest_id("user", user_id.encode("utf-8", "replace"))
+    return client.identity
 
 
 # --- API keys ------------------------------------------------------------------------
@@ -389,6 +403,10 @@ class Guard:
         )
         g.client = client
         g.client_ip = client.ip
+        if is_preflight():
+            # A CORS preflight carries no key by the CORS rules and no data comes
+            # back: the CORS layer answers it (see :mod:`._cors`).
+            return None
         refusal = self.check(client, request.path)
         if refusal is None:
             return None

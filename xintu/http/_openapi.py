@@ -13,12 +13,13 @@ _HASH = {"type": "string", "pattern": "^[0-9a-fA-F]{64}$", "description": "SHA-2
 
 _ERROR = {
     "type": "object",
-    "required": ["success", "error", "error_code", "request_id"],
+    "required": ["success", "error", "error_code", "request_id", "detail"],
     "properties": {
         "success": {"const": False},
         "error": {"type": "string"},
         "error_code": {"type": "string"},
         "request_id": {"type": "string"},
+        "detail": {"type": "string", "description": "the message again, as the original's"},
     },
 }
 
@@ -131,7 +132,9 @@ def openapi_document(config: Config) -> dict[str, Any]:
                     "properties": {
                         "image_hash": _HASH,
                         "cached": {"type": "boolean"},
-                        "data": {"$ref": "#/components/schemas/Data"},
+                        "data": {
+                            "oneOf": [{"$ref": "#/components/schemas/Data"}, {"type": "null"}]
+                        },
                     },
                 },
             },
@@ -144,7 +147,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "success": {"const": True},
             "data": {"$ref": "#/components/schemas/Data"},
             "from_cache": {"type": "boolean"},
-            "processing_time_ms": {"type": "number"},
+            "processing_time_ms": {"type": "integer"},
             **envelope,
         },
     }
@@ -167,12 +170,22 @@ def openapi_document(config: Config) -> dict[str, Any]:
                         "error": {"type": "string"},
                         "error_code": {"type": "string"},
                         "from_cache": {"type": "boolean"},
-                        "processing_time_ms": {"type": "number"},
+                        "processing_time_ms": {"type": "integer"},
                     },
                 },
             },
-            "total_processing_time_ms": {"type": "number"},
+            "total_processing_time_ms": {"type": "integer"},
             **envelope,
+        },
+    }
+    health = {
+        "type": "object",
+        "required": ["status", "timestamp", "database", "model_api"],
+        "properties": {
+            "status": {"type": "string", "enum": ["healthy", "unhealthy"]},
+            "timestamp": {"type": "string"},
+            "database": {"type": "string", "enum": ["connected", "disconnected"]},
+            "model_api": {"type": "string", "enum": ["available", "not_configured"]},
         },
     }
     image_file = {"type": "string", "format": "binary", "maxLength": max_image}
@@ -283,6 +296,12 @@ def openapi_document(config: Config) -> dict[str, Any]:
                     },
                     "responses": _ok(batch)
                     | _errors(400, 408, 409, 413, 422, 429, 503, 504, *auth),
+                }
+            },
+            "/api/v1/health": {
+                "get": {
+                    "summary": "The original backend's health check (status, database, model_api)",
+                    "responses": _ok(health) | _errors(429, *auth),
                 }
             },
             "/healthz": {

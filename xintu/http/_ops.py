@@ -12,7 +12,7 @@ from .._metrics import CONTENT_TYPE_LATEST
 from ..errors import StoreError, Unavailable
 from ._app import sample_metrics
 from ._openapi import openapi_document
-from ._respond import json_response
+from ._respond import json_response, now_iso
 
 __all__ = ["ops"]
 
@@ -25,6 +25,42 @@ _READY_STORE_TIMEOUT_S = 1.0
 async def healthz() -> Response:
     """Alive: the process answers. Never touches the store."""
     return json_response({"status": "ok"})
+
+
+@ops.get("/api/v1/health")
+async def health() -> Response:
+    """The original backend's health check, which its album app calls at start.
+
+    Always 200, as the original: ``status`` is ``healthy`` when the store answers
+    and a classifier is loaded (the local model suffices: unlike the original,
+    Xintu classifies without an LLM); ``database`` is ``connected`` or
+    ``disconnected``; ``model_api`` is ``available`` when LLM providers are
+    configured, else ``not_configured``. The extension ``llm_providers`` gives each
+    provider's breaker state (``closed``, ``open``, ``half_open``).
+    """
+    runtime = getattr(current_app, "runtime", None)
+    database = "disconnected"
+    providers: dict[str, str] = {}
+    loaded = False
+    if runtime is not None:
+        try:
+            with trio.fail_after(_READY_STORE_TIMEOUT_S):
+                await runtime.store.ping()
+            database = "connected"
+        except (StoreError, trio.TooSlowError, trio.ClosedResourceError):
+            database = "disconnected"
+        providers = {p.name: str(p.breaker.state) for p in runtime.llm.statistics().providers}
+        loaded = runtime.local.model is not None and runtime.ready
+    healthy = database == "connected" and loaded
+    return json_response(
+        {
+            "status": "healthy" if healthy else "unhealthy",
+            "timestamp": now_iso(),
+            "database": database,
+            "model_api": "available" if providers else "not_configured",
+            "llm_providers": providers,
+        }
+    )
 
 
 @ops.get("/readyz")

@@ -13,7 +13,7 @@ from quart import Response
 
 from ..errors import RateLimited, Unavailable, XintuError, http_status
 
-__all__ = ["error_response", "json_response", "now_iso", "sized_work"]
+__all__ = ["error_body", "error_response", "json_response", "now_iso", "sized_work"]
 
 
 def now_iso() -> str:
@@ -28,19 +28,28 @@ def json_response(body: dict[str, Any], status: int = 200, **headers: str) -> Re
     return resp
 
 
+def error_body(message: str, error_code: str, request_id: str) -> dict[str, Any]:
+    """The error envelope: ``{success: false, error, error_code, request_id, detail}``.
+
+    ``detail`` repeats the message: the original backend (FastAPI) answered
+    ``{"detail": ...}``, and its clients read that field.
+    """
+    return {
+        "success": False,
+        "error": message,
+        "error_code": error_code,
+        "request_id": request_id,
+        "detail": message,
+    }
+
+
 def error_response(exc: XintuError, request_id: str) -> Response:
-    """``{success: false, error, error_code, request_id}`` with the table's status."""
+    """The error envelope for *exc* with the table's status (and ``Retry-After``)."""
     status = http_status(exc)
     headers: dict[str, str] = {}
     if isinstance(exc, Unavailable | RateLimited):
         headers["Retry_After"] = str(max(1, math.ceil(exc.retry_after_s)))
-    body = {
-        "success": False,
-        "error": exc.message,
-        "error_code": exc.error_code,
-        "request_id": request_id,
-    }
-    return json_response(body, status, **headers)
+    return json_response(error_body(exc.message, exc.error_code, request_id), status, **headers)
 
 
 T = TypeVar("T")

@@ -16,8 +16,9 @@ import trio
 from quart import Blueprint, Response, current_app, g, request, stream_with_context
 from werkzeug.datastructures import FileStorage
 
+from .._config import Config
 from .._types import is_image_hash
-from ..actors import Answer, ClassifyRequest, Runtime
+from ..actors import SHARED_SCOPE, Answer, ClassifyRequest, Runtime
 from ..errors import (
     BadRequest,
     Draining,
@@ -27,6 +28,7 @@ from ..errors import (
     XintuError,
 )
 from ..store import RequestLogRow
+from ._guard import alias_scope
 from ._respond import json_response, now_iso, sized_work
 
 __all__ = ["v1"]
@@ -42,12 +44,18 @@ def _runtime() -> Runtime:
     return cast(Runtime, current_app.runtime)  # type: ignore[attr-defined]
 
 
+def _config() -> Config:
+    return cast(Config, current_app.xintu_config)  # type: ignore[attr-defined]
+
+
 def _rid() -> str:
     return cast(str, g.request_id)
 
 
-def _ms_since(start: float) -> float:
-    return round((trio.current_time() - start) * 1000.0, 2)
+def _ms_since(start: float) -> int:
+    """Milliseconds since *start*, an integer on the wire as in the original API
+    (strictly typed clients, Kotlin or Swift, reject a float there)."""
+    return round((trio.current_time() - start) * 1000.0)
 
 
 async def _json_body() -> dict[str, Any]:
@@ -87,7 +95,7 @@ def _hash_field(value: object, name: str) -> str:
 
 def _deadline() -> float:
     """The request's absolute deadline: the configured one, or less if the client asks."""
-    budget = current_app.xintu_config.server.request_deadline_s  # type: ignore[attr-defined]
+    budget = _config().server.request_deadline_s
     asked = request.headers.get("X-Deadline-Ms")
     if asked is not None:
         try:
@@ -144,18 +152,20 @@ async def check_cache() -> Response:
     g.image_hash = image_hash
     user_id = _user_id(body)
     runtime = _runtime()
-    entry = await runtime.cache.lookup(image_hash)
+    entry = await runtime.cache.lookup(image_hash, alias_scope(user_id))
     g.source = "cache" if entry is not None else "none"
-    out: dict[str, Any] = {"success": True, "cached": entry is not None}
+    # A miss carries "data": null, as the original's answer does.
+    out: dict[str, Any] = {"success": True, "cached": entry is not None, "data": None}
     if entry is not None:
-        runtime.cache.record_hit(image_hash)
-        answer = Answer(entry.classification, image_hash, from_cache=True)
+        # An alias hit answers with (and counts the hit on) the verified entry.
+        runtime.cache.record_hit(entry.image_hash)
+        answer = Answer(entry.classification, entry.image_hash, from_cache=True)
         out["data"] = _data(answer)
         runtime.writer.offer(
             _log_row(
                 request_id=_rid(),
                 user_id=user_id,
-                image_hash=image_hash,
+                image_hash=entry.image_hash,
                 image_size=None,
                 answer=answer,
                 processing_time_ms=_ms_since(g.started),
@@ -174,22 +184,23 @@ async def batch_check_cache() -> Response:
     normalised = [_hash_field(h, f"image_hashes[{i}]") for i, h in enumerate(hashes)]
     user_id = _user_id(body)
     runtime = _runtime()
-    found = await runtime.cache.lookup_many(list(dict.fromkeys(normalised)))
+    found = await runtime.cache.lookup_many(list(dict.fromkeys(normalised)), alias_scope(user_id))
     items: list[dict[str, Any]] = []
     elapsed_ms = _ms_since(g.started)
     for i, h in enumerate(normalised):
         entry = found.get(h)
-        item: dict[str, Any] = {"image_hash": h, "cached": entry is not None}
+        # A miss carries "data": null, as in the original.
+        item: dict[str, Any] = {"image_hash": h, "cached": entry is not None, "data": None}
         if entry is not None:
-            answer = Answer(entry.classification, h, from_cache=True)
-            runtime.cache.record_hit(h)
+            answer = Answer(entry.classification, entry.image_hash, from_cache=True)
+            runtime.cache.record_hit(entry.image_hash)
             item["data"] = _data(answer)
             # Each hit is a request served, as for check-cache (one log row per item).
             runtime.writer.offer(
                 _log_row(
                     request_id=f"{_rid()}-{i}",
                     user_id=user_id,
-                    image_hash=h,
+                    image_hash=entry.image_hash,
                     image_size=None,
                     answer=answer,
                     processing_time_ms=elapsed_ms,
@@ -212,7 +223,7 @@ async def batch_check_cache() -> Response:
 
 
 async def _read_image(storage: FileStorage) -> bytes:
-    limit = current_app.xintu_config.images.max_image_bytes  # type: ignore[attr-defined]
+    limit = _config().images.max_image_bytes
     data: bytes = storage.read(limit + 1)
     if len(data) > limit:
         raise PayloadTooLarge(f"image is larger than {limit} bytes")
@@ -224,13 +235,23 @@ async def _read_image(storage: FileStorage) -> bytes:
 async def _classify_one(
     data: bytes, claimed_hash: str | None, user_id: str | None, request_id: str, deadline: float
 ) -> Answer:
+    """Classify the uploaded bytes under their own SHA-256; a different client-sent
+    hash becomes an alias of that entry, or a 422, by ``api.client_hash_mode``."""
     image_hash = await _sha256(data)
     g.image_hash = image_hash
-    if claimed_hash is not None and claimed_hash != image_hash:
+    mode = _config().api.client_hash_mode
+    renamed = claimed_hash is not None and claimed_hash != image_hash
+    if renamed and mode == "verify":
         raise HashMismatch("image_hash does not match the SHA-256 of the uploaded image")
-    return await _runtime().classify(
+    runtime = _runtime()
+    answer = await runtime.classify(
         ClassifyRequest(data, image_hash, request_id, user_id), deadline=deadline
     )
+    if renamed:
+        assert claimed_hash is not None
+        scope = SHARED_SCOPE if mode == "shared" else alias_scope(user_id)
+        await runtime.cache.name_alias(scope, claimed_hash, image_hash)
+    return answer
 
 
 @v1.post("")
@@ -275,18 +296,22 @@ async def classify() -> Response:
 
 
 def _batch_hashes(raw: str | None, count: int) -> list[str | None]:
+    """The client's hash of each image, by index. As in the original, a list shorter
+    than the images names only the first ones and entries past them are ignored;
+    unlike it, a value that is not a JSON list of hashes is a 422, not ignored."""
     if raw is None or raw == "":
         return [None] * count
     try:
         values = json.loads(raw)
     except ValueError:
         raise ValidationFailed("image_hashes must be a JSON list") from None
-    if not isinstance(values, list) or len(values) != count:
-        raise ValidationFailed(f"image_hashes must be a JSON list of {count} entries")
-    return [
+    if not isinstance(values, list):
+        raise ValidationFailed("image_hashes must be a JSON list")
+    named = [
         None if v in (None, "") else _hash_field(v, f"image_hashes[{i}]")
-        for i, v in enumerate(values)
+        for i, v in enumerate(values[:count])
     ]
+    return named + [None] * (count - len(named))
 
 
 @v1.post("/batch")
@@ -318,7 +343,8 @@ async def classify_batch() -> Response:
     async def one(index: int) -> dict[str, Any]:
         t0 = trio.current_time()
         filename, payload = payloads[index]
-        item: dict[str, Any] = {"index": index, "filename": filename}
+        # Every item has every field, null where it does not apply (as the original).
+        item: dict[str, Any] = {"index": index, "filename": filename or f"image_{index}"}
         answer: Answer | None = None
         data = payload if isinstance(payload, bytes) else b""
         try:
@@ -326,9 +352,14 @@ async def classify_batch() -> Response:
                 raise payload
             answer = await _classify_one(payload, claimed[index], user_id, rid, deadline)
         except XintuError as exc:
-            item |= {"success": False, "error": exc.message, "error_code": exc.error_code}
+            item |= {
+                "success": False,
+                "data": None,
+                "error": exc.message,
+                "error_code": exc.error_code,
+            }
         else:
-            item |= {"success": True, "data": _data(answer)}
+            item |= {"success": True, "data": _data(answer), "error": None}
         item["from_cache"] = bool(answer and answer.from_cache)
         item["processing_time_ms"] = _ms_since(t0)
         runtime.writer.offer(
