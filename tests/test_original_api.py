@@ -171,3 +171,28 @@ async def test_errors_carry_detail_as_the_original(serving: Serving) -> None:
     assert (
         body["detail"] == body["error"] == "image_hash must be 64 hexadecimal characters (SHA-256)"
     )
+
+
+# --- JSON bodies (the request path under real conditions) -----------------------------
+
+
+async def test_a_large_json_body_is_413_before_it_is_parsed(serving: Serving) -> None:
+    async with serving() as (_app, client):
+        padding = "x" * 70_000
+        resp = await client.post(
+            f"{V1}/check-cache", json={"image_hash": "a" * 64, "user_id": padding}
+        )
+        body = await resp.get_json()
+    assert resp.status_code == 413
+    assert body["error"] == "a JSON body may have at most 65536 bytes"
+
+
+async def test_deeply_nested_json_is_400_not_500(serving: Serving) -> None:
+    async with serving(server={"max_json_bytes": 1_000_000}) as (_app, client):
+        nested = b"[" * 200_000 + b"]" * 200_000
+        resp = await client.post(
+            f"{V1}/check-cache", data=nested, headers={"Content-Type": "application/json"}
+        )
+        body = await resp.get_json()
+    assert resp.status_code == 400
+    assert body["error"] == "body is JSON nested too deeply"

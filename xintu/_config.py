@@ -63,6 +63,7 @@ class ServerConfig:
     drain_delay_s: float = _bounded(0, 600)
     graceful_timeout_s: float = _bounded(0, 3600)
     max_body_bytes: int = _bounded(1024)
+    max_json_bytes: int = _bounded(1024, 16 * 1024 * 1024)
     request_deadline_s: float = _bounded(0.05, 3600)
     keep_alive_s: float = _bounded(0, 3600)
     max_connections: int = _bounded(1, 1_000_000)

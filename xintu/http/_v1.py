@@ -59,11 +59,25 @@ def _ms_since(start: float) -> int:
 
 
 async def _json_body() -> dict[str, Any]:
-    raw = await request.get_data(as_text=False)
+    """The request's JSON object, within ``server.max_json_bytes``.
+
+    A body declared or found larger is refused with 413 before it is parsed (so a
+    large one never costs the event loop a parse), and one nested too deeply for the
+    parser is a 400, not a crash.
+    """
+    limit = _config().server.max_json_bytes
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise PayloadTooLarge(f"a JSON body may have at most {limit} bytes")
+    raw = await request.get_data(cache=True, as_text=False)
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"a JSON body may have at most {limit} bytes")
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("body is not valid JSON") from None
+    except RecursionError:
+        raise BadRequest("body is JSON nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
     return body
