@@ -196,3 +196,13 @@ async def test_deeply_nested_json_is_400_not_500(serving: Serving) -> None:
         body = await resp.get_json()
     assert resp.status_code == 400
     assert body["error"] == "body is JSON nested too deeply"
+
+
+async def test_metric_labels_take_no_method_string_from_the_client(serving: Serving) -> None:
+    async with serving() as (_app, client):
+        for i in range(3):
+            resp = await client.open(f"{V1}/check-cache", method=f"BREW{i}")
+            assert resp.status_code == 405
+        text = await (await client.get("/metrics")).get_data(as_text=True)
+    assert "BREW" not in text
+    assert 'method="other"' in text

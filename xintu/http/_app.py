@@ -178,6 +178,7 @@ def sample_metrics(app: XintuApp) -> None:
 # Routes whose requests are not worth a log line each (probes and scrapes).
 _QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 _SAMPLE_INTERVAL_S = 1.0
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def _observe(app: XintuApp, response: Response) -> None:
@@ -188,7 +189,10 @@ def _observe(app: XintuApp, response: Response) -> None:
     seconds = trio.current_time() - started
     rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
     source = getattr(g, "source", None) or "none"
-    app.metrics.observe_request(rule, request.method, response.status_code, source, seconds)
+    # Labels never take client input as it came: any other method string would
+    # make a new series (unmatched paths are "unmatched" for the same reason).
+    method = request.method if request.method in _KNOWN_METHODS else "other"
+    app.metrics.observe_request(rule, method, response.status_code, source, seconds)
     if rule in _QUIET_ROUTES:
         return
     image_hash = getattr(g, "image_hash", None)
