@@ -206,3 +206,24 @@ async def test_metric_labels_take_no_method_string_from_the_client(serving: Serv
         text = await (await client.get("/metrics")).get_data(as_text=True)
     assert "BREW" not in text
     assert 'method="other"' in text
+
+
+async def test_cache_checks_leave_the_evidence_out_unless_asked(serving: Serving) -> None:
+    async with serving() as (_app, client):
+        image = FileStorage(io.BytesIO(b"photo e"), filename="e.jpg", content_type="image/jpeg")
+        up = await (await client.post(V1, files={"image": image})).get_json()
+        assert up["data"]["local_inference_result"]  # the upload's own answer keeps it
+        image_hash = up["data"]["image_hash"]
+        lean = await (
+            await client.post(f"{V1}/check-cache", json={"image_hash": image_hash})
+        ).get_json()
+        full = await (
+            await client.post(f"{V1}/check-cache?evidence=true", json={"image_hash": image_hash})
+        ).get_json()
+        batch = await (
+            await client.post(f"{V1}/batch-check-cache", json={"image_hashes": [image_hash]})
+        ).get_json()
+    assert lean["data"]["local_inference_result"] is None
+    assert full["data"]["local_inference_result"] == up["data"]["local_inference_result"]
+    assert batch["items"][0]["data"]["local_inference_result"] is None
+    assert lean["data"]["category"] == up["data"]["category"]

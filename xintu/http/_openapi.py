@@ -39,6 +39,16 @@ _DATA = {
 }
 
 
+_NULLABLE_DATA = {"oneOf": [{"$ref": "#/components/schemas/Data"}, {"type": "null"}]}
+_EVIDENCE = {
+    "name": "evidence",
+    "in": "query",
+    "required": False,
+    "description": "true: include the local model's evidence (local_inference_result)",
+    "schema": {"type": "string", "enum": ["true", "false", "1", "0"]},
+}
+
+
 def _errors(*statuses: int) -> dict[str, Any]:
     text = {
         400: "Not an image, truncated image, malformed multipart or JSON",
@@ -80,7 +90,9 @@ _BODY_USER = {"type": ["string", "null"], "maxLength": 128}
 _FORM_HASH = {
     "type": "string",
     "pattern": "^([0-9a-fA-F]{64})?$",
-    "description": "SHA-256 of the image, 64 hex (checked against the bytes); empty: none",
+    "description": "SHA-256 of the image, 64 hex; empty: none. One that differs from the "
+    "bytes' own (the original photo's, of a resized upload) becomes the client's alias "
+    "of the entry (api.client_hash_mode)",
 }
 _IDEMPOTENCY_KEY = {
     "name": "Idempotency-Key",
@@ -114,7 +126,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
         "properties": {
             "success": {"const": True},
             "cached": {"type": "boolean"},
-            "data": {"$ref": "#/components/schemas/Data"},
+            "data": _NULLABLE_DATA,
             "from_cache": {"type": "boolean"},
             **envelope,
         },
@@ -132,9 +144,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
                     "properties": {
                         "image_hash": _HASH,
                         "cached": {"type": "boolean"},
-                        "data": {
-                            "oneOf": [{"$ref": "#/components/schemas/Data"}, {"type": "null"}]
-                        },
+                        "data": _NULLABLE_DATA,
                     },
                 },
             },
@@ -166,8 +176,8 @@ def openapi_document(config: Config) -> dict[str, Any]:
                         "index": {"type": "integer"},
                         "filename": {"type": "string"},
                         "success": {"type": "boolean"},
-                        "data": {"$ref": "#/components/schemas/Data"},
-                        "error": {"type": "string"},
+                        "data": _NULLABLE_DATA,
+                        "error": {"type": ["string", "null"]},
                         "error_code": {"type": "string"},
                         "from_cache": {"type": "boolean"},
                         "processing_time_ms": {"type": "integer"},
@@ -209,8 +219,8 @@ def openapi_document(config: Config) -> dict[str, Any]:
         "paths": {
             "/api/v1/classify/check-cache": {
                 "post": {
-                    "summary": "Is this image hash already classified?",
-                    "parameters": [_USER, _IDEMPOTENCY_KEY],
+                    "summary": "Is this image hash (or the client's alias) already classified?",
+                    "parameters": [_USER, _IDEMPOTENCY_KEY, _EVIDENCE],
                     "requestBody": _json_body(
                         {
                             "type": "object",
@@ -224,7 +234,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "/api/v1/classify/batch-check-cache": {
                 "post": {
                     "summary": "Check up to 100 image hashes at once",
-                    "parameters": [_USER, _IDEMPOTENCY_KEY],
+                    "parameters": [_USER, _IDEMPOTENCY_KEY, _EVIDENCE],
                     "requestBody": _json_body(
                         {
                             "type": "object",

@@ -152,8 +152,23 @@ def _log_row(
     )
 
 
-def _data(answer: Answer) -> dict[str, Any]:
-    return answer.classification.to_data(answer.image_hash, from_cache=answer.from_cache)
+def _data(answer: Answer, *, evidence: bool = True) -> dict[str, Any]:
+    data = answer.classification.to_data(answer.image_hash, from_cache=answer.from_cache)
+    if not evidence:
+        data["local_inference_result"] = None
+    return data
+
+
+def _wants_evidence() -> bool:
+    """Cache checks leave the local model's evidence out (null, as the original's
+    LLM answers had it) unless the client asks with ``?evidence=true``: an album
+    syncing 100 hashes a request should not pay about 1 KB a hit for it."""
+    value = request.args.get("evidence")
+    if value is None or value in ("false", "0"):
+        return False
+    if value in ("true", "1"):
+        return True
+    raise ValidationFailed("evidence must be true, false, 1 or 0")
 
 
 # --- check-cache -------------------------------------------------------------------
@@ -163,6 +178,7 @@ def _data(answer: Answer) -> dict[str, Any]:
 async def check_cache() -> Response:
     body = await _json_body()
     image_hash = _hash_field(body.get("image_hash"), "image_hash")
+    evidence = _wants_evidence()
     g.image_hash = image_hash
     user_id = _user_id(body)
     runtime = _runtime()
@@ -174,7 +190,7 @@ async def check_cache() -> Response:
         # An alias hit answers with (and counts the hit on) the verified entry.
         runtime.cache.record_hit(entry.image_hash)
         answer = Answer(entry.classification, entry.image_hash, from_cache=True)
-        out["data"] = _data(answer)
+        out["data"] = _data(answer, evidence=evidence)
         runtime.writer.offer(
             _log_row(
                 request_id=_rid(),
@@ -201,6 +217,7 @@ async def batch_check_cache() -> Response:
     found = await runtime.cache.lookup_many(list(dict.fromkeys(normalised)), alias_scope(user_id))
     items: list[dict[str, Any]] = []
     elapsed_ms = _ms_since(g.started)
+    evidence = _wants_evidence()
     for i, h in enumerate(normalised):
         entry = found.get(h)
         # A miss carries "data": null, as in the original.
@@ -208,7 +225,7 @@ async def batch_check_cache() -> Response:
         if entry is not None:
             answer = Answer(entry.classification, entry.image_hash, from_cache=True)
             runtime.cache.record_hit(entry.image_hash)
-            item["data"] = _data(answer)
+            item["data"] = _data(answer, evidence=evidence)
             # Each hit is a request served, as for check-cache (one log row per item).
             runtime.writer.offer(
                 _log_row(
