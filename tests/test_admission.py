@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from quart import Response
 from werkzeug.datastructures import FileStorage
 
 from xintu import load_config
@@ -15,6 +16,7 @@ from xintu._rate import ServiceTime
 from xintu.http import create_app
 
 from .fakes import FakeDecoded, FakeModel
+from .test_service import multipart
 
 
 def test_service_time_estimates_the_queue() -> None:
@@ -82,3 +84,42 @@ async def test_local_overload_is_refused_fast_not_timed_out(tmp_path: Path) -> N
     assert statuses.count(503) >= 6
     assert set(codes) == {"overloaded"}
     assert stats.shed_for_deadline == statuses.count(503)
+
+
+async def test_a_batch_under_overload_says_when_to_retry(tmp_path: Path) -> None:
+    config = load_config(
+        env={},
+        data={"dir": str(tmp_path)},
+        model={"decode_threads": 1, "inference_threads": 1},
+    )
+    app = create_app(config, model_factory=lambda _c: SlowModel())
+
+    async def batch(prefix: str, count: int, deadline_ms: int) -> Response:
+        body, headers = multipart(
+            [("images", f"{i}.jpg", f"{prefix}{i}".encode()) for i in range(count)]
+        )
+        return await client.post(
+            "/api/v1/classify/batch",
+            data=body,
+            headers=headers | {"X-Deadline-Ms": str(deadline_ms)},
+        )
+
+    async with app.test_app():
+        client = app.test_client()
+        resp = await client.post(
+            "/api/v1/classify", files={"image": FileStorage(io.BytesIO(b"warm"), filename="w")}
+        )
+        assert resp.status_code == 200  # the pool has measured its service time
+        with trio.fail_after(10):
+            # Some items fit in 350 ms, the rest are refused: 200, with Retry-After.
+            partial = await batch("a", 12, 350)
+            # None fits in 50 ms: the batch as a whole is refused, as one photo would be.
+            refused = await batch("b", 3, 50)
+    body = await partial.get_json()
+    assert partial.status_code == 200
+    assert body["success_count"] >= 1
+    assert {i["error_code"] for i in body["items"] if not i["success"]} == {"overloaded"}
+    assert int(partial.headers["Retry-After"]) >= 1
+    assert refused.status_code == 503
+    assert (await refused.get_json())["error_code"] == "overloaded"
+    assert int(refused.headers["Retry-After"]) >= 1

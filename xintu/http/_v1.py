@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -24,6 +25,7 @@ from ..errors import (
     Draining,
     HashMismatch,
     PayloadTooLarge,
+    Unavailable,
     ValidationFailed,
     XintuError,
 )
@@ -371,6 +373,8 @@ async def classify_batch() -> Response:
         except XintuError as exc:
             payloads.append((storage.filename or "", exc))
 
+    refusals: list[Unavailable] = []  # items refused for capacity (or draining)
+
     async def one(index: int) -> dict[str, Any]:
         t0 = trio.current_time()
         filename, payload = payloads[index]
@@ -383,6 +387,8 @@ async def classify_batch() -> Response:
                 raise payload
             answer = await _classify_one(payload, claimed[index], user_id, rid, deadline)
         except XintuError as exc:
+            if isinstance(exc, Unavailable):
+                refusals.append(exc)
             item |= {
                 "success": False,
                 "data": None,
@@ -429,8 +435,15 @@ async def classify_batch() -> Response:
     async with trio.open_nursery() as nursery:
         for i in range(len(images)):
             nursery.start_soon(fill, i)
+    if len(refusals) == len(images):
+        # Nothing was done: the batch as a whole is refused, as one photo would be.
+        raise max(refusals, key=lambda r: r.retry_after_s)
     body = summary(items)
     body["items"] = items
+    if refusals:
+        # Some items were refused for capacity: say when to retry them.
+        retry_after_s = max(r.retry_after_s for r in refusals)
+        return json_response(body, Retry_After=str(max(1, math.ceil(retry_after_s))))
     return json_response(body)
 
 
