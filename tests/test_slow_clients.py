@@ -234,3 +234,32 @@ def test_a_read_timeout_within_the_deadline_is_refused() -> None:
     assert load_config(env={"XINTU_SERVER_READ_TIMEOUT_S": "20.5"}).server.read_timeout_s == 20.5
     with pytest.raises(ConfigError, match=r"server\.max_connections"):
         load_config(env={"XINTU_SERVER_MAX_CONNECTIONS": "lots"})
+
+
+async def test_the_deadline_starts_when_the_body_has_arrived(tmp_path: Path) -> None:
+    """An upload slower than the deadline (a phone on a weak network) is classified:
+    the deadline bounds the classification, ``body_timeout_s`` the upload."""
+    config = slow_config(tmp_path, request_deadline_s=0.5, body_timeout_s=60.0)
+    part = (
+        b'--b\r\nContent-Disposition: form-data; name="image"; filename="slow.jpg"\r\n'
+        b"Content-Type: image/jpeg\r\n\r\n" + b"slow photo bytes " * 40 + b"\r\n--b--\r\n"
+    )
+    head = (
+        b"POST /api/v1/classify HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\n"
+        b"Content-Length: " + str(len(part)).encode() + b"\r\n\r\n"
+    )
+    with trio.fail_after(30):
+        async with real_server(config, FakeModel()) as base:
+            stream = await open_raw(base)
+            async with stream:
+                await stream.send_all(head)
+                started = trio.current_time()
+                for i in range(0, len(part), len(part) // 5 + 1):  # over about 1.2 s
+                    await stream.send_all(part[i : i + len(part) // 5 + 1])
+                    await trio.sleep(0.3)
+                reply = await _read_until_closed(stream)
+            assert trio.current_time() - started > 1.0  # slower than the deadline
+    status, _headers, body = _split(reply)
+    assert status == b"HTTP/1.1 200 ", body
+    assert json.loads(body)["success"] is True

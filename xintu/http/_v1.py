@@ -109,8 +109,14 @@ def _hash_field(value: object, name: str) -> str:
     return value.lower()
 
 
-def _deadline() -> float:
-    """The request's absolute deadline: the configured one, or less if the client asks."""
+def _deadline_budget() -> float:
+    """Seconds the request's classification may take: the configured deadline, or
+    less if the client asks (``X-Deadline-Ms``).
+
+    The clock starts once the body has arrived (see the upload handlers): a slow
+    upload from a phone on a weak network is bounded by ``server.body_timeout_s``,
+    not by the classification deadline.
+    """
     budget = _config().server.request_deadline_s
     asked = request.headers.get("X-Deadline-Ms")
     if asked is not None:
@@ -121,8 +127,7 @@ def _deadline() -> float:
         if ms <= 0:
             raise ValidationFailed("X-Deadline-Ms must be positive")
         budget = min(budget, ms / 1000.0)
-    started: float = g.started
-    return started + float(budget)
+    return float(budget)
 
 
 async def _sha256(data: bytes) -> str:
@@ -290,9 +295,10 @@ async def _classify_one(
 @v1.post("")
 async def classify() -> Response:
     started = cast(float, g.started)
-    deadline = _deadline()
+    budget = _deadline_budget()
     files = await request.files
     form = await request.form
+    deadline = trio.current_time() + budget  # from the body's arrival
     storage = files.get("image")
     if storage is None:
         raise BadRequest("multipart field 'image' is required")
@@ -350,9 +356,10 @@ def _batch_hashes(raw: str | None, count: int) -> list[str | None]:
 @v1.post("/batch")
 async def classify_batch() -> Response:
     started = cast(float, g.started)
-    deadline = _deadline()
+    budget = _deadline_budget()
     files = await request.files
     form = await request.form
+    deadline = trio.current_time() + budget  # from the body's arrival
     images = files.getlist("images")
     if not 1 <= len(images) <= MAX_BATCH_IMAGES:
         raise ValidationFailed(f"'images' must hold 1 to {MAX_BATCH_IMAGES} files")
