@@ -1,8 +1,13 @@
 """``Idempotency-Key``: replays byte for byte, 422 on reuse, 409 while in flight,
-5xx not stored, per-client scope, TTL and abandoned claims, on SQLite and MariaDB.
+5xx not stored, per-client scope, TTL and abandoned claims, on SQLite and MariaDB;
+the fingerprint is what the request means (multipart fields and files, the JSON
+value), not its bytes (boundary, part headers, key order, whitespace).
 
-The property test runs random sequences of requests, retries and replays and checks
-that every replay equals the first answer and that the store's counters are exact.
+One property test runs random sequences of requests, retries and replays and checks
+that every replay equals the first answer and that the store's counters are exact;
+another checks that two multipart bodies, built with any boundaries and part
+headers, have the same fingerprint exactly when they carry the same parts.
+Retries by real clients (curl, requests) are in test_idempotency_outside.
 """
 
 from __future__ import annotations
@@ -45,15 +50,32 @@ def upload(data: bytes) -> FileStorage:
 
 
 def multipart(data: bytes, boundary: str = "fixed-boundary") -> tuple[bytes, dict[str, str]]:
-    """A multipart body with a fixed boundary: a retry sends the same bytes."""
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; '
-            'filename="p.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
-        ).encode()
-        + data
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
+    """A multipart body with one ``image`` file, as the album app sends it."""
+    return form([Part("image", data, "p.jpg", ("Content-Type: image/jpeg",))], boundary)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of a multipart body: a file if it has a filename, else a field."""
+
+    name: str
+    data: bytes
+    filename: str | None = None
+    headers: tuple[str, ...] = ()  # more part headers, as clients add them
+
+
+def form(
+    parts: list[Part], boundary: str = "fixed-boundary", *, preamble: bytes = b""
+) -> tuple[bytes, dict[str, str]]:
+    """A multipart/form-data body of *parts* and its Content-Type header."""
+    body = preamble
+    for part in parts:
+        disposition = f'form-data; name="{part.name}"'
+        if part.filename is not None:
+            disposition += f'; filename="{part.filename}"'
+        head = "".join(f"{h}\r\n" for h in (f"Content-Disposition: {disposition}", *part.headers))
+        body += f"--{boundary}\r\n{head}\r\n".encode() + part.data + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
     return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
@@ -166,17 +188,56 @@ async def test_same_key_different_request_is_422(client: Client) -> None:
                 "error": "this Idempotency-Key was already used for a different request",
                 "error_code": "idempotency_key_reused",
                 "request_id": answer.headers["X-Request-ID"],
+                "detail": "this Idempotency-Key was already used for a different request",
             }
 
 
-async def test_a_new_multipart_boundary_is_a_different_request(client: Client) -> None:
+async def test_the_upload_built_again_with_a_new_boundary_is_replayed(
+    client: Client, model: FakeModel
+) -> None:
+    """Every standard client picks a new random boundary for a retry."""
     with trio.fail_after(20):
         body, headers = multipart(b"photo-d", "boundary-one")
         first = await client.post(V1, data=body, headers=headers | {"Idempotency-Key": "k"})
         assert first.status_code == 200
-        body, headers = multipart(b"photo-d", "boundary-two")
-        second = await client.post(V1, data=body, headers=headers | {"Idempotency-Key": "k"})
-        assert second.status_code == 422
+        # Another boundary, and the file's Content-Type guessed otherwise.
+        body, headers = form([Part("image", b"photo-d", "p.jpg")], "----WebKitFormBoundaryX")
+        again = await client.post(V1, data=body, headers=headers | {"Idempotency-Key": "k"})
+        assert again.status_code == 200
+        assert again.headers[REPLAYED] == "true"
+        assert await again.get_data() == await first.get_data()
+        assert model.prepared[b"photo-d"] == 1
+        body, headers = multipart(b"photo-d2", "boundary-three")
+        other = await client.post(V1, data=body, headers=headers | {"Idempotency-Key": "k"})
+        assert other.status_code == 422
+
+
+async def test_a_large_upload_built_again_is_replayed(client: Client) -> None:
+    """Over 256 KiB the body is parsed on a worker thread."""
+    with trio.fail_after(20):
+        photo = b"large-" + bytes(range(256)) * 2048
+        answers = []
+        for boundary in ("one", "two"):
+            body, headers = multipart(photo, boundary)
+            assert len(body) > 256 * 1024
+            resp = await client.post(V1, data=body, headers=headers | {"Idempotency-Key": "big"})
+            answers.append((resp.status_code, await resp.get_data(), resp.headers))
+        assert answers[0][0] == answers[1][0] == 200
+        assert answers[1][1] == answers[0][1]
+        assert answers[1][2][REPLAYED] == "true"
+
+
+async def test_a_form_over_the_app_limits_is_fingerprinted_by_its_bytes(client: Client) -> None:
+    """A field over MAX_FORM_MEMORY_SIZE: the app answers 413; the same bytes get that
+    answer replayed, the same fields under another boundary are another request."""
+    with trio.fail_after(20):
+        parts = [Part("image", b"photo-o", "p.jpg"), Part("image_hash", b"0" * 70_000)]
+        answers = []
+        for boundary in ("one", "one", "two"):
+            body, headers = form(parts, boundary)
+            resp = await client.post(V1, data=body, headers=headers | {"Idempotency-Key": "big"})
+            answers.append((resp.status_code, resp.headers.get(REPLAYED)))
+        assert answers == [(413, None), (413, "true"), (422, None)]
 
 
 async def test_keys_are_scoped_per_client(client: Client) -> None:
@@ -385,6 +446,217 @@ async def test_streamed_batch_is_recorded_and_replayed(client: Client) -> None:
         assert await again.get_data() == first_body
         assert again.headers[REPLAYED] == "true"
         assert again.content_type == "application/x-ndjson"
+
+
+# --- the fingerprint: what the request means ---------------------------------------------
+
+JPEG = ("Content-Type: image/jpeg",)
+CAT, DOG, OWL = b"cat-bytes", b"dog-bytes", b"owl-bytes"
+HASHES = '["' + "a" * 64 + '", null]'
+
+
+def fp(body: bytes, content_type: str, *, path: str = V1, **kwargs: Any) -> str:
+    return _fingerprint("POST", path, b"", content_type, body, **kwargs)
+
+
+def fp_form(parts: list[Part], boundary: str = "fixed-boundary", **kwargs: Any) -> str:
+    body, headers = form(parts, boundary)
+    return fp(body, headers["Content-Type"], **kwargs)
+
+
+BATCH = [
+    Part("images", CAT, "cat.jpg", JPEG),
+    Part("images", DOG, "dog.jpg", JPEG),
+    Part("image_hashes", HASHES.encode()),
+]
+
+
+def test_the_boundary_and_part_headers_do_not_count() -> None:
+    base = fp_form(BATCH)
+    bare = [Part(p.name, p.data, p.filename) for p in BATCH]  # no part Content-Type
+    octet = [
+        Part(p.name, p.data, p.filename, ("Content-Type: application/octet-stream",)) for p in BATCH
+    ]
+    fields_first = [BATCH[2], BATCH[0], BATCH[1]]  # requests sends fields before files
+    body, _ = form(BATCH, "x", preamble=b"a preamble\r\n")
+    assert {
+        base,
+        fp_form(BATCH, "------------------------d74496d66958873e"),  # curl
+        fp_form(BATCH, "----WebKitFormBoundary7MA4YWxkTrZu0gW"),  # browsers
+        fp_form(bare, "8e2b4d3c5a6f"),  # requests
+        fp_form(octet, "d2a5f0b1-okhttp"),
+        fp_form(fields_first, "x"),
+        fp(body + b"an epilogue", 'Multipart/Form-Data; boundary="x"; charset=utf-8'),
+    } == {base}
+
+
+def test_what_the_handler_sees_counts() -> None:
+    batch_body, headers = form(BATCH)
+    batch_type = headers["Content-Type"]
+
+    def replaced(i: int, part: Part) -> list[Part]:
+        return [part if j == i else p for j, p in enumerate(BATCH)]
+
+    variants = {
+        "base": fp_form(BATCH),
+        "file content": fp_form(replaced(1, Part("images", OWL, "dog.jpg", JPEG))),
+        "filename": fp_form(replaced(1, Part("images", DOG, "owl.jpg", JPEG))),
+        "no filename": fp_form(replaced(1, Part("images", DOG, "", JPEG))),
+        "field value": fp_form(replaced(2, Part("image_hashes", b"[null, null]"))),
+        "field name": fp_form(replaced(2, Part("image_hash", HASHES.encode()))),
+        "images order": fp_form([BATCH[1], BATCH[0], BATCH[2]]),
+        "one image less": fp_form([BATCH[0], BATCH[2]]),
+        "one image more": fp_form([*BATCH, Part("images", OWL, "owl.jpg")]),
+        "no field": fp_form(BATCH[:2]),
+        "a file, not a field": fp_form([*BATCH[:2], Part("image_hashes", HASHES.encode(), "h")]),
+        "path": fp_form(BATCH, path=f"{V1}/batch"),
+        "method": _fingerprint("PUT", V1, b"", batch_type, batch_body),
+        "query": _fingerprint("POST", V1, b"x=1", batch_type, batch_body),
+    }
+    assert len(set(variants.values())) == len(variants), variants
+
+
+def test_json_counts_by_its_value() -> None:
+    value = {"image_hash": "ab" * 32, "user_id": "ann", "tags": [1, 2.5, None, "\u00e9"]}
+    base = fp(json.dumps(value).encode(), "application/json")
+    same = {
+        fp(json.dumps(value, separators=(",", ":")).encode(), "application/json"),
+        fp(json.dumps(dict(reversed(value.items())), indent=4).encode(), "application/json"),
+        fp(json.dumps(value, ensure_ascii=False).encode(), "Application/JSON; charset=utf-8"),
+        fp(json.dumps(value).encode("utf-16"), "application/json"),  # json.loads reads it too
+        fp(
+            b"\n " + json.dumps(value).replace("ann", "\\u0061nn").encode() + b" \n",
+            "application/json",
+        ),
+    }
+    assert same == {base}
+    different = {
+        fp(json.dumps(value | {"user_id": "bob"}).encode(), "application/json"),
+        fp(json.dumps(value | {"tags": [2.5, 1, None, "\u00e9"]}).encode(), "application/json"),
+        fp(json.dumps(value | {"extra": None}).encode(), "application/json"),
+        fp(json.dumps(value).encode(), "application/problem+json"),  # another media type
+        fp(json.dumps(value).encode(), ""),  # not JSON by its type: raw bytes
+        fp(json.dumps(value).encode(), "text/plain"),
+    }
+    assert len(different | {base}) == 7
+    # +json types are parsed too; anything else counts by its bytes.
+    compact = json.dumps(value, separators=(",", ":")).encode()
+    assert fp(compact, "application/x+json") == fp(json.dumps(value).encode(), "application/x+json")
+    assert fp(compact, "text/plain") != fp(json.dumps(value).encode(), "text/plain")
+
+
+def test_json_over_the_apps_limit_counts_by_its_bytes() -> None:
+    """The handlers refuse a JSON body over server.max_json_bytes unparsed (413)."""
+    value = {"image_hash": "ab" * 32, "user_id": "ann"}
+    one = json.dumps(value).encode()
+    two = json.dumps(dict(reversed(value.items()))).encode()
+    assert len(one) == len(two)
+    at, over = {"max_json_bytes": len(one)}, {"max_json_bytes": len(one) - 1}
+    assert fp(one, "application/json", **at) == fp(two, "application/json", **at)
+    assert fp(one, "application/json", **over) != fp(two, "application/json", **over)
+    assert fp(one, "application/json", **over) == fp(one, "application/json", **over)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"{not json", b'{"a": 1', b"", b"\xff\xfe{", b"[" * 100_000 + b"]" * 100_000],
+)
+def test_a_body_that_is_not_json_counts_by_its_bytes(body: bytes) -> None:
+    assert fp(body, "application/json") == fp(body, "application/json")
+    assert fp(body, "application/json") != fp(body + b" ", "application/json")
+    assert fp(body, "application/json") != fp(body, "application/json; charset=utf-8")
+
+
+def test_a_form_that_does_not_parse_counts_by_its_bytes() -> None:
+    whole, headers = form(BATCH, "one")
+    cut = whole.removesuffix(b"--one--\r\n")  # no closing boundary
+    other_cut = form(BATCH, "two")[0].removesuffix(b"--two--\r\n")
+    no_disposition = whole.replace(b"Content-Disposition", b"Content-Dispositio", 1)
+    bad_header = whole.replace(b"image/jpeg", b"image/\xff", 1)
+    for body, content_type in (
+        (cut, headers["Content-Type"]),
+        (no_disposition, headers["Content-Type"]),
+        (bad_header, headers["Content-Type"]),
+        (whole, "multipart/form-data"),  # no boundary
+        (whole, "multipart/form-data; boundary=wrong"),
+        (whole, "multipart/form-data; boundary=caf\u00e9"),
+    ):
+        assert fp(body, content_type) == fp(body, content_type)
+        assert fp(body, content_type) != fp(body + b"\r\n", content_type)
+        assert fp(body, content_type) != fp_form(BATCH, "one")
+    assert fp(cut, headers["Content-Type"]) != fp(other_cut, "multipart/form-data; boundary=two")
+
+
+def test_a_form_over_the_limits_counts_by_its_bytes() -> None:
+    big = [Part("image_hash", b"0" * 1001), Part("image", CAT, "c.jpg")]
+    many = [Part("images", CAT, f"{i}.jpg") for i in range(5)]
+    for parts, limits in (
+        (big, {"max_form_memory_size": 1000}),
+        (many, {"max_form_parts": 4}),
+    ):
+        assert fp_form(parts, "one") == fp_form(parts, "two")  # no limits: parsed
+        assert fp_form(parts, "one", **limits) != fp_form(parts, "two", **limits)
+        assert fp_form(parts, "one", **limits) == fp_form(parts, "one", **limits)
+    # At the limit, still parsed.
+    assert fp_form(big, "one", max_form_memory_size=1001) == fp_form(big, "two")
+    assert fp_form(many, "one", max_form_parts=5) == fp_form(many, "two")
+
+
+def test_a_large_form_is_read_across_slices() -> None:
+    """Parts and boundaries that straddle the decoder's 64 KiB slices."""
+    for size in (65_536 - 60, 65_536 - 3, 65_536, 65_536 * 2 + 17):
+        parts = [Part("image_hash", b"h"), Part("images", b"x" * size, "a"), Part("images", b"y")]
+        assert fp_form(parts, "one") == fp_form(parts, "a-much-longer-boundary-two")
+        longer = [parts[0], Part("images", b"x" * (size + 1), "a"), parts[2]]
+        assert fp_form(parts, "one") != fp_form(longer, "one")
+
+
+NAMES = st.sampled_from(["image", "images", "image_hash", "image_hashes"])
+PARTS = st.lists(
+    st.one_of(
+        st.builds(Part, NAMES, st.text(max_size=8).map(str.encode)),
+        st.builds(Part, NAMES, st.binary(max_size=24), st.text("ab.\u00e9 -_", max_size=6)),
+    ),
+    max_size=5,
+)
+PART_HEADERS = st.sampled_from(
+    [(), JPEG, ("Content-Type: application/octet-stream",), ("X-Extra: 1",)]
+)
+
+
+def _canonical(parts: list[Part]) -> list[tuple[bool, str, str | None, bytes]]:
+    ordered = sorted(parts, key=lambda p: (p.filename is not None, p.name))
+    return [(p.filename is not None, p.name, p.filename, p.data) for p in ordered]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    parts=st.tuples(PARTS, PARTS),
+    shuffle=st.randoms(use_true_random=False),
+    noise=st.lists(PART_HEADERS, min_size=10, max_size=10),
+    boundaries=st.tuples(st.uuids(), st.uuids()),
+)
+def test_fingerprints_agree_exactly_when_the_parts_do(
+    parts: tuple[list[Part], list[Part]],
+    shuffle: Any,
+    noise: list[tuple[str, ...]],
+    boundaries: tuple[uuid.UUID, uuid.UUID],
+) -> None:
+    a, b = parts
+    roll = shuffle.random()
+    if roll < 0.6:
+        # Another client's rendering of a: other part headers, and the names in
+        # another order (each name's parts in the same order), or all parts shuffled.
+        b = [Part(p.name, p.data, p.filename, noise[i]) for i, p in enumerate(a)]
+        if roll < 0.4:
+            rank = {(p.filename is None, p.name): shuffle.random() for p in b}
+            b.sort(key=lambda p: rank[(p.filename is None, p.name)])
+        else:
+            shuffle.shuffle(b)
+    same = _canonical(a) == _canonical(b)
+    fa = fp_form(a, f"{boundaries[0].hex}-a")
+    fb = fp_form(b, f"{boundaries[1].hex}-b")
+    assert (fa == fb) is same
 
 
 # --- expiry and abandoned claims ---------------------------------------------------------
