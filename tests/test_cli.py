@@ -67,3 +67,67 @@ def test_bad_configuration_stops_with_the_key(
     assert capsys.readouterr().err == (
         "xintu: configuration error: server.workers: expected int, got 'many'\n"
     )
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "service.toml"
+    path.write_text('[server]\nbind = "127.0.0.1:8123"\n')
+    return path
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--config", "{file}", "config", "show"],
+        ["config", "show", "--config", "{file}"],
+        ["config", "--config", "{file}", "show"],
+        ["--config", "{other}", "config", "show", "--config", "{file}"],  # the later wins
+        ["config", "show"],  # with XINTU_CONFIG
+    ],
+)
+def test_config_file_before_or_after_the_command(
+    env: Path,
+    config_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+) -> None:
+    other = tmp_path / "other.toml"
+    other.write_text('[server]\nbind = "127.0.0.1:9999"\n')
+    if "--config" not in argv:
+        monkeypatch.setenv("XINTU_CONFIG", str(config_file))
+    argv = [a.format(file=config_file, other=other) for a in argv]
+    assert main(argv) == 0
+    assert 'bind = "127.0.0.1:8123"  # file' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "--config", "{file}"],
+        ["serve", "--workers", "2", "--config", "{file}"],
+        ["--config", "{file}", "serve", "--workers", "2"],
+        ["serve", "--workers", "2"],  # with XINTU_CONFIG
+        ["model", "build", "--config", "{file}"],
+        ["classify-local", "x.jpg", "--config", "{file}"],
+    ],
+)
+def test_every_command_reads_the_config_file(
+    env: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+) -> None:
+    """A bad value in the file stops every command before it starts, wherever
+    ``--config`` stands (so none of these starts a server or builds a model)."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[model]\nmax_batch = "eight"\n')
+    if "--config" not in argv:
+        monkeypatch.setenv("XINTU_CONFIG", str(bad))
+    assert main([a.format(file=bad) for a in argv]) == 2
+    assert capsys.readouterr().err == (
+        "xintu: configuration error: model.max_batch: expected int, got 'eight'\n"
+    )

@@ -2,12 +2,16 @@
 
 ::
 
-    xintu serve [--bind HOST:PORT] [--workers N] [--config PATH]
+    xintu serve [--bind HOST:PORT] [--workers N]
     xintu model build [--force]
     xintu classify PATH... [--server URL] [--api-key KEY] [--output FILE.json|.csv]
                    [--sort-into DIR --mode copy|move|link] [--dry-run] [--concurrency N]
     xintu classify-local PATH...
     xintu config show
+
+``--config PATH`` (a TOML file over the defaults; else ``XINTU_CONFIG``) is accepted
+before the command and after any (sub)command: ``xintu --config F serve`` and
+``xintu serve --config F`` are the same; given twice, the later one wins.
 """
 
 from __future__ import annotations
@@ -27,19 +31,40 @@ from .errors import ConfigError, XintuError
 __all__ = ["main"]
 
 
+def _add_config(parser: argparse.ArgumentParser, *, top: bool = False) -> None:
+    """``--config`` on *parser*. Only the top level has a default: a subparser's
+    default would overwrite a ``--config`` given before the command."""
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        default=None if top else argparse.SUPPRESS,
+        help="TOML file overriding defaults (or XINTU_CONFIG)",
+    )
+
+
+class _SubParsers:
+    """``add_subparsers()``'s action, giving every parser it makes ``--config``."""
+
+    def __init__(self, action: Any) -> None:
+        self._action = action
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = self._action.add_parser(name, **kwargs)
+        _add_config(parser)
+        return parser
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xintu", description="Photo classification for a photo album.")
-    p.add_argument(
-        "--config", metavar="PATH", help="TOML file overriding defaults (or XINTU_CONFIG)"
-    )
-    sub = p.add_subparsers(dest="command", required=True)
+    _add_config(p, top=True)
+    sub = _SubParsers(p.add_subparsers(dest="command", required=True))
 
     s = sub.add_parser("serve", help="start the HTTP service")
     s.add_argument("--bind", metavar="HOST:PORT", help="listen address (server.bind)")
     s.add_argument("--workers", type=int, metavar="N", help="worker processes (server.workers)")
 
     m = sub.add_parser("model", help="the local ONNX model")
-    msub = m.add_subparsers(dest="model_command", required=True)
+    msub = _SubParsers(m.add_subparsers(dest="model_command", required=True))
     b = msub.add_parser("build", help="build (or verify) the ONNX model in the data directory")
     b.add_argument("--force", action="store_true", help="rebuild even if a valid file exists")
 
@@ -50,12 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="one JSON object per line")
 
     cfg = sub.add_parser("config", help="configuration")
-    csub = cfg.add_subparsers(dest="config_command", required=True)
+    csub = _SubParsers(cfg.add_subparsers(dest="config_command", required=True))
     csub.add_parser("show", help="effective configuration, secrets redacted, with origins")
     return p
 
 
-def _add_classify(sub: Any) -> None:
+def _add_classify(sub: _SubParsers) -> None:
     k = sub.add_parser(
         "classify",
         help="classify a folder of photos, report, and sort them into category folders",
