@@ -13,15 +13,32 @@ handling of its own, so :func:`serve` passes a shutdown trigger built on
 ``workers >= 1`` runs Hypercorn's supervisor with N spawned worker processes,
 each importing :mod:`xintu._asgi`; Hypercorn relays SIGTERM to them and drains
 each the same way (readiness fails once its in-flight requests are done).
+
+Every worker serves with the parent's :class:`~xintu.Config` object itself, not
+with one rebuilt from the environment: the parent pickles it into the variable
+``_XINTU_WORKER_CONFIG`` of the environment the workers are spawned with, and
+:func:`worker_config` reads it back. So a ``--config`` file, ``XINTU_CONFIG``, the
+command line's ``--bind``/``--workers`` and every ``XINTU_*`` variable count once,
+in the parent; a config file edited or removed after the start changes nothing,
+even for a worker Hypercorn restarts (SIGHUP). The workers start in the parent's
+working directory, so a relative path in the configuration (``data.dir``, a
+``sqlite:///`` URL) names the same file in every process.
 """
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import logging
 import math
 import os
+import pickle
+import shutil
 import signal
 import tempfile
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 
 import structlog
@@ -29,13 +46,16 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 
 from . import _connections
-from ._config import Config
+from ._config import Config, load_config
 from .http import create_app
 from .http._app import ModelFactory
 
-__all__ = ["hypercorn_config", "serve", "serve_in_process"]
+__all__ = ["hypercorn_config", "serve", "serve_in_process", "worker_config"]
 
 log = structlog.get_logger("xintu.serve")
+
+# Not an XINTU_ name: it is no configuration key, and load_config ignores it.
+_WORKER_CONFIG_ENV = "_XINTU_WORKER_CONFIG"
 
 
 def hypercorn_config(config: Config) -> HypercornConfig:
@@ -110,13 +130,51 @@ def serve(config: Config) -> int:
         return 0
     from hypercorn.run import run as hypercorn_run
 
+    hc = hypercorn_config(config)
+    hc.application_path = "xintu._asgi:app"
+    with _worker_environment(config):
+        return int(hypercorn_run(hc) or 0)
+
+
+def worker_config() -> Config:
+    """The configuration of a worker process (:mod:`xintu._asgi`).
+
+    Spawned by :func:`serve`: the parent's configuration object. Loaded any other way
+    (``hypercorn xintu._asgi:app``): built from the environment and ``XINTU_CONFIG``.
+    """
+    encoded = os.environ.get(_WORKER_CONFIG_ENV)
+    if not encoded:
+        return load_config()
+    # Safe to unpickle: the variable is set by the parent just before it spawns
+    # this process, and whoever can set a process's environment can already run
+    # code in it (PYTHONPATH, PYTHONSTARTUP).
+    config = pickle.loads(base64.b64decode(encoded))
+    if not isinstance(config, Config):  # pragma: no cover - only serve() sets it
+        raise TypeError(f"{_WORKER_CONFIG_ENV} holds a {type(config).__name__}, not a Config")
+    return dataclasses.replace(config, origins=types.MappingProxyType(dict(config.origins)))
+
+
+@contextmanager
+def _worker_environment(config: Config) -> Iterator[None]:
+    """``os.environ`` as the spawned workers must see it, restored afterwards."""
+    # pickle refuses the read-only mapping proxy of the origins; a dict travels.
+    plain = dataclasses.replace(config, origins=dict(config.origins))
+    settings = {_WORKER_CONFIG_ENV: base64.b64encode(pickle.dumps(plain)).decode("ascii")}
+    metrics_dir = None
     # Every worker writes its metrics into one directory that /metrics on any
     # worker aggregates (prometheus-client's multiprocess mode).
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="xintu-metrics-")
-    # The spawned workers rebuild the configuration from the environment.
-    os.environ["XINTU_SERVER_BIND"] = config.server.bind
-    os.environ["XINTU_SERVER_WORKERS"] = str(config.server.workers)
-    hc = hypercorn_config(config)
-    hc.application_path = "xintu._asgi:app"
-    return int(hypercorn_run(hc) or 0)
+        metrics_dir = tempfile.mkdtemp(prefix="xintu-metrics-")
+        settings["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
