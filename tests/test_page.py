@@ -1,7 +1,8 @@
 """The album page: its headers, and a real browser uploading real photos.
 
 The browser test runs ``xintu serve`` as a subprocess on embedded defaults (the
-real ONNX model) and drives Debian's Chromium headless through chromium-driver.
+real ONNX model), started and stopped by :mod:`tests.conformance.process`, and
+drives Debian's Chromium headless through chromium-driver.
 It is skipped when Chromium is missing, except under ``CI=true``, where it fails
 (``.ci/run`` installs Chromium). A screenshot lands in ``test-artifacts/``.
 """
@@ -9,16 +10,11 @@ It is skipped when Chromium is missing, except under ``CI=true``, where it fails
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from PIL import Image
 from quart.typing import TestClientProtocol as Client
@@ -27,6 +23,7 @@ from xintu import Config, load_config
 from xintu.http import XintuApp, create_app
 from xintu.http._page import CSP
 
+from .conformance.process import running_xintu
 from .fakes import FakeModel
 
 CHROMIUM = "/usr/bin/chromium"
@@ -117,48 +114,11 @@ def _browser_or_skip() -> None:
         pytest.skip(f"no {missing}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def live_server(tmp_path: Path) -> Iterator[str]:
     """``xintu serve`` on embedded defaults: the real model, SQLite in a temporary dir."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("XINTU_")}
-    env |= {"XINTU_DATA_DIR": str(tmp_path / "data"), "XINTU_LOG_FORMAT": "json"}
-    log = (tmp_path / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "xintu", "serve", "--bind", f"127.0.0.1:{port}"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:  # bounded wait for the server to come up
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited with {proc.returncode}")
-            try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("server did not come up in 90 s")
-            time.sleep(0.2)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
+    with running_xintu(tmp_path / "server") as server:
+        yield server.base_url
 
 
 @pytest.fixture
