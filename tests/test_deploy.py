@@ -23,6 +23,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from xintu import load_config
+from xintu._serve import _worker_environment, worker_config
+
 from .test_ops import metric
 from .test_serve import _free_port
 
@@ -155,9 +158,33 @@ def test_installed_package_reads_its_defaults_and_page(wheel: Path, tmp_path: Pa
     assert Path(found["file"]).is_relative_to(site)
     assert found["defaults"] == (ROOT / "config" / "xintu.toml").read_text("utf-8")
     assert found["static"] == sorted(p.name for p in (ROOT / "xintu/http/static").iterdir())
-    from xintu import load_config
-
     assert found["config"] == json.loads(json.dumps(load_config(env={}).redacted()))
+
+
+def test_worker_config_is_the_parents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a spawned worker reads equals the parent's configuration, secrets
+    included; the environment is restored afterwards."""
+    for name in list(os.environ):
+        if name.startswith(("XINTU_", "PROMETHEUS_")):
+            monkeypatch.delenv(name)
+    file = tmp_path / "service.toml"
+    file.write_text(f'[security]\napi_key_sha256 = ["{"ab" * 32}"]\n')
+    parent = load_config(file, server={"bind": "127.0.0.1:8123", "workers": 3})
+    before = dict(os.environ)
+    with _worker_environment(parent):
+        metrics_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+        assert metrics_dir.is_dir()
+        worker = worker_config()
+    assert worker == parent
+    assert worker.security.api_key_sha256 == ("ab" * 32,)
+    assert dict(worker.origins) == dict(parent.origins)
+    assert dict(os.environ) == before
+    assert not metrics_dir.exists()
+    # Not spawned by serve (hypercorn xintu._asgi:app): from the environment.
+    monkeypatch.setenv("XINTU_CONFIG", str(file))
+    alone = worker_config()
+    assert alone.security.api_key_sha256 == ("ab" * 32,)
+    assert alone.server.bind == load_config(env={}).server.bind  # no --bind here
 
 
 def _bearer(key: str) -> dict[str, str]:
