@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +16,7 @@ from xintu.llm import LlmConfig, ProviderConfig, llm_config_from
 from xintu.llm import _config as llm_config_module
 
 KEY = "sk-test-SECRET-1234"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_docstring_block_is_the_defaults() -> None:
@@ -21,6 +24,11 @@ def test_docstring_block_is_the_defaults() -> None:
     block = doc.split("::\n", 1)[1].split("\n\nEvery pool key", 1)[0]
     parsed = tomllib.loads("\n".join(line.removeprefix("    ") for line in block.splitlines()))
     assert parsed == {"llm": dict(llm_config_module.DEFAULTS)}
+
+
+def test_defaults_file_holds_the_defaults() -> None:
+    raw = tomllib.loads((ROOT / "xintu" / "defaults.toml").read_text("utf-8"))
+    assert raw["llm"] == dict(llm_config_module.DEFAULTS)
 
 
 def test_defaults_are_local_only() -> None:
@@ -37,6 +45,78 @@ def test_defaults_are_local_only() -> None:
         0.5,
     )
     assert (cfg.breaker_open_s, cfg.breaker_half_open_probes, cfg.recheck_queue) == (15.0, 3, 32)
+    assert cfg.description_language == "zh"  # as the original backend asked
+
+
+@pytest.mark.parametrize(
+    ("raw", "env", "language"),
+    [
+        ({"description_language": "en"}, {}, "en"),
+        ({"description_language": " EN "}, {}, "en"),
+        ({"description_language": "en"}, {"XINTU_LLM_DESCRIPTION_LANGUAGE": "zh"}, "zh"),
+        ({}, {"XINTU_LLM_DESCRIPTION_LANGUAGE": "en"}, "en"),
+    ],
+)
+def test_description_language(raw: dict[str, object], env: dict[str, str], language: str) -> None:
+    cfg = llm_config_from(raw, env)
+    assert cfg.description_language == language
+    assert cfg.redacted()["description_language"] == language
+
+
+def test_request_parameters_default_as_before() -> None:
+    cfg = llm_config_from(
+        {"providers": ["openai", "anthropic"]}, {"OPENAI_API_KEY": "k"} | {"ANTHROPIC_API_KEY": "k"}
+    )
+    for p in cfg.providers:
+        assert (p.token_limit_param, p.temperature, p.extra_body) == ("max_tokens", 0.0, {})
+
+
+def test_request_parameters_from_toml_and_env() -> None:
+    cfg = llm_config_from(
+        {
+            "providers": ["openai", "qwen", "claude"],
+            "provider": {
+                "openai": {"token_limit_param": "max_completion_tokens", "temperature": "default"},
+                "qwen": {"temperature": 0.7, "extra_body": {"enable_thinking": False}},
+                "claude": {"kind": "anthropic", "temperature": 1},
+            },
+        },
+        {
+            "OPENAI_API_KEY": KEY,
+            "XINTU_LLM_OPENAI_EXTRA_BODY": '{"reasoning_effort": "low"}',
+            "XINTU_LLM_QWEN_BASE_URL": "http://127.0.0.1:8000/v1",
+            "XINTU_LLM_QWEN_MODEL": "qwen3-vl",
+            "XINTU_LLM_QWEN_TEMPERATURE": "0.2",
+            "XINTU_LLM_CLAUDE_BASE_URL": "https://proxy.example",
+            "XINTU_LLM_CLAUDE_MODEL": "claude-x",
+            "XINTU_LLM_CLAUDE_TOKEN_LIMIT_PARAM": "MAX_TOKENS",
+        },
+    )
+    openai, qwen, claude = cfg.providers
+    assert (openai.token_limit_param, openai.temperature) == ("max_completion_tokens", None)
+    assert openai.extra_body == {"reasoning_effort": "low"}
+    assert (qwen.token_limit_param, qwen.temperature) == ("max_tokens", 0.2)
+    assert qwen.extra_body == {"enable_thinking": False}
+    assert (claude.token_limit_param, claude.temperature, claude.extra_body) == (
+        "max_tokens",
+        1.0,
+        {},
+    )
+    shown = cfg.redacted()["providers"]
+    assert [(p["token_limit_param"], p["temperature"], p["extra_body"]) for p in shown] == [
+        ("max_completion_tokens", None, {"reasoning_effort": "low"}),
+        ("max_tokens", 0.2, {"enable_thinking": False}),
+        ("max_tokens", 1.0, {}),
+    ]
+    json.dumps(shown)  # config show prints it
+
+
+@pytest.mark.parametrize("value", ["", "default", " Default "])
+def test_temperature_none_from_env(value: str) -> None:
+    cfg = llm_config_from(
+        {"providers": ["openai"]}, {"OPENAI_API_KEY": "k", "XINTU_LLM_OPENAI_TEMPERATURE": value}
+    )
+    assert cfg.providers[0].temperature is None
 
 
 def test_chain_from_env_with_known_providers() -> None:
@@ -161,6 +241,85 @@ def test_variables_of_providers_not_in_the_chain_are_ignored() -> None:
             "XINTU_LLM_OPENAI_TIMEOUT_S: must be >= 0.01, got 0.0",
         ),
         ({"provider": "x"}, {}, "llm.provider: expected a table of provider tables"),
+        (
+            {"description_language": "fr"},
+            {},
+            "llm.description_language: must be zh or en; got 'fr'",
+        ),
+        ({"description_language": 1}, {}, "llm.description_language: expected a string, got 1"),
+        (
+            {},
+            {"XINTU_LLM_DESCRIPTION_LANGUAGE": "zh-TW"},
+            "XINTU_LLM_DESCRIPTION_LANGUAGE: must be zh or en; got 'zh-tw'",
+        ),
+        (
+            {"providers": ["openai"]},
+            {"OPENAI_API_KEY": "k", "XINTU_LLM_OPENAI_TOKEN_LIMIT_PARAM": "max_output_tokens"},
+            "XINTU_LLM_OPENAI_TOKEN_LIMIT_PARAM: must be max_tokens or max_completion_tokens; "
+            "got 'max_output_tokens'",
+        ),
+        (
+            {
+                "providers": ["anthropic"],
+                "provider": {"anthropic": {"token_limit_param": "max_completion_tokens"}},
+            },
+            {"ANTHROPIC_API_KEY": "k"},
+            "llm.provider.anthropic.token_limit_param: the anthropic kind takes max_tokens only",
+        ),
+        (
+            {"providers": ["openai"]},
+            {"OPENAI_API_KEY": "k", "XINTU_LLM_OPENAI_TEMPERATURE": "hot"},
+            "XINTU_LLM_OPENAI_TEMPERATURE: expected float, got 'hot'",
+        ),
+        (
+            {"providers": ["openai"], "provider": {"openai": {"temperature": "warm"}}},
+            {"OPENAI_API_KEY": "k"},
+            "llm.provider.openai.temperature: expected a number or \"default\", got 'warm'",
+        ),
+        (
+            {"providers": ["openai"], "provider": {"openai": {"temperature": 2.5}}},
+            {"OPENAI_API_KEY": "k"},
+            "llm.provider.openai.temperature: must be <= 2.0, got 2.5",
+        ),
+        (
+            {"providers": ["openai"], "provider": {"openai": {"temperature": True}}},
+            {"OPENAI_API_KEY": "k"},
+            "llm.provider.openai.temperature: expected float, got True",
+        ),
+        (
+            {"providers": ["anthropic"]},
+            {"ANTHROPIC_API_KEY": "k", "XINTU_LLM_ANTHROPIC_TEMPERATURE": "1.5"},
+            "XINTU_LLM_ANTHROPIC_TEMPERATURE: must be <= 1.0, got 1.5",
+        ),
+        (
+            {"providers": ["openai"]},
+            {"OPENAI_API_KEY": "k", "XINTU_LLM_OPENAI_EXTRA_BODY": "{"},
+            "XINTU_LLM_OPENAI_EXTRA_BODY: expected a JSON object, got text that is not JSON",
+        ),
+        (
+            {"providers": ["openai"]},
+            {"OPENAI_API_KEY": "k", "XINTU_LLM_OPENAI_EXTRA_BODY": "[1]"},
+            "XINTU_LLM_OPENAI_EXTRA_BODY: expected a JSON object, got list",
+        ),
+        (
+            {"providers": ["openai"], "provider": {"openai": {"extra_body": "{}"}}},
+            {"OPENAI_API_KEY": "k"},
+            "llm.provider.openai.extra_body: expected a JSON object, got str",
+        ),
+        (
+            {
+                "providers": ["openai"],
+                "provider": {"openai": {"extra_body": {"temperature": 1, "model": "x"}}},
+            },
+            {"OPENAI_API_KEY": "k"},
+            "llm.provider.openai.extra_body: may not set model, temperature: Xintu sets those "
+            "itself (see token_limit_param and temperature)",
+        ),
+        (
+            {"providers": ["openai"]},
+            {"OPENAI_API_KEY": "k", "XINTU_LLM_OPENAI_EXTRA_BODY": '{"x": NaN}'},
+            "XINTU_LLM_OPENAI_EXTRA_BODY: holds a value JSON cannot carry",
+        ),
     ],
 )
 def test_bad_configuration_names_the_key(

@@ -19,6 +19,7 @@ import httpx
 import pytest
 import trio
 from PIL import Image
+from structlog.testing import capture_logs
 
 from xintu import Category, Source
 from xintu.fakellm import Behaviour, FakeLlm, fake_answer, main, run_fake_llm
@@ -99,6 +100,52 @@ async def test_classifies_through_both_wire_formats(providers: str, style: str) 
     assert stats["by_api"] == {providers: 3}
     assert stats["distinct_images"] == 3
     assert stats["bad_requests"] == 0
+
+
+@pytest.mark.parametrize("providers", ["openai", "anthropic"])
+@pytest.mark.parametrize(
+    ("language", "descriptions"),
+    [
+        (None, ("一张模拟的宠物照片", "一张模拟的美食照片")),
+        ("en", ("a fake pets photo", "a fake foods photo")),
+    ],
+)
+async def test_the_fake_describes_in_the_language_asked(
+    providers: str, language: str | None, descriptions: tuple[str, str]
+) -> None:
+    settings = {} if language is None else {"description_language": language}
+    with trio.fail_after(10):
+        async with run_fake_llm(answer="pets") as fake:
+            async with running(config(fake, providers, **settings)) as pool:
+                pets = await pool.classify(*photo(1), trio.current_time() + 5)
+                fake.behaviour.answer = "foods"
+                foods = await pool.classify(*photo(2), trio.current_time() + 5)
+    assert (pets.description, foods.description) == descriptions
+
+
+async def test_the_fake_as_a_reasoning_model() -> None:
+    """A model that refuses max_tokens and temperature: logged, then configured around."""
+    with trio.fail_after(10), capture_logs() as logs:
+        async with run_fake_llm(reasoning_model=True) as fake:
+            async with running(config(fake, retry_max_attempts=3)) as pool:
+                with pytest.raises(UpstreamRejected):
+                    await pool.classify(*photo(1), trio.current_time() + 5)
+            reasoning = {"token_limit_param": "max_completion_tokens", "temperature": 0}
+            async with running(config(fake, provider={"openai": reasoning})) as pool:
+                with pytest.raises(UpstreamRejected):
+                    await pool.classify(*photo(2), trio.current_time() + 5)
+            reasoning["temperature"] = "default"
+            async with running(config(fake, provider={"openai": reasoning})) as pool:
+                c = await pool.classify(*photo(3), trio.current_time() + 5)
+            stats = fake.stats()
+    assert c.source is Source.LLM
+    assert stats["by_status"] == {"200": 1, "400": 2}  # the 400s were not retried
+    assert [e["upstream_message"] for e in logs if e["event"] == "llm_provider_failed"] == [
+        "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+        "'max_completion_tokens' instead. (param: max_tokens, code: unsupported_parameter)",
+        "Unsupported value: 'temperature' does not support 0.0 with this model. Only the "
+        "default (1) value is supported. (param: temperature, code: unsupported_value)",
+    ]
 
 
 async def test_large_photo_is_downscaled_before_upload() -> None:
@@ -278,8 +325,8 @@ async def test_cli_serves() -> None:
 async def test_every_caller_gets_a_connection() -> None:
     """20 callers on one provider: 3 clients of at most 8 connections, none waits."""
     with trio.fail_after(10):
-        async with run_fake_llm(latency_median_ms=50) as fake:
-            client = ProviderClient(config(fake).providers[0], callers=20)
+        async with run_fake_llm(latency_median_ms=250) as fake:
+            client = ProviderClient(config(fake).providers[0], language="zh", callers=20)
             up = prepare_upload(photo(1)[0], max_side_px=64, quality=85)
             try:
                 async with trio.open_nursery() as nursery:

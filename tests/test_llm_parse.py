@@ -6,6 +6,7 @@ import base64
 import io
 import json
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 import pytest
@@ -26,8 +27,13 @@ from xintu.llm import (
     UpstreamUnreachable,
 )
 from xintu.llm._image import prepare_upload
-from xintu.llm._parse import USER_PROMPT, parse_answer
-from xintu.llm._providers import ProviderClient, answer_text, parse_retry_after
+from xintu.llm._parse import DescriptionLanguage, clip_description, parse_answer, user_prompt
+from xintu.llm._providers import (
+    ProviderClient,
+    answer_text,
+    parse_retry_after,
+    upstream_message,
+)
 
 KEY = "sk-test-SECRET-5678"
 
@@ -53,7 +59,7 @@ def jpeg(size: tuple[int, int], color: str = "red", **save: object) -> bytes:
     ],
 )
 def test_parse_accepts_fences_and_prose(text: str) -> None:
-    answer = parse_answer(text)
+    answer = parse_answer(text, language="en")
     assert (answer.category, answer.confidence, answer.description) == (
         Category.PETS,
         0.8,
@@ -62,10 +68,13 @@ def test_parse_accepts_fences_and_prose(text: str) -> None:
 
 
 def test_parse_normalises_category_spelling() -> None:
-    assert parse_answer('{"category": "Travel Scenery", "confidence": 1}').category == (
-        Category.TRAVEL_SCENERY
+    assert parse_answer(
+        '{"category": "Travel Scenery", "confidence": 1}', language="en"
+    ).category == (Category.TRAVEL_SCENERY)
+    assert (
+        parse_answer('{"category": "single-person", "confidence": 0}', language="zh").description
+        is None
     )
-    assert parse_answer('{"category": "single-person", "confidence": 0}').description is None
 
 
 @pytest.mark.parametrize(
@@ -95,23 +104,95 @@ def test_parse_normalises_category_spelling() -> None:
 )
 def test_parse_rejects_off_schema(text: str, message: str) -> None:
     with pytest.raises(BadAnswer) as info:
-        parse_answer(text)
+        parse_answer(text, language="en")
     assert str(info.value) == message
 
 
 @given(st.text(max_size=300))
 def test_parse_never_raises_anything_but_bad_answer(text: str) -> None:
     try:
-        answer = parse_answer(text)
+        answer = parse_answer(text, language="en")
     except BadAnswer:
         return
     assert answer.category in Category
     assert 0.0 <= answer.confidence <= 1.0
 
 
-def test_prompt_names_every_category() -> None:
+@pytest.mark.parametrize("language", ["zh", "en"])
+def test_prompt_names_every_category(language: DescriptionLanguage) -> None:
     for c in Category:
-        assert f"- {c.value}:" in USER_PROMPT
+        assert f"- {c.value}:" in user_prompt(language)
+
+
+def test_prompt_asks_the_description_in_its_language() -> None:
+    zh, en = user_prompt("zh"), user_prompt("en")
+    # The original backend's instruction, with its full-width punctuation.
+    assert '"description": "<简短描述图片内容（中文，30字以内）>"' in zh  # noqa: RUF001
+    assert zh.endswith("\nWrite the description in Simplified Chinese, at most 30 characters.")
+    assert en.endswith('"description": "<what the photo shows, at most 15 words>"}')
+    assert "中文" not in en
+    assert zh.split("Answer with only")[0] == en.split("Answer with only")[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "language", "clipped"),
+    [
+        ("一只猫", "zh", "一只猫"),
+        ("猫" * 30, "zh", "猫" * 30),
+        ("猫" * 31, "zh", "猫" * 29 + "…"),
+        # A full stop at the cut is dropped, not kept before the ellipsis.
+        (
+            "小猫在窗台上晒太阳。窗外是一片绿色的草地和几棵高大的树木。远处有山",
+            "zh",
+            "小猫在窗台上晒太阳。窗外是一片绿色的草地和几棵高大的树木…",
+        ),
+        # An English answer under "zh" is cut at a word boundary when one is near...
+        (
+            "A fluffy orange cat is sleeping on a sunny windowsill",
+            "zh",
+            "A fluffy orange cat is…",
+        ),
+        # ...and mid-word only when none is.
+        (
+            "Pneumonoultramicroscopicsilicovolcanoconiosis here",
+            "zh",
+            "Pneumonoultramicroscopicsilic…",
+        ),
+        ("a cat on a sofa", "en", "a cat on a sofa"),
+        (" ".join(f"w{i}" for i in range(15)), "en", " ".join(f"w{i}" for i in range(15))),
+        (
+            " ".join(f"w{i}" for i in range(16)),
+            "en",
+            " ".join(f"w{i}" for i in range(15)) + "…",
+        ),
+        (
+            "cats, dogs, birds, fish, frogs, snakes, horses, cows, sheep, goats, ducks, geese, "
+            "hens, pigs, mice, and rats",
+            "en",
+            "cats, dogs, birds, fish, frogs, snakes, horses, cows, sheep, goats, ducks, geese, "
+            "hens, pigs, mice…",
+        ),
+        ("x" * 250, "en", "x" * 199 + "…"),
+    ],
+)
+def test_clip_description(text: str, language: DescriptionLanguage, clipped: str) -> None:
+    assert clip_description(text, language) == clipped
+
+
+@given(st.text(max_size=400), st.sampled_from(["zh", "en"]))
+def test_clipped_descriptions_keep_to_the_limit(text: str, language: DescriptionLanguage) -> None:
+    clipped = clip_description(" ".join(text.split()), language)
+    if language == "zh":
+        assert len(clipped) <= 30
+    else:
+        assert len(clipped) <= 200
+        assert len(clipped.split(" ")) <= 15
+
+
+def test_parse_clips_a_long_description() -> None:
+    long = json.dumps({"category": "pets", "confidence": 0.9, "description": "猫" * 40})
+    assert parse_answer(long, language="zh").description == "猫" * 29 + "…"
+    assert parse_answer(long, language="en").description == "猫" * 40
 
 
 def test_answer_text_formats() -> None:
@@ -203,8 +284,8 @@ def test_garbage_is_not_uploadable() -> None:
 # --- request shapes (httpx.MockTransport) ---------------------------------------------
 
 
-def provider(kind: str, base_url: str, *, api_key: str = KEY) -> ProviderConfig:
-    return ProviderConfig("p", kind, base_url, "model-x", 5.0, 123, api_key=api_key)  # type: ignore[arg-type]
+def provider(kind: str, base_url: str, *, api_key: str = KEY, **params: Any) -> ProviderConfig:
+    return ProviderConfig("p", kind, base_url, "model-x", 5.0, 123, api_key=api_key, **params)  # type: ignore[arg-type]
 
 
 def openai_ok(text: str) -> httpx.Response:
@@ -212,7 +293,7 @@ def openai_ok(text: str) -> httpx.Response:
 
 
 async def attempt_with(
-    cfg: ProviderConfig, handler: httpx.MockTransport
+    cfg: ProviderConfig, handler: httpx.MockTransport, *, language: DescriptionLanguage = "zh"
 ) -> tuple[object, list[httpx.Request]]:
     seen: list[httpx.Request] = []
     inner = handler.handle_async_request
@@ -223,7 +304,7 @@ async def attempt_with(
         return await inner(request)
 
     transport = httpx.MockTransport(record)
-    client = ProviderClient(cfg, callers=2, transport=transport)
+    client = ProviderClient(cfg, language=language, callers=2, transport=transport)
     up = prepare_upload(jpeg((2000, 1500)), max_side_px=1024, quality=85)
     try:
         with trio.fail_after(5):
@@ -253,7 +334,7 @@ async def test_openai_request_shape() -> None:
     system, user = body["messages"]
     assert system["role"] == "system"
     text, image = user["content"]
-    assert text == {"type": "text", "text": USER_PROMPT}
+    assert text == {"type": "text", "text": user_prompt("zh")}
     url = image["image_url"]["url"]
     assert url.startswith("data:image/jpeg;base64,")
     assert upload_size(base64.b64decode(url.split(",", 1)[1])) == (1024, 768)
@@ -282,7 +363,57 @@ async def test_anthropic_request_shape() -> None:
     assert image["source"]["type"] == "base64"
     assert image["source"]["media_type"] == "image/jpeg"
     assert upload_size(base64.b64decode(image["source"]["data"])) == (1024, 768)
-    assert text == {"type": "text", "text": USER_PROMPT}
+    assert text == {"type": "text", "text": user_prompt("zh")}
+
+
+@pytest.mark.parametrize("language", ["zh", "en"])
+async def test_request_parameters_default_as_before(language: DescriptionLanguage) -> None:
+    for kind, url in (("openai", "https://llm.example/v1"), ("anthropic", "https://api.example")):
+        _, seen = await attempt_with(
+            provider(kind, url), httpx.MockTransport(lambda r: openai_ok("{}")), language=language
+        )
+        body = json.loads(seen[0].content)
+        assert (body["max_tokens"], body["temperature"]) == (123, 0)
+        assert "max_completion_tokens" not in body
+        texts = [
+            p["text"]
+            for m in body["messages"]
+            if isinstance(m["content"], list)
+            for p in m["content"]
+            if p["type"] == "text"
+        ]
+        assert texts == [user_prompt(language)]
+
+
+async def test_request_parameters_for_reasoning_models() -> None:
+    cfg = provider(
+        "openai",
+        "https://api.openai.com/v1",
+        token_limit_param="max_completion_tokens",
+        temperature=None,
+        extra_body={"reasoning_effort": "minimal", "metadata": {"app": "xintu"}},
+    )
+    _, seen = await attempt_with(cfg, httpx.MockTransport(lambda r: openai_ok("{}")))
+    body = json.loads(seen[0].content)
+    assert body["max_completion_tokens"] == 123
+    assert "max_tokens" not in body
+    assert "temperature" not in body
+    assert (body["reasoning_effort"], body["metadata"]) == ("minimal", {"app": "xintu"})
+    assert body["model"] == "model-x"
+
+
+async def test_anthropic_always_sends_max_tokens() -> None:
+    # The configuration refuses max_completion_tokens for anthropic; the body keeps to it.
+    cfg = provider(
+        "anthropic",
+        "https://api.example",
+        token_limit_param="max_completion_tokens",
+        temperature=0.5,
+    )
+    _, seen = await attempt_with(cfg, httpx.MockTransport(lambda r: openai_ok("{}")))
+    body = json.loads(seen[0].content)
+    assert (body["max_tokens"], body["temperature"]) == (123, 0.5)
+    assert "max_completion_tokens" not in body
 
 
 async def test_no_key_no_auth_header() -> None:
@@ -355,3 +486,74 @@ async def test_failures_are_translated(
     if isinstance(result, UpstreamRateLimited):
         assert result.retry_after_s == 4.0
         assert result.status == 429
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            {
+                "error": {
+                    "message": "Unsupported value: 'temperature' does not support 0 with this "
+                    "model. Only the default (1) value is supported.",
+                    "type": "invalid_request_error",
+                    "param": "temperature",
+                    "code": "unsupported_value",
+                }
+            },
+            "Unsupported value: 'temperature' does not support 0 with this model. Only the "
+            "default (1) value is supported. (param: temperature, code: unsupported_value)",
+        ),
+        (
+            {
+                "type": "error",
+                "error": {"type": "invalid_request_error", "message": "bad\n\tmodel"},
+            },
+            "bad model",
+        ),
+        (
+            {"object": "error", "message": "max_tokens is too large", "code": 400},
+            "max_tokens is too large",
+        ),
+        ({"error": "model 'qwen' not found"}, "model 'qwen' not found"),
+        (
+            {"error": {"message": f"Incorrect API key provided: {KEY}."}},
+            "Incorrect API key provided: ***.",
+        ),
+        (
+            {"error": {"message": "leaked sk-proj-abcdefgh123 and Bearer abc.def-ghi"}},
+            "leaked sk-*** and Bearer ***",
+        ),
+        ({"error": {"message": "x" * 500}}, "x" * 299 + "…"),
+        ({"error": {"code": 400}}, None),
+        ({"error": {"message": "  "}}, None),
+        ([1, 2], None),
+    ],
+)
+def test_upstream_message(body: object, message: str | None) -> None:
+    assert upstream_message(json.dumps(body).encode(), api_key=KEY) == message
+
+
+def test_upstream_message_of_text_and_of_nothing() -> None:
+    assert upstream_message(b"<html>Bad\r\nRequest</html>") == "<html>Bad Request</html>"
+    assert upstream_message(b"") is None
+    assert upstream_message(b"x" * (1 << 20)) is None
+
+
+async def test_a_rejection_carries_the_upstream_message_apart() -> None:
+    refusal = {
+        "error": {
+            "message": f"Unsupported parameter: 'max_tokens' (key {KEY})",
+            "param": "max_tokens",
+        }
+    }
+    result, _ = await attempt_with(
+        provider("openai", "https://llm.example/v1"),
+        httpx.MockTransport(lambda r: httpx.Response(400, json=refusal)),
+    )
+    assert type(result) is UpstreamRejected
+    assert str(result) == "p: request rejected (400)"
+    assert repr(result) == "UpstreamRejected('p: request rejected (400)')"
+    assert result.upstream_message == (
+        "Unsupported parameter: 'max_tokens' (key ***) (param: max_tokens)"
+    )

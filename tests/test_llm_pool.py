@@ -304,6 +304,155 @@ async def test_no_retry_on_client_errors(clock: trio.testing.MockClock, code: in
     assert upstream.count() == 1
 
 
+def refused(message: str, param: str) -> Action:
+    """A 400 as OpenAI answers a parameter the model does not take."""
+
+    async def act(request: httpx.Request) -> httpx.Response:
+        error = {
+            "message": message,
+            "type": "invalid_request_error",
+            "param": param,
+            "code": "unsupported_parameter",
+        }
+        return httpx.Response(400, json={"error": error})
+
+    return act
+
+
+async def test_a_refused_parameter_is_logged_not_retried_and_counts_against_the_breaker(
+    clock: trio.testing.MockClock,
+) -> None:
+    message = (
+        "Unsupported parameter: 'max_tokens' is not supported with this model. "
+        "Use 'max_completion_tokens' instead."
+    )
+    upstream = Upstream(refused(f"{message} Your key: {KEY}", "max_tokens"))
+    cfg = config(retry_max_attempts=3, breaker_consecutive_failures=3)
+    with trio.fail_after(30), capture_logs() as logs:
+        async with running(cfg, upstream) as pool:
+            for i in range(3):
+                err = await fails(pool, i)
+                assert type(err) is UpstreamRejected
+                assert str(err) == "openai: request rejected (400)"
+            assert pool.statistics().providers[0].breaker.state is BreakerState.OPEN
+            assert isinstance(await fails(pool, 3), LlmUnavailable)
+    assert upstream.count() == 3  # never retried; none while the breaker is open
+    failed = [e for e in logs if e["event"] == "llm_provider_failed"]
+    assert failed == 3 * [
+        {
+            "event": "llm_provider_failed",
+            "log_level": "warning",
+            "provider": "openai",
+            "model": "gpt-4o-mini",
+            "error": "llm_upstream_rejected",
+            "status": 400,
+            "upstream_message": f"{message} Your key: *** (param: max_tokens, code: "
+            "unsupported_parameter)",
+        }
+    ]
+    assert KEY not in repr(logs)
+
+
+async def test_retryable_failures_stay_info_with_the_upstream_message(
+    clock: trio.testing.MockClock,
+) -> None:
+    upstream = Upstream(status(503))
+    with trio.fail_after(30), capture_logs() as logs:
+        async with running(config(retry_max_attempts=1), upstream) as pool:
+            await fails(pool)
+    (failed,) = [e for e in logs if e["event"] == "llm_provider_failed"]
+    assert failed["log_level"] == "info"
+    assert failed["upstream_message"] == "upstream says ***"
+
+
+def text_parts(body: dict[str, Any]) -> list[str]:
+    """Every text part of a request body's messages (either wire format)."""
+    return [
+        part["text"]
+        for message in body["messages"]
+        if isinstance(message["content"], list)
+        for part in message["content"]
+        if part.get("type") == "text"
+    ]
+
+
+def recording(bodies: list[dict[str, Any]], action: Action) -> Action:
+    async def act(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        return await action(request)
+
+    return act
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+@pytest.mark.parametrize(
+    ("language", "asked", "not_asked"),
+    [
+        # The original backend's wording, with its full-width punctuation.
+        (None, '"description": "<简短描述图片内容（中文，30字以内）>"', "at most 15 words"),  # noqa: RUF001
+        ("en", '"description": "<what the photo shows, at most 15 words>"', "中文"),
+    ],
+)
+async def test_the_prompt_asks_the_configured_description_language(
+    clock: trio.testing.MockClock, kind: str, language: str | None, asked: str, not_asked: str
+) -> None:
+    bodies: list[dict[str, Any]] = []
+    upstream = Upstream(recording(bodies, ok()))
+    settings = {} if language is None else {"description_language": language}
+    with trio.fail_after(30):
+        async with running(config(kind, **settings), upstream) as pool:
+            await classify(pool)
+    (body,) = bodies
+    (prompt,) = text_parts(body)
+    assert asked in prompt
+    assert not_asked not in prompt
+
+
+@pytest.mark.parametrize(
+    ("language", "description", "kept"),
+    [
+        (
+            None,
+            "一只橘色的猫趴在窗台上晒太阳。窗外是一片绿色的草地和几棵高大的树木",
+            "一只橘色的猫趴在窗台上晒太阳。窗外是一片绿色的草地和几棵高…",
+        ),
+        ("en", " ".join(["word"] * 20), " ".join(["word"] * 15) + "…"),
+    ],
+)
+async def test_a_long_description_is_clipped(
+    clock: trio.testing.MockClock, language: str | None, description: str, kept: str
+) -> None:
+    text = json.dumps({"category": "pets", "confidence": 0.9, "description": description})
+    settings = {} if language is None else {"description_language": language}
+    with trio.fail_after(30):
+        async with running(config(**settings), Upstream(ok(text))) as pool:
+            result = await classify(pool)
+    assert result.description == kept
+
+
+async def test_request_parameters_reach_the_body(clock: trio.testing.MockClock) -> None:
+    bodies: list[dict[str, Any]] = []
+    upstream = Upstream(recording(bodies, ok()))
+    reasoning = {
+        "token_limit_param": "max_completion_tokens",
+        "temperature": "default",
+        "extra_body": {"reasoning_effort": "low"},
+    }
+    with trio.fail_after(30):
+        async with running(config(provider={"openai": reasoning}), upstream) as pool:
+            await classify(pool, 1)
+        async with running(config(), upstream) as pool:
+            await classify(pool, 2)
+    configured, default = bodies
+    assert configured["max_completion_tokens"] == 300
+    assert configured["reasoning_effort"] == "low"
+    assert "max_tokens" not in configured
+    assert "temperature" not in configured
+    assert (default["max_tokens"], default["temperature"]) == (300, 0)
+    assert "max_completion_tokens" not in default
+    assert "reasoning_effort" not in default
+
+
 async def test_retry_budget_caps_retries_under_a_burst(clock: trio.testing.MockClock) -> None:
     upstream = Upstream(status(500))
     cfg = config(

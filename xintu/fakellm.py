@@ -20,8 +20,13 @@ behaviour is a :class:`Behaviour` that can change at run time:
   ``hang_s``, so the client times out), ``malformed`` (200, no JSON in the text),
   ``off_schema`` (200, a category outside the eight);
 * ``answer``: ``"hash"`` or one of the eight category keys; ``answer_style``:
-  ``plain`` JSON, ``fenced`` in a code fence, ``prose`` with text around it;
-* ``api_key``: when set, a call without it is answered 401.
+  ``plain`` JSON, ``fenced`` in a code fence, ``prose`` with text around it; the
+  description is in Chinese when the prompt asks for Chinese (it says 中文), else
+  in English;
+* ``api_key``: when set, a call without it is answered 401;
+* ``reasoning_model``: answer like OpenAI's o-series and gpt-5 models, which
+  refuse ``max_tokens`` (they take ``max_completion_tokens``) and any
+  ``temperature`` but 1 with a 400 and OpenAI's error message.
 
 Control and statistics: ``GET /_fake/stats`` (calls, by API and status, in
 flight, distinct images; ``?images=1`` adds the calls per uploaded image's
@@ -112,6 +117,7 @@ class Behaviour:
     answer: str = "hash"
     answer_style: str = "plain"
     api_key: str | None = field(default=None, repr=False)
+    reasoning_model: bool = False
 
     def check(self) -> None:
         """Raise ValueError on a value the fake cannot act on."""
@@ -130,7 +136,23 @@ class Behaviour:
 
 
 class _BadRequest(Exception):
-    pass
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+# The categories' names in the fake's Chinese descriptions.
+_ZH_NAMES: Mapping[str, str] = {
+    "social_activities": "聚会",
+    "pets": "宠物",
+    "single_person": "人像",
+    "foods": "美食",
+    "travel_scenery": "风景",
+    "screenshot": "截图",
+    "idcard": "证件",
+    "other": "物品",
+}
 
 
 class FakeLlm:
@@ -307,10 +329,12 @@ class FakeLlm:
         if b.api_key is not None and _key(api, headers) != b.api_key:
             return await _error(send, api, 401, "invalid api key")
         try:
-            model, image = _parse_request(api, headers, body)
+            model, image, prompt = _parse_request(api, headers, body)
+            if b.reasoning_model and api == "openai":
+                _check_reasoning_params(body)
         except _BadRequest as exc:
             self.bad_requests += 1
-            return await _error(send, api, 400, str(exc))
+            return await _error(send, api, 400, str(exc), param=exc.param, code=exc.code)
         self.images[hashlib.sha256(image).hexdigest()] += 1
 
         if b.latency_median_ms > 0:
@@ -329,12 +353,13 @@ class FakeLlm:
             category, confidence = fake_answer(image)
         else:
             category, confidence = b.answer, 0.9
+        if "中文" in prompt:
+            description = f"一张模拟的{_ZH_NAMES[category]}照片"
+        else:
+            description = f"a fake {category.replace('_', ' ')} photo"
         answer = json.dumps(
-            {
-                "category": category,
-                "confidence": confidence,
-                "description": f"a fake {category.replace('_', ' ')} photo",
-            }
+            {"category": category, "confidence": confidence, "description": description},
+            ensure_ascii=False,
         )
         if mode == "malformed":
             text = "I am not sure what this photo shows."
@@ -358,8 +383,11 @@ def _key(api: str, headers: Mapping[str, str]) -> str | None:
     return auth[7:] if auth.startswith("Bearer ") else None
 
 
-def _parse_request(api: str, headers: Mapping[str, str], body: bytes) -> tuple[str, bytes]:
-    """(model, image bytes) from a well-formed request; _BadRequest otherwise."""
+def _parse_request(api: str, headers: Mapping[str, str], body: bytes) -> tuple[str, bytes, str]:
+    """(model, image bytes, prompt text) from a well-formed request; _BadRequest otherwise.
+
+    The prompt text is every text part of every message, and the system prompt.
+    """
     try:
         req = json.loads(body)
     except ValueError:
@@ -372,16 +400,22 @@ def _parse_request(api: str, headers: Mapping[str, str], body: bytes) -> tuple[s
         raise _BadRequest("model is required")
     if not isinstance(messages, list) or not messages:
         raise _BadRequest("messages is required")
-    if not isinstance(req.get("max_tokens"), int):
-        raise _BadRequest("max_tokens is required")
+    limits = ("max_tokens",) if api == "anthropic" else ("max_tokens", "max_completion_tokens")
+    if not any(isinstance(req.get(name), int) for name in limits):
+        raise _BadRequest(f"{' or '.join(limits)} is required")
+    texts: list[str] = [req["system"]] if isinstance(req.get("system"), str) else []
     encoded: str | None = None
     for message in messages:
         content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            texts.append(content)
         if not isinstance(content, list):
             continue
         for part in content:
             if not isinstance(part, dict):
                 continue
+            if part.get("type") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
             if api == "openai" and part.get("type") == "image_url":
                 url = (part.get("image_url") or {}).get("url", "")
                 if isinstance(url, str) and url.startswith(_DATA_URL_PREFIX):
@@ -400,7 +434,27 @@ def _parse_request(api: str, headers: Mapping[str, str], body: bytes) -> tuple[s
         raise _BadRequest("the image is not valid base64") from None
     if not image.startswith(b"\xff\xd8"):
         raise _BadRequest("the image is not a JPEG")
-    return model, image
+    return model, image, "\n".join(texts)
+
+
+def _check_reasoning_params(body: bytes) -> None:
+    """Refuse what OpenAI's reasoning models refuse, with their messages."""
+    req = json.loads(body)  # parsed once already: a JSON object
+    if "max_tokens" in req:
+        raise _BadRequest(
+            "Unsupported parameter: 'max_tokens' is not supported with this model. "
+            "Use 'max_completion_tokens' instead.",
+            param="max_tokens",
+            code="unsupported_parameter",
+        )
+    temperature = req.get("temperature", 1)
+    if temperature != 1:
+        raise _BadRequest(
+            f"Unsupported value: 'temperature' does not support {temperature} with this "
+            "model. Only the default (1) value is supported.",
+            param="temperature",
+            code="unsupported_value",
+        )
 
 
 def _completion(api: str, serial: int, model: str, text: str) -> dict[str, Any]:
@@ -472,14 +526,17 @@ async def _error(
     status: int,
     message: str,
     extra_headers: Sequence[tuple[bytes, bytes]] = (),
+    *,
+    param: str | None = None,
+    code: str | None = None,
 ) -> int:
+    client_error = 400 <= status < 500
     if api == "anthropic":
-        payload: dict[str, Any] = {
-            "type": "error",
-            "error": {"type": "api_error", "message": message},
-        }
+        kind = "invalid_request_error" if client_error else "api_error"
+        payload: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": message}}
     else:
-        payload = {"error": {"message": message, "type": "server_error", "code": status}}
+        kind = "invalid_request_error" if client_error else "server_error"
+        payload = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     await _json(send, status, payload, extra_headers)
     return status
 
@@ -559,6 +616,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--answer", default="hash", help="'hash' or a category key")
     p.add_argument("--answer-style", choices=_ANSWER_STYLES, default="plain")
     p.add_argument("--api-key", default=None, help="require this key")
+    p.add_argument(
+        "--reasoning-model",
+        action="store_true",
+        help="refuse max_tokens and temperature like OpenAI's o-series and gpt-5 models",
+    )
     p.add_argument("--seed", type=int, default=None)
     return p
 
@@ -594,6 +656,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             answer=args.answer,
             answer_style=args.answer_style,
             api_key=args.api_key,
+            reasoning_model=args.reasoning_model,
         )
         fake = FakeLlm(behaviour, seed=args.seed)
         config = _hypercorn_config(args.host, args.port, quiet=False)

@@ -9,10 +9,18 @@ environment (``env``), the environment winning. The block to paste into
     # Ordered provider chain, e.g. ["openai", "anthropic"]; empty: local model only.
     # XINTU_LLM_PROVIDERS="openai,anthropic" overrides it. Each provider NAME is set
     # by XINTU_LLM_<NAME>_BASE_URL, _API_KEY, _MODEL, _KIND ("openai" or "anthropic"),
-    # _TIMEOUT_S and _MAX_TOKENS, or by a [llm.provider.NAME] table with the keys
-    # base_url, api_key, model, kind, timeout_s, max_tokens. The names openai,
+    # _TIMEOUT_S, _MAX_TOKENS, _TOKEN_LIMIT_PARAM, _TEMPERATURE and _EXTRA_BODY, or by
+    # a [llm.provider.NAME] table with the same keys in lower case. The names openai,
     # anthropic and dashscope have default endpoints and models and also read
     # OPENAI_API_KEY, ANTHROPIC_API_KEY and DASHSCOPE_API_KEY.
+    # Request parameters per provider: token_limit_param is "max_tokens" (the
+    # default; anthropic takes only that) or "max_completion_tokens", which OpenAI's
+    # o-series and gpt-5 models want (their reasoning counts against it: raise
+    # max_tokens, or lower the effort with extra_body); temperature is a number
+    # (default 0) or "default" to send none (those models refuse any other);
+    # extra_body is a JSON object merged into every request, e.g.
+    # {"reasoning_effort": "low"} or vLLM's, Ollama's or DashScope's own options;
+    # it may not replace a field Xintu sets.
     providers = []
     # Concurrent upstream calls, and the LLM pool's inbox bound (full: local model).
     workers = 8
@@ -23,6 +31,10 @@ environment (``env``), the environment winning. The block to paste into
     # Default per-attempt timeout and answer length of every provider.
     timeout_s = 20.0
     max_tokens = 300
+    # The language the prompt asks the photo's description in: "zh" (Chinese, at
+    # most 30 characters, as the original Xintu backend asked) or "en" (English, at
+    # most 15 words). Longer descriptions are clipped to that length.
+    description_language = "zh"
     # Upload: longest side in pixels, JPEG quality.
     max_image_side_px = 1024
     jpeg_quality = 85
@@ -60,24 +72,30 @@ shows them as ``"***"``.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from .._redact import redact_url
 from ..errors import ConfigError
+from ._parse import DESCRIPTION_LANGUAGES, DescriptionLanguage
 
 __all__ = [
     "DEFAULTS",
     "LlmConfig",
     "ProviderConfig",
     "ProviderKind",
+    "TokenLimitParam",
     "llm_config_from",
 ]
 
 ProviderKind = Literal["openai", "anthropic"]
+#: The request field that carries ``max_tokens``: OpenAI's newer models (o-series,
+#: gpt-5) refuse ``max_tokens`` and want ``max_completion_tokens``.
+TokenLimitParam = Literal["max_tokens", "max_completion_tokens"]
 
 #: Defaults of the ``[llm]`` table (the docstring's TOML block, parsed).
 DEFAULTS: Mapping[str, Any] = {
@@ -87,6 +105,7 @@ DEFAULTS: Mapping[str, Any] = {
     "fallback_reserve_s": 1.5,
     "timeout_s": 20.0,
     "max_tokens": 300,
+    "description_language": "zh",
     "max_image_side_px": 1024,
     "jpeg_quality": 85,
     "retry_max_attempts": 3,
@@ -127,9 +146,26 @@ _NUMBERS: Mapping[str, tuple[type[int] | type[float], float | None, float | None
     "breaker_half_open_probes": (int, 1, 1024),
     "recheck_queue": (int, 0, None),
 }
-_PROVIDER_KEYS = ("base_url", "api_key", "model", "kind", "timeout_s", "max_tokens")
+_PROVIDER_KEYS = (
+    "base_url",
+    "api_key",
+    "model",
+    "kind",
+    "timeout_s",
+    "max_tokens",
+    "token_limit_param",
+    "temperature",
+    "extra_body",
+)
+_TOKEN_LIMIT_PARAMS: tuple[TokenLimitParam, ...] = ("max_tokens", "max_completion_tokens")
+# Fields Xintu sets itself, each through its own key: extra_body may not replace them.
+_RESERVED_BODY_KEYS = frozenset(
+    {"model", "messages", "system", "stream", "temperature", *_TOKEN_LIMIT_PARAMS}
+)
+_MAX_EXTRA_BODY_CHARS = 4096
 _NAME_RE = re.compile(r"[a-z][a-z0-9_]*")
 _ENV_PREFIX = "XINTU_LLM_"
+_S = TypeVar("_S", bound=str)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +197,11 @@ class ProviderConfig:
     ``base_url`` is the API root as the vendor's SDK takes it: for ``openai``
     requests go to ``{base_url}/chat/completions`` (so it ends in ``/v1`` for
     OpenAI), for ``anthropic`` to ``{base_url}/v1/messages``.
+
+    The request carries ``max_tokens`` under the name ``token_limit_param``
+    (always ``max_tokens`` for ``anthropic``), ``temperature`` unless it is None
+    (the model's own default), and every field of ``extra_body``, which never
+    holds a field Xintu sets itself.
     """
 
     name: str
@@ -170,6 +211,9 @@ class ProviderConfig:
     timeout_s: float
     max_tokens: int
     api_key: str = field(default="", repr=False)
+    token_limit_param: TokenLimitParam = "max_tokens"
+    temperature: float | None = 0.0
+    extra_body: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def redacted(self) -> dict[str, Any]:
         """The provider's settings for display, the API key as ``"***"``."""
@@ -181,6 +225,9 @@ class ProviderConfig:
             "model": self.model,
             "timeout_s": self.timeout_s,
             "max_tokens": self.max_tokens,
+            "token_limit_param": self.token_limit_param,
+            "temperature": self.temperature,
+            "extra_body": json.loads(json.dumps(self.extra_body)),
         }
 
 
@@ -194,6 +241,7 @@ class LlmConfig:
     fallback_reserve_s: float
     timeout_s: float
     max_tokens: int
+    description_language: DescriptionLanguage
     max_image_side_px: int
     jpeg_quality: int
     retry_max_attempts: int
@@ -217,7 +265,10 @@ class LlmConfig:
 
     def redacted(self) -> dict[str, Any]:
         """Every value for ``config show``; API keys as ``"***"``."""
-        out: dict[str, Any] = {"providers": [p.redacted() for p in self.providers]}
+        out: dict[str, Any] = {
+            "providers": [p.redacted() for p in self.providers],
+            "description_language": self.description_language,
+        }
         for key in _NUMBERS:
             out[key] = getattr(self, key)
         return out
@@ -249,6 +300,55 @@ def _check_number(
     if hi is not None and number > hi:
         raise ConfigError(key, f"must be <= {hi}, got {number!r}")
     return number
+
+
+def _choice(key: str, value: Any, choices: tuple[_S, ...]) -> _S:
+    """The one of *choices* that *value* names (case and spaces aside)."""
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a string, got {value!r}")
+    text = value.strip().lower()
+    for choice in choices:
+        if choice == text:
+            return choice
+    raise ConfigError(key, f"must be {' or '.join(choices)}; got {text!r}")
+
+
+def _temperature(key: str, value: Any, hi: float, *, from_env: bool) -> float | None:
+    """A number in 0..*hi*, or None (send none) for ``"default"`` or ``""``."""
+    if isinstance(value, str):
+        if value.strip().lower() in ("", "default"):
+            return None
+        if not from_env:
+            raise ConfigError(key, f'expected a number or "default", got {value!r}')
+    return float(_check_number(key, value, float, 0, hi, from_env=from_env))
+
+
+def _extra_body(key: str, value: Any, *, from_env: bool) -> dict[str, Any]:
+    """A JSON object (a TOML table, or JSON text in the environment) of extra fields."""
+    if from_env and isinstance(value, str):
+        if not value.strip():
+            return {}
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ConfigError(key, "expected a JSON object, got text that is not JSON") from None
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, f"expected a JSON object, got {type(value).__name__}")
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        raise ConfigError(key, "holds a value JSON cannot carry") from None
+    if len(text) > _MAX_EXTRA_BODY_CHARS:
+        raise ConfigError(key, f"longer than {_MAX_EXTRA_BODY_CHARS} characters as JSON")
+    reserved = sorted(_RESERVED_BODY_KEYS.intersection(value))
+    if reserved:
+        raise ConfigError(
+            key,
+            f"may not set {', '.join(reserved)}: Xintu sets those itself "
+            "(see token_limit_param and temperature)",
+        )
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
 
 
 def _chain(key: str, value: Any) -> tuple[str, ...]:
@@ -331,6 +431,25 @@ def _provider(
             kind_, lo, hi = _NUMBERS[key]
             numbers[key] = _check_number(where, value, kind_, lo, hi, from_env=from_env)
 
+    token_limit_param: TokenLimitParam = "max_tokens"
+    if (got := get("token_limit_param")) is not None:
+        where, value, _ = got
+        token_limit_param = _choice(where, value, _TOKEN_LIMIT_PARAMS)
+        if kind == "anthropic" and token_limit_param != "max_tokens":
+            raise ConfigError(where, "the anthropic kind takes max_tokens only")
+
+    temperature: float | None = 0.0
+    if (got := get("temperature")) is not None:
+        where, value, from_env = got
+        # OpenAI takes 0..2, Anthropic 0..1.
+        hi = 1.0 if kind == "anthropic" else 2.0
+        temperature = _temperature(where, value, hi, from_env=from_env)
+
+    extra_body: dict[str, Any] = {}
+    if (got := get("extra_body")) is not None:
+        where, value, from_env = got
+        extra_body = _extra_body(where, value, from_env=from_env)
+
     return ProviderConfig(
         name=name,
         kind=kind,
@@ -339,6 +458,9 @@ def _provider(
         timeout_s=float(numbers["timeout_s"]),
         max_tokens=int(numbers["max_tokens"]),
         api_key=api_key or "",
+        token_limit_param=token_limit_param,
+        temperature=temperature,
+        extra_body=extra_body,
     )
 
 
@@ -378,6 +500,8 @@ def llm_config_from(raw: Mapping[str, Any], env: Mapping[str, str]) -> LlmConfig
         values[key] = _check_number(where, value, kind, lo, hi, from_env=from_env)
     if values["retry_max_s"] < values["retry_initial_s"]:
         raise ConfigError("llm.retry_max_s", "must be >= retry_initial_s")
+    where, value, _ = pick("description_language")
+    language = _choice(where, value, DESCRIPTION_LANGUAGES)
 
     where, value, _ = pick("providers")
     names = _chain(where, value)
@@ -392,4 +516,4 @@ def llm_config_from(raw: Mapping[str, Any], env: Mapping[str, str]) -> LlmConfig
         )
         for n in names
     )
-    return LlmConfig(providers=providers, **values)
+    return LlmConfig(providers=providers, description_language=language, **values)

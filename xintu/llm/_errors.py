@@ -15,8 +15,11 @@
             └── UpstreamRejected    any other 4xx (bad key, bad request)              not retried
 
 Messages name the provider and the HTTP status at most: never an upstream body,
-a header or an API key. httpx's errors are translated at the boundary with
-``raise ... from`` in :mod:`xintu.llm._providers`.
+a header or an API key. An error answer's own message, stripped of anything like
+a key and shortened, is kept apart in ``UpstreamError.upstream_message`` for the
+operator's log (the pool logs it); it is never part of ``str()`` or ``repr()``.
+httpx's errors are translated at the boundary with ``raise ... from`` in
+:mod:`xintu.llm._providers`.
 """
 
 from __future__ import annotations
@@ -102,6 +105,8 @@ class UpstreamError(LlmError):
         self.provider = provider
         self.status = status
         self.retry_after_s = retry_after_s
+        # The upstream's own error message, sanitised (see the module docstring).
+        self.upstream_message: str | None = None
 
 
 class UpstreamTimeout(UpstreamError):

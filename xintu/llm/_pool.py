@@ -35,7 +35,14 @@ from .._rate import ServiceTime
 from .._types import Classification, Source
 from ._breaker import Breaker, BreakerState, BreakerStatistics
 from ._config import LlmConfig, ProviderConfig
-from ._errors import LlmError, LlmUnavailable, UnavailableReason, UpstreamError, UpstreamTimeout
+from ._errors import (
+    LlmError,
+    LlmUnavailable,
+    UnavailableReason,
+    UpstreamError,
+    UpstreamRejected,
+    UpstreamTimeout,
+)
 from ._image import UploadImage, prepare_upload
 from ._parse import ParsedAnswer
 from ._providers import ProviderClient
@@ -148,6 +155,26 @@ class _Provider:
             breaker=self.breaker.statistics(),
             retry_budget=self.budget.statistics(),
         )
+
+
+def _log_failure(cfg: ProviderConfig, exc: LlmError) -> None:
+    """Log a provider's failed call; a refused request (4xx) as a warning.
+
+    A refusal (a bad key, a model name or a parameter the model does not take) fails
+    every call the same way until the configuration changes, and the breaker then
+    hides it behind the local model: the upstream's own message says why.
+    """
+    fields: dict[str, object] = {
+        "provider": cfg.name,
+        "error": exc.error_code,
+        "status": getattr(exc, "status", None),
+    }
+    if isinstance(exc, UpstreamError) and exc.upstream_message is not None:
+        fields["upstream_message"] = exc.upstream_message
+    if isinstance(exc, UpstreamRejected):
+        log.warning("llm_provider_failed", model=cfg.model, **fields)
+    else:
+        log.info("llm_provider_failed", **fields)
 
 
 def _deliver(reply: trio.MemorySendChannel[_Result], result: _Result) -> None:
@@ -359,7 +386,10 @@ class LlmPool:
             for p in self._providers:
                 # Lanes: worker i is caller i, the recheck worker is caller `workers`.
                 p.client = ProviderClient(
-                    p.cfg, callers=self._workers + 1, transport=self._transport
+                    p.cfg,
+                    language=self.config.description_language,
+                    callers=self._workers + 1,
+                    transport=self._transport,
                 )
                 clients.push_async_callback(p.client.aclose)
             async with trio.open_nursery() as nursery:
@@ -492,12 +522,7 @@ class LlmPool:
                 continue  # breaker open: next provider, no call made
             except LlmError as exc:
                 last = exc
-                log.info(
-                    "llm_provider_failed",
-                    provider=p.cfg.name,
-                    error=exc.error_code,
-                    status=getattr(exc, "status", None),
-                )
+                _log_failure(p.cfg, exc)
                 continue
             return Classification(
                 category=answer.category,

@@ -6,13 +6,19 @@
 * ``anthropic``: the Messages API, ``POST {base_url}/v1/messages`` with
   ``x-api-key`` and ``anthropic-version: 2023-06-01`` and a base64 image block.
 
+The request's parameters are the provider's (:class:`~xintu.llm.ProviderConfig`):
+the name of the token limit field, the temperature or none, and extra fields.
+
 Each :class:`ProviderClient` owns its ``httpx.AsyncClient`` (connection pooling,
 keep-alive) for its whole life; no SDKs. :meth:`ProviderClient.attempt` makes one
 HTTP request and either returns a :class:`~xintu.llm._parse.ParsedAnswer` or
 raises an :class:`~xintu.llm.UpstreamError` (httpx's errors translated with
 ``raise ... from``) or :class:`~xintu.llm.BadAnswer`. Retries, deadlines and the
 breaker are the pool's business. Upstream bodies, headers and keys never reach an
-error message or a log line.
+error message. An error answer's own message (``{"error": {"message": ...}}``),
+without the API key or anything that looks like one, and at most
+:data:`UPSTREAM_MESSAGE_CHARS` long, rides on the error as ``upstream_message``
+for the operator's log: a 400 for a parameter the model refuses says so there.
 
 One client serves up to :data:`LANE_CONNECTIONS` callers; with more callers the
 provider keeps one client per that many, each caller pinned to one (its *lane*).
@@ -29,6 +35,7 @@ from __future__ import annotations
 import email.utils
 import json
 import math
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,23 +52,30 @@ from ._errors import (
     UpstreamUnreachable,
 )
 from ._image import UploadImage
-from ._parse import SYSTEM_PROMPT, USER_PROMPT, ParsedAnswer, parse_answer
+from ._parse import SYSTEM_PROMPT, DescriptionLanguage, ParsedAnswer, parse_answer, user_prompt
 
 __all__ = [
     "ANTHROPIC_VERSION",
     "LANE_CONNECTIONS",
+    "UPSTREAM_MESSAGE_CHARS",
     "ProviderClient",
     "answer_text",
     "parse_retry_after",
     "request_body",
     "request_headers",
     "request_path",
+    "upstream_message",
 ]
 
 ANTHROPIC_VERSION = "2023-06-01"
 #: Most callers (so connections) on one ``httpx.AsyncClient``; see the module docstring.
 LANE_CONNECTIONS = 8
 _MAX_BODY_BYTES = 1 << 20  # an answer is a few hundred bytes; refuse megabytes
+#: Longest upstream error message kept for the log.
+UPSTREAM_MESSAGE_CHARS = 300
+_MAX_ERROR_BODY_BYTES = 64 << 10
+# Things that look like credentials, whoever's: OpenAI-style keys, bearer tokens.
+_SECRET_RE = re.compile(r"\b(sk-|Bearer\s+)[A-Za-z0-9._\-]{6,}", re.IGNORECASE)
 
 
 def request_path(cfg: ProviderConfig) -> str:
@@ -79,13 +93,17 @@ def request_headers(cfg: ProviderConfig) -> dict[str, str]:
     return {"authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
 
 
-def request_body(cfg: ProviderConfig, image: UploadImage) -> dict[str, Any]:
-    """The JSON body asking *cfg*'s model to classify *image*."""
+def request_body(
+    cfg: ProviderConfig, image: UploadImage, *, language: DescriptionLanguage
+) -> dict[str, Any]:
+    """The JSON body asking *cfg*'s model to classify *image*, describing it in *language*."""
+    body: dict[str, Any] = {"model": cfg.model}
+    body["max_tokens" if cfg.kind == "anthropic" else cfg.token_limit_param] = cfg.max_tokens
+    if cfg.temperature is not None:
+        body["temperature"] = cfg.temperature
+    prompt = user_prompt(language)
     if cfg.kind == "anthropic":
-        return {
-            "model": cfg.model,
-            "max_tokens": cfg.max_tokens,
-            "temperature": 0,
+        body |= {
             "system": SYSTEM_PROMPT,
             "messages": [
                 {
@@ -99,29 +117,28 @@ def request_body(cfg: ProviderConfig, image: UploadImage) -> dict[str, Any]:
                                 "data": image.b64,
                             },
                         },
-                        {"type": "text", "text": USER_PROMPT},
+                        {"type": "text", "text": prompt},
                     ],
                 }
             ],
         }
-    return {
-        "model": cfg.model,
-        "max_tokens": cfg.max_tokens,
-        "temperature": 0,
-        "messages": [
+    else:
+        body["messages"] = [
             {"role": "system", "content": SYSTEM_PROMPT},
             {
                 "role": "user",
                 "content": [
-                    {"type": "text", "text": USER_PROMPT},
+                    {"type": "text", "text": prompt},
                     {
                         "type": "image_url",
                         "image_url": {"url": f"data:image/jpeg;base64,{image.b64}"},
                     },
                 ],
             },
-        ],
-    }
+        ]
+    # The configuration refuses extra fields that would replace any of the above.
+    body.update(cfg.extra_body)
+    return body
 
 
 def answer_text(kind: str, body: object) -> str:
@@ -153,6 +170,52 @@ def answer_text(kind: str, body: object) -> str:
     return "\n".join(texts)
 
 
+def upstream_message(content: bytes, *, api_key: str = "") -> str | None:
+    """The message of an error response body, fit for a log line; None if it has none.
+
+    Takes ``error.message`` (OpenAI, Anthropic, DashScope, Ollama), ``error`` as a
+    string, or ``message`` (vLLM), adding ``param`` and ``code`` where given; a
+    body that is not JSON gives its text. The API key and anything that looks like
+    a key or a bearer token are replaced by ``***``; control characters and runs of
+    spaces are collapsed; at most :data:`UPSTREAM_MESSAGE_CHARS` characters.
+    """
+    if not content or len(content) > _MAX_ERROR_BODY_BYTES:
+        return None
+    text = content.decode("utf-8", "replace")
+    try:
+        body = json.loads(text)
+    except ValueError:
+        message: object = text
+    else:
+        message = None
+        if isinstance(body, dict):
+            error = body.get("error")
+            if isinstance(error, dict):
+                message = error.get("message")
+                extras = [
+                    f"{k}: {v}"
+                    for k in ("param", "code")
+                    if isinstance(v := error.get(k), str) or type(v) is int
+                ]
+                if isinstance(message, str) and extras:
+                    message = f"{message} ({', '.join(extras)})"
+            elif isinstance(error, str):
+                message = error
+            elif isinstance(body.get("message"), str):
+                message = body["message"]
+    if not isinstance(message, str):
+        return None
+    if api_key:
+        message = message.replace(api_key, "***")
+    message = _SECRET_RE.sub(lambda m: m.group(1) + "***", message)
+    message = " ".join("".join(c if c.isprintable() else " " for c in message).split())
+    if not message:
+        return None
+    if len(message) > UPSTREAM_MESSAGE_CHARS:
+        message = message[: UPSTREAM_MESSAGE_CHARS - 1] + "…"
+    return message
+
+
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
     """``Retry-After`` in seconds (delta-seconds or an HTTP date), or None if absent/bad."""
     if value is None:
@@ -176,18 +239,21 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
 class ProviderClient:
     """One provider: its settings and its shared ``httpx.AsyncClient`` (one per lane).
 
-    *callers* is the number of tasks that call :meth:`attempt` concurrently, each
-    with its own ``lane`` in ``range(callers)``.
+    *language* is the description's (``[llm] description_language``). *callers* is
+    the number of tasks that call :meth:`attempt` concurrently, each with its own
+    ``lane`` in ``range(callers)``.
     """
 
     def __init__(
         self,
         cfg: ProviderConfig,
         *,
+        language: DescriptionLanguage,
         callers: int,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.cfg = cfg
+        self.language: DescriptionLanguage = language
         sizes = [
             min(LANE_CONNECTIONS, callers - start)
             for start in range(0, max(callers, 1), LANE_CONNECTIONS)
@@ -222,14 +288,19 @@ class ProviderClient:
         name = self.cfg.name
         client = self._clients[(lane // LANE_CONNECTIONS) % len(self._clients)]
         try:
-            response = await client.post(request_path(self.cfg), json=request_body(self.cfg, image))
+            response = await client.post(
+                request_path(self.cfg),
+                json=request_body(self.cfg, image, language=self.language),
+            )
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout(name, "no answer in time") from exc
         except httpx.TransportError as exc:
             raise UpstreamUnreachable(name, f"transport error ({type(exc).__name__})") from exc
         status = response.status_code
         if status != 200:
-            raise _status_error(name, status, response.headers.get("retry-after"))
+            error = _status_error(name, status, response.headers.get("retry-after"))
+            error.upstream_message = upstream_message(response.content, api_key=self.cfg.api_key)
+            raise error
         if len(response.content) > _MAX_BODY_BYTES:
             raise BadAnswer(f"{name}: the response is too large")
         try:
@@ -237,7 +308,7 @@ class ProviderClient:
         except ValueError as exc:
             raise BadAnswer(f"{name}: the response is not JSON") from exc
         try:
-            return parse_answer(answer_text(self.cfg.kind, body))
+            return parse_answer(answer_text(self.cfg.kind, body), language=self.language)
         except BadAnswer as exc:
             raise BadAnswer(f"{name}: {exc.message}") from exc
 
