@@ -187,7 +187,7 @@ async def test_every_nasty_file_gets_its_status(tmp_path: Path) -> None:
                 assert answer["data"]["image_hash"] == sha(data)
             else:
                 assert answer["error_code"] == code, (name, answer)
-                assert set(answer) == {"success", "error", "error_code", "request_id"}
+                assert set(answer) == {"success", "error", "error_code", "request_id", "detail"}
                 assert "Traceback" not in answer["error"]
                 assert "/" not in answer["error"], name  # no paths in client messages
         # The service still answers after the whole corpus.

@@ -33,7 +33,8 @@ from werkzeug.datastructures import FileStorage, Headers
 
 from xintu import Config, load_config
 from xintu.http import XintuApp, create_app
-from xintu.http._idempotency import Idempotency, _fingerprint
+from xintu.http._fingerprint import fingerprint as _fingerprint
+from xintu.http._idempotency import Idempotency
 
 from .fakes import FakeDecoded, FakeModel
 

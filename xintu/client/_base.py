@@ -86,9 +86,10 @@ def request_headers(op: Post, state: RetryState) -> dict[str, str]:
     """Per-attempt headers: the logical request's ``Idempotency-Key`` and, for uploads,
     a multipart boundary of its own.
 
-    The server fingerprints a keyed request by its exact bytes, so every retry must
-    resend the same body: a fresh random boundary would make a retry after a lost
-    answer look like another request (422 ``idempotency_key_reused``).
+    The server fingerprints a keyed request by what it means (its fields and files),
+    so any boundary would do; a fixed one keeps every retry byte-identical, which
+    servers from before that change required (they answered a retry with a new
+    boundary 422 ``idempotency_key_reused``).
     """
     headers = {"Idempotency-Key": state.idempotency_key}
     if op.files:

@@ -101,7 +101,9 @@ _IDEMPOTENCY_KEY = {
     "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
     "description": "Makes a retry safe: the first answer to this key (per client) is "
     "replayed byte for byte, with Idempotency-Replayed: true, for idempotency.ttl_s. "
-    "The same key with a different request is 422; while the first is in flight, 409.",
+    "The same key with a different request is 422; while the first is in flight, 409. "
+    "A request is the same when it means the same: a new multipart boundary, another "
+    "JSON key order or spacing do not make it different.",
 }
 _DEADLINE = {
     "name": "X-Deadline-Ms",
