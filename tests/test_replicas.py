@@ -172,9 +172,9 @@ class ClaimStore(MemoryStore):
         # Called inside claim(): what another process does just before our claim lands.
         self.before_claim: Any = None
 
-    async def get(self, image_hash: str) -> CachedEntry | None:
+    async def get(self, image_hash: str, *, scope: str | None = None) -> CachedEntry | None:
         self.reads.append(trio.current_time())
-        return await super().get(image_hash)
+        return await super().get(image_hash, scope=scope)
 
     async def claim(self, image_hash: str, owner: str, *, now: datetime, ttl_s: float) -> bool:
         await trio.lowlevel.checkpoint()
