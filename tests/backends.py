@@ -12,6 +12,11 @@ Fixtures:
 ``mysql_url``
     The URL of a fresh MySQL/MariaDB database made for this test session
     (``xintu_test_<random hex>``, dropped at the end), tables emptied per test.
+``fresh_mysql_url``
+    The URL of an empty database of its own for one test (``<session db>_<hex>``,
+    dropped after it): for tests that build a schema the store did not make.
+``own_store_url``
+    ``store_url`` for tests that change the schema: MySQL on ``fresh_mysql_url``.
 
 The server is ``TEST_MYSQL_URL`` (default ``mysql://root@127.0.0.1:3306/``; not an
 ``XINTU_`` variable, which the configuration would refuse as an unknown key). If it
@@ -127,6 +132,31 @@ def mysql_url(_mysql_database: MySQLSettings) -> str:
     """This session's MySQL database, with the store's tables emptied."""
     trio.run(_empty_tables, _mysql_database)
     return mysql_url_of(_mysql_database)
+
+
+@pytest.fixture
+def fresh_mysql_url(_mysql_database: MySQLSettings) -> Iterator[str]:
+    """An empty database for this test alone, dropped after it."""
+    name = f"{_mysql_database.database}_{secrets.token_hex(4)}"
+    trio.run(
+        _run_admin,
+        _mysql_database,
+        f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
+    )
+    try:
+        yield mysql_url_of(_mysql_database.with_database(name))
+    finally:
+        trio.run(_run_admin, _mysql_database, f"DROP DATABASE IF EXISTS `{name}`")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
+def own_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Like ``store_url``, but on a database of this test's own (MySQL:
+    ``fresh_mysql_url``): for tests that change the schema."""
+    if request.param == "mysql":
+        url: str = request.getfixturevalue("fresh_mysql_url")
+        return url
+    return f"sqlite:///{tmp_path / 'own-store' / 'xintu.sqlite3'}"
 
 
 def mysql_url_of(settings: MySQLSettings, *, port: int | None = None) -> str:

@@ -22,7 +22,8 @@
     │   └── Draining                shutting down
     ├── DeadlineExceeded            no classifier answered before the deadline     504
     ├── StoreError                  the store failed (translated from sqlite3/trio-mysql)
-    │   └── StoreUnavailable        the store cannot be reached at all
+    │   ├── StoreUnavailable        the store cannot be reached at all
+    │   └── StoreRejected           the store refuses a write for good (schema, constraint)
     ├── ModelError                  the local ONNX model could not be built/loaded/run
     └── ClassifierError             a classifier failed on one image (internal; triggers fallback)
 
@@ -51,6 +52,7 @@ __all__ = [
     "RateLimited",
     "RequestTimeout",
     "StoreError",
+    "StoreRejected",
     "StoreUnavailable",
     "TooManyPixels",
     "Unauthorized",
@@ -186,6 +188,14 @@ class StoreError(XintuError):
 
 class StoreUnavailable(StoreError):
     error_code = "store_unavailable"
+
+
+class StoreRejected(StoreError):
+    """The store refused the statement for a reason that retrying cannot fix: an
+    unknown column or table, a NOT NULL column without a default, a value too long,
+    a constraint (unique, foreign key, check). Only a schema change helps."""
+
+    error_code = "store_rejected"
 
 
 class ModelError(XintuError):

@@ -51,7 +51,7 @@ import trio_mysql.connections
 import trio_mysql.cursors
 
 from .._redact import redact_url
-from ..errors import ConfigError, StoreError, StoreUnavailable
+from ..errors import ConfigError, StoreError, StoreRejected, StoreUnavailable
 from ._base import (
     LOG_COLUMNS,
     SHARED_SCOPE,
@@ -77,6 +77,7 @@ from ._base import (
     resolve_lookup,
     to_utc,
 )
+from ._layout import EMPTY_LAYOUT, Layout, read_mysql_layout
 from ._pool import Pool
 from ._schema import ADDED_COLUMNS, INDEXES, SCHEMA_VERSION, SCHEMA_VERSION_TABLE, TABLES
 from ._stats import AlbumStats, assemble_stats, stats_queries
@@ -113,6 +114,17 @@ _UNAVAILABLE = _LOST | frozenset(
         2003,  # cannot connect (TCP)
         2005,  # unknown host
     }
+)
+
+
+# Codes that no retry can fix: the schema or a constraint refuses the write
+# (StoreRejected). 1048 column cannot be null, 1054 unknown column, 1062 duplicate
+# key (on a key other than the one the statement handles), 1136 column count,
+# 1146 no such table, 1264 out of range, 1265 data truncated, 1292 incorrect
+# datetime, 1364 no default, 1366 incorrect value, 1406 data too long, 1451/1452
+# foreign key, 3819 (MySQL) / 4025 (MariaDB) check constraint.
+_REJECTED = frozenset(
+    {1048, 1054, 1062, 1136, 1146, 1264, 1265, 1292, 1364, 1366, 1406, 1451, 1452, 3819, 4025}
 )
 
 
@@ -357,7 +369,7 @@ _UPSERT = """
         source, image_size, hit_count, created_at, last_hit_at
     ) VALUES (
         %(image_hash)s, %(category)s, %(confidence)s, %(description)s, %(model_used)s,
-        %(model_response)s, %(source)s, %(image_size)s, 0, %(created_at)s, NULL
+        %(model_response)s, %(source)s, %(image_size)s, 0, %(created_at)s, %(last_hit_at)s
     )
     ON DUPLICATE KEY UPDATE
         category = IF(source <=> 'local' AND %(llm)s, %(category)s, category),
@@ -391,11 +403,32 @@ _ALIAS = """
 
 _LOOKUP = lookup_sql("%s", "%s")
 
-_LOG = f"""
-    INSERT INTO request_log ({LOG_COLUMNS})
-    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-    ON DUPLICATE KEY UPDATE request_id = request_id
-"""
+# request_log columns of the original system that the store fills too, from its own.
+_LOG_EXTRAS = ("ip_address", "inference_method")
+# The tables whose rows are fitted to their columns.
+_FITTED_TABLES = ("image_classification_cache", "request_log")
+_LOG_NAMES = tuple(name.strip() for name in LOG_COLUMNS.split(","))
+
+
+def _log_insert(layout: Layout) -> tuple[str, tuple[str, ...]]:
+    """The request-log INSERT for *layout*, and the columns it writes, in order."""
+    names = _LOG_NAMES + tuple(n for n in _LOG_EXTRAS if layout.has("request_log", n))
+    marks = ", ".join(["%s"] * len(names))
+    sql = (
+        f"INSERT INTO request_log ({', '.join(names)}) VALUES ({marks}) "
+        "ON DUPLICATE KEY UPDATE request_id = request_id"
+    )
+    return sql, names
+
+
+def _log_values(row: RequestLogRow) -> dict[str, Any]:
+    """A request-log row by column name, the original's columns included."""
+    values = dict(zip(_LOG_NAMES, log_params(row), strict=True))
+    values["ip_address"] = row.ip
+    # The original's stats count requests by inference method.
+    values["inference_method"] = "cache" if row.from_cache else row.source
+    return values
+
 
 _IDEM_SELECT = (
     "SELECT fingerprint, state, status, body, content_type, created_at, expires_at "
@@ -445,6 +478,9 @@ class MySQLStore(Store):
         self._counters = Counters()
         self._pool: Pool[MySQLConnection] = Pool(self._connect, size=pool_size)
         self._last_prune = -math.inf
+        # The columns the tables really have (read at open): what is written is fitted.
+        self._layout = EMPTY_LAYOUT
+        self._log_sql, self._log_names = _log_insert(EMPTY_LAYOUT)
 
     @classmethod
     async def open(
@@ -477,6 +513,8 @@ class MySQLStore(Store):
         message = f"mysql store {self._settings.url}: {what} failed: {_describe(exc)}"
         if isinstance(exc, OSError) or _code(exc) in _UNAVAILABLE or _is_lost_connection(exc):
             return StoreUnavailable(message)
+        if _code(exc) in _REJECTED:
+            return StoreRejected(message)
         return StoreError(message)
 
     async def _run(
@@ -552,8 +590,9 @@ class MySQLStore(Store):
                             f"ALTER TABLE {col.table} ADD COLUMN {col.name} {col.mysql}"
                         )
                 for index in INDEXES:
-                    if not await _index_exists(conn, index.table, index.name):
+                    if not await _index_exists(conn, index.table, index.name, index.columns):
                         await conn.execute(index.create())
+                await _key_request_ids(conn)
                 await conn.execute(
                     "INSERT INTO schema_version (id, version, updated_at) VALUES (1, %s, %s) "
                     "ON DUPLICATE KEY UPDATE version = %s, updated_at = %s",
@@ -561,6 +600,9 @@ class MySQLStore(Store):
                 )
                 _log.info("store_migrated", backend=self.backend, version=SCHEMA_VERSION)
             await conn.fetchall("SELECT RELEASE_LOCK(%s)", (lock_name,))
+            layout = await read_mysql_layout(conn, _FITTED_TABLES)
+            self._layout = layout
+            self._log_sql, self._log_names = _log_insert(layout)
 
         await self._run("open", op, timeout_s=max(self._timeout_s, MIGRATION_TIMEOUT_S))
 
@@ -642,9 +684,11 @@ class MySQLStore(Store):
                 raise
             await conn.rollback()
             return False
+        layout, now = self._layout, naive_utc(p.applied_at)
         for r in p.results:
-            await conn.execute(
-                _UPSERT,
+            created = naive_utc(r.created_at)
+            row = layout.fit_row(
+                "image_classification_cache",
                 {
                     "image_hash": r.image_hash,
                     "category": r.category,
@@ -654,10 +698,13 @@ class MySQLStore(Store):
                     "model_response": r.model_response,
                     "source": r.source,
                     "image_size": r.image_size,
-                    "created_at": naive_utc(r.created_at),
-                    "llm": r.source == "llm",
+                    "created_at": created,
                 },
+                now=now,
             )
+            # Never hit yet: NULL, or (NOT NULL in the original) the time it was made.
+            last_hit = layout.fit("image_classification_cache", "last_hit_at", None, now=created)
+            await conn.execute(_UPSERT, {**row, "last_hit_at": last_hit, "llm": r.source == "llm"})
         if p.results:
             # The answers are visible once this commits: their claims go with it.
             claimed = tuple(sorted({r.image_hash for r in p.results}))
@@ -668,9 +715,11 @@ class MySQLStore(Store):
         if p.logs:
             rows = []
             for log in p.logs:
-                params = log_params(log)
-                rows.append((*params[:-1], naive_utc(params[-1])))
-            await conn.executemany(_LOG, rows)
+                values = _log_values(log)
+                values["created_at"] = naive_utc(log.created_at)
+                fitted = layout.fit_row("request_log", values, now=now)
+                rows.append(tuple(fitted[name] for name in self._log_names))
+            await conn.executemany(self._log_sql, rows)
         for a in p.aliases:  # after the results: an alias may name one of this batch
             await conn.execute(
                 _ALIAS,
@@ -881,10 +930,36 @@ async def _column_exists(conn: MySQLConnection, table: str, column: str) -> bool
     return bool(rows[0][0])
 
 
-async def _index_exists(conn: MySQLConnection, table: str, index: str) -> bool:
+async def _index_exists(
+    conn: MySQLConnection, table: str, index: str, columns: tuple[str, ...]
+) -> bool:
+    """Whether *table* has the index *index*, or another that starts with *columns*
+    (the original's tables have their own names for some of Xintu's indexes)."""
     rows = await conn.fetchall(
-        "SELECT COUNT(*) FROM information_schema.statistics "
-        "WHERE table_schema = DATABASE() AND table_name = %s AND index_name = %s",
-        (table, index),
+        "SELECT index_name, column_name FROM information_schema.statistics "
+        "WHERE table_schema = DATABASE() AND table_name = %s ORDER BY index_name, seq_in_index",
+        (table,),
     )
-    return bool(rows[0][0])
+    indexes: dict[str, list[str]] = {}
+    for name, column in rows:
+        indexes.setdefault(str(name), []).append(str(column).lower())
+    if index in indexes:
+        return True
+    wanted = [c.lower() for c in columns]
+    return any(cols[: len(wanted)] == wanted for cols in indexes.values())
+
+
+async def _key_request_ids(conn: MySQLConnection) -> None:
+    """Give ``request_log`` a unique key on ``request_id`` if it has no index on it
+    (the original's has none): a retried row is then written once, and
+    ``get_request_log`` is an index read. Rows that already repeat a request id get
+    a plain index instead."""
+    if await _index_exists(conn, "request_log", "uk_request_id", ("request_id",)):
+        return
+    try:
+        await conn.execute("ALTER TABLE request_log ADD UNIQUE KEY uk_request_id (request_id)")
+    except trio_mysql.IntegrityError as exc:
+        if _code(exc) != _DUPLICATE_KEY:
+            raise
+        _log.warning("store_request_ids_repeat", table="request_log", index="idx_log_request_id")
+        await conn.execute("CREATE INDEX idx_log_request_id ON request_log (request_id)")

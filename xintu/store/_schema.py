@@ -19,7 +19,11 @@ Tables (DESIGN §5):
 
 Migration is additive and idempotent: tables are created if missing (so a version 1
 database gains ``inflight_claims``), and a table left by the original system gets the
-columns and indexes it lacks. A database whose
+columns and indexes it lacks (an index is not added twice where the original has one
+on the same columns under another name; the original's ``request_log`` gains a unique
+key on ``request_id``, or a plain index if its rows already repeat one). Its
+columns are never changed: the MySQL store fits what it writes to them
+(:mod:`._layout`). A database whose
 version is newer than :data:`SCHEMA_VERSION` is refused. Timestamps are UTC:
 ``DATETIME(6)`` on MySQL, fixed-width text (``YYYY-MM-DD HH:MM:SS.ffffff``) on SQLite.
 """
@@ -271,6 +275,8 @@ ADDED_COLUMNS: tuple[AddedColumn, ...] = (
     AddedColumn("image_classification_cache", "source", "VARCHAR(16) NULL", "TEXT"),
     AddedColumn("image_classification_cache", "image_size", "BIGINT NULL", "INTEGER"),
     AddedColumn("request_log", "source", "VARCHAR(16) NULL", "TEXT"),
+    # The original's request_log names it ip_address (VARCHAR(45)); the store fills both.
+    AddedColumn("request_log", "ip", "VARCHAR(64) NULL", "TEXT"),
 )
 
 # What the stats endpoint and the pruning of old rows will query by.

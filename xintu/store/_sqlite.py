@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import structlog
 import trio
 
-from ..errors import StoreError, StoreUnavailable
+from ..errors import StoreError, StoreRejected, StoreUnavailable
 from ._base import (
     LOG_COLUMNS,
     SHARED_SCOPE,
@@ -96,6 +96,15 @@ _UNAVAILABLE = (
     "SQLITE_PROTOCOL",
     "SQLITE_NOTADB",
     "SQLITE_CORRUPT",
+)
+
+# Schema errors (``OperationalError``) that no retry can fix; constraint failures
+# (``IntegrityError``: NOT NULL, CHECK, UNIQUE, FOREIGN KEY) cannot either.
+_REJECTED_PHRASES = (
+    "no such column",
+    "has no column named",
+    "no such table",
+    "values were supplied",
 )
 
 _UPSERT = """
@@ -264,6 +273,11 @@ class SQLiteStore(Store):
         name = getattr(exc, "sqlite_errorname", "")
         if isinstance(name, str) and name.startswith(_UNAVAILABLE):
             return StoreUnavailable(f"sqlite store: {what} failed: {exc}")
+        if isinstance(exc, sqlite3.IntegrityError) or (
+            isinstance(exc, sqlite3.OperationalError)
+            and any(phrase in str(exc) for phrase in _REJECTED_PHRASES)
+        ):
+            return StoreRejected(f"sqlite store: {what} failed: {exc}")
         return StoreError(f"sqlite store: {what} failed: {exc}")
 
     def _in_thread(
