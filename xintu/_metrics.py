@@ -100,6 +100,22 @@ class Metrics:
         self.writer_retries = Counter(
             "xintu_writer_retries", "Store write batches retried.", registry=r
         )
+        self.writer_poisoned = Counter(
+            "xintu_writer_poisoned_batches",
+            "Store write batches the store refused for good (schema or constraint errors), "
+            "set aside in the poison journal.",
+            registry=r,
+        )
+        # Every worker of one data directory sees the same files: the largest count.
+        most: dict[str, Literal["livemax"]] = (
+            {"multiprocess_mode": "livemax"} if self.multiprocess else {}
+        )
+        self.writer_poison_pending = Gauge(
+            "xintu_writer_poisoned_operations",
+            "Write operations in the poison journal on disk, waiting for a schema fix.",
+            registry=r,
+            **most,
+        )
         self.worker_crashes = Counter(
             "xintu_worker_crashes", "Actor workers that crashed and were restarted.", registry=r
         )
@@ -221,6 +237,9 @@ class Metrics:
         self._advance(self.writer_ops.labels("dropped"), "w_dropped", w.ops_dropped)
         self._advance(self.writer_ops.labels("journaled"), "w_journaled", w.journaled_ops)
         self._advance(self.writer_retries, "w_retries", w.retries)
+        self._advance(self.writer_ops.labels("poisoned"), "w_poisoned_ops", w.poisoned_ops)
+        self._advance(self.writer_poisoned, "w_poisoned", w.poisoned_batches)
+        self.writer_poison_pending.set(w.poison_pending_ops)
         self._advance(self.worker_crashes, "crashes", sup.crashes_total)
         self._advance(self.classifications.labels("local"), "local_done", lp.completed)
         self.batch_size.labels("last").set(lp.last_batch_size)

@@ -285,6 +285,23 @@ class Journal:
             return []
         return names
 
+    def count_operations(self) -> int:
+        """Operations in the readable lines of the complete files (for a gauge; reads
+        without locking, so a file being replayed meanwhile may be counted)."""
+        total = 0
+        for path in self.pending():
+            try:
+                raw = path.read_bytes()
+            except OSError:
+                continue
+            for line in raw.splitlines(keepends=True):
+                try:
+                    b = _unline(line)
+                except ValueError:
+                    continue
+                total += len(b.results) + len(b.hits) + len(b.logs) + len(b.aliases)
+        return total
+
     def write(self, batches: list[WriteBatch]) -> Path | None:
         """Write *batches* durably as one new journal file; ``None`` if there are none."""
         if not batches:

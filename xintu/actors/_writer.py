@@ -32,11 +32,27 @@ work, the writer replays the journal files it finds, each batch under its origin
 id, so each is applied exactly once, and deletes each file once all of it committed.
 While the store is failing, :attr:`WriterStatistics.store_healthy` is false: the
 readiness check reports the degraded store from it.
+
+Writes the store refuses for good (:class:`~xintu.errors.StoreRejected`: an unknown
+column, a NOT NULL column without a default, a value too long, a constraint) are not
+retried, since no retry can succeed until the schema changes, and they must not
+stall the writes behind them. A refused batch that mixes the cache's writes
+(results, aliases, hit counts) with request-log rows is split once: the cache's part
+is tried again under the batch's own id, the log's under ``<id>/log``, so a broken
+``request_log`` costs log rows only. What is still refused is logged
+(``store_write_rejected``), counted (``poisoned_batches``) and set aside, with its
+batch id, in the *poison journal* ``<journal_dir>/poison/`` (same file format), which
+the ordinary replay never reads. Poisoned batches are tried again, each once, when a
+writer next starts on the data directory (after the ordinary replay), or when
+:meth:`Writer.replay_poisoned` is called (after the operator fixed the schema):
+those that commit leave the poison journal, the others stay. Without a journal
+directory a refused batch is dropped (counted in ``ops_dropped``, logged).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,15 +62,18 @@ from pathlib import Path
 import structlog
 import trio
 
-from ..errors import StoreError
+from ..errors import StoreError, StoreRejected
 from ..store import AliasWrite, HitIncrement, RequestLogRow, ResultWrite, Store, WriteBatch
-from ._journal import Journal
+from ._journal import ClaimedFile, Journal
 
 __all__ = ["WriteOp", "Writer", "WriterStatistics"]
 
 log = structlog.get_logger("xintu.writer")
 
 WriteOp = ResultWrite | HitIncrement | RequestLogRow | AliasWrite
+
+# The poison journal: a subdirectory of the journal directory.
+POISON_DIR = "poison"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +91,10 @@ class WriterStatistics:
     journal_files: int  # journal files this writer wrote
     replayed_batches: int  # journaled batches committed by this writer's replay
     replaying: bool  # a journal replay is still in progress
+    poisoned_batches: int  # batches the store refused for good, set aside by this writer
+    poisoned_ops: int  # operations in those batches
+    poison_pending_ops: int  # operations in the poison journal on disk (last count)
+    poison_replayed_batches: int  # poisoned batches that committed on a later try
 
 
 class Writer:
@@ -96,6 +119,12 @@ class Writer:
         self._retry_max_s = retry_max_s
         self._new_batch_id = batch_id
         self._journal = Journal(journal_dir) if journal_dir is not None else None
+        self._poison = Journal(journal_dir / POISON_DIR) if journal_dir is not None else None
+        self._poison_lock = trio.Lock()  # one replay of the poison journal at a time
+        self._poisoned_batches = 0
+        self._poisoned_ops = 0
+        self._poison_pending_ops = 0
+        self._poison_replayed = 0
         self._send, self._receive = trio.open_memory_channel[WriteOp](inbox_size)
         self._max_queued = inbox_size
         self._batches_applied = 0
@@ -197,18 +226,25 @@ class Writer:
             journal_files=self._journal_files,
             replayed_batches=self._replayed_batches,
             replaying=self._replaying,
+            poisoned_batches=self._poisoned_batches,
+            poisoned_ops=self._poisoned_ops,
+            poison_pending_ops=self._poison_pending_ops,
+            poison_replayed_batches=self._poison_replayed,
         )
 
     # --- the actor -----------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Replay the journal, then batch and commit operations until closed."""
-        journal = self._journal
-        if journal is not None:
+        journal, poison = self._journal, self._poison
+        if journal is not None and poison is not None:
             pending: list[Path] = await trio.to_thread.run_sync(journal.pending)
-            if pending:
+            poisoned: list[Path] = await trio.to_thread.run_sync(poison.pending)
+            if pending or poisoned:
                 self._replaying = True
                 self._idle = trio.Event()
+            if poisoned:
+                self._poison_pending_ops = await trio.to_thread.run_sync(poison.count_operations)
         task_status.started()
         try:
             async with trio.open_nursery() as nursery:
@@ -216,7 +252,7 @@ class Writer:
                     nursery.start_soon(self._overflow_guard)
                 try:
                     if self._replaying:
-                        await self._replay()
+                        await self._replay(poisoned=True)
                     await self._loop()
                 except trio.Cancelled:
                     # Cancelled with writes in hand (a shutdown that ran out of time):
@@ -264,8 +300,9 @@ class Writer:
             self._pending = len(ops)
             batch = _fold(self._new_batch_id(), ops)
             self._in_hand = batch
+            set_aside = self._poisoned_ops
             if await self._commit(batch):
-                self._ops_applied += len(ops)
+                self._ops_applied += max(0, len(ops) - (self._poisoned_ops - set_aside))
             else:
                 # Closing and the store is down: journal this batch and the rest.
                 with trio.CancelScope(shield=True):
@@ -284,11 +321,13 @@ class Writer:
             if not self._receive.statistics().current_buffer_used:
                 self._idle.set()
 
-    async def _commit(self, batch: WriteBatch) -> bool:
+    async def _commit(self, batch: WriteBatch, *, split: bool = True) -> bool:
         """Apply *batch*, retrying with backoff while the store fails.
 
-        Returns ``False`` without applying it when the writer should stop trying:
-        it is closing (and has a journal to fall back on) or the store was closed.
+        A batch the store refuses for good is set aside (split first, if *split*;
+        see the module docstring) and counts as done. Returns ``False`` without
+        applying it when the writer should stop trying: it is closing (and has a
+        journal to fall back on) or the store was closed.
         """
         delay = self._retry_initial_s
         while True:
@@ -296,6 +335,9 @@ class Writer:
                 applied = await self._store.apply(batch)
             except trio.Cancelled:
                 raise
+            except StoreRejected as exc:
+                self._store_recovered()  # it answered: the store itself works
+                return await self._rejected(batch, exc, split=split)
             except (StoreError, trio.ClosedResourceError) as exc:
                 self._retries += 1
                 if self._store_healthy:
@@ -314,14 +356,125 @@ class Writer:
                 delay = min(delay * 2, self._retry_max_s)
                 continue
             break
-        if not self._store_healthy:
-            log.info("store_write_recovered", retries=self._retries)
-        self._store_healthy = True
+        self._store_recovered()
         if applied:
             self._batches_applied += 1
         else:
             self._batches_duplicate += 1
         return True
+
+    def _store_recovered(self) -> None:
+        if not self._store_healthy:
+            log.info("store_write_recovered", retries=self._retries)
+        self._store_healthy = True
+
+    # --- writes the store refuses for good ---------------------------------------------
+
+    async def _rejected(self, batch: WriteBatch, exc: StoreRejected, *, split: bool) -> bool:
+        """Split *batch* once and commit its parts, or set it aside (see the module
+        docstring). Always ``True``: every operation is committed, set aside or
+        (the writer stopping half-way) journaled."""
+        parts = _split(batch) if split else [batch]
+        if len(parts) > 1:
+            log.warning("store_write_rejected_split", batch=batch.batch_id, error=str(exc))
+            for i, part in enumerate(parts):
+                if not await self._commit(part, split=False):
+                    # Stopping: keep the parts not yet tried, under their own ids.
+                    with trio.CancelScope(shield=True):
+                        for rest in parts[i:]:
+                            await self._spill(rest, [])
+                    break
+            return True
+        count = _size(batch)
+        self._poisoned_batches += 1
+        self._poisoned_ops += count
+        log.error("store_write_rejected", batch=batch.batch_id, operations=count, error=str(exc))
+        with trio.CancelScope(shield=True):  # the batch must reach the file
+            await self._set_aside(batch, count)
+        return True
+
+    async def _set_aside(self, batch: WriteBatch, count: int) -> None:
+        poison = self._poison
+        if poison is None:
+            self._ops_dropped += count
+            log.error("store_writes_lost", operations=count, batch=batch.batch_id)
+            return
+        try:
+            path = await trio.to_thread.run_sync(poison.write, [_stamped(batch)])
+        except OSError as exc:
+            self._ops_dropped += count
+            log.error("journal_write_failed", operations=count, error=str(exc), poison=True)
+            return
+        self._poison_pending_ops += count
+        log.warning(
+            "store_writes_poisoned",
+            operations=count,
+            batch=batch.batch_id,
+            file=path.name if path is not None else None,
+        )
+
+    async def replay_poisoned(self) -> int:
+        """Try every batch of the poison journal once more (after the operator fixed
+        the schema); the number that committed. Those still refused stay; a store
+        that cannot be reached ends the attempt and leaves the rest for later."""
+        return await self._replay_poisoned()
+
+    async def _replay_poisoned(self) -> int:
+        poison = self._poison
+        if poison is None:
+            return 0
+        committed = 0
+        async with self._poison_lock:
+            files = await trio.to_thread.run_sync(
+                lambda: list(poison.claim()), abandon_on_cancel=False
+            )
+            try:
+                while files:
+                    claimed = files.pop(0)
+                    try:
+                        done, reachable = await self._replay_poisoned_file(poison, claimed)
+                    finally:
+                        claimed.release()  # no-op once done() deleted it
+                    committed += done
+                    if not reachable:
+                        break
+            finally:
+                for claimed in files:
+                    claimed.release()
+            self._poison_pending_ops = await trio.to_thread.run_sync(poison.count_operations)
+        if committed:
+            log.info("poison_replayed", batches=committed, pending=self._poison_pending_ops)
+        return committed
+
+    async def _replay_poisoned_file(
+        self, poison: Journal, claimed: ClaimedFile
+    ) -> tuple[int, bool]:
+        """Try the batches of one poison file once each; rewrite it without those that
+        committed. (batches committed, whether the store could be reached)"""
+        keep: list[WriteBatch] = []
+        committed = 0
+        reachable = True
+        for n, batch in enumerate(claimed.batches):
+            try:
+                await self._store.apply(batch)
+            except trio.Cancelled:
+                raise
+            except StoreRejected:
+                keep.append(batch)
+                continue
+            except (StoreError, trio.ClosedResourceError) as exc:
+                log.warning("poison_replay_interrupted", file=claimed.path.name, error=str(exc))
+                keep.extend(claimed.batches[n:])
+                reachable = False
+                break
+            committed += 1
+            self._poison_replayed += 1
+        if committed:
+            with trio.CancelScope(shield=True):  # the new file first, then the old one goes
+                if keep:
+                    await trio.to_thread.run_sync(poison.write, keep)
+                await trio.to_thread.run_sync(claimed.done)
+        return committed, reachable
 
     # --- the journal ---------------------------------------------------------------
 
@@ -391,8 +544,10 @@ class Writer:
             file=path.name if path is not None else None,
         )
 
-    async def _replay(self) -> None:
-        """Commit every journaled batch under its own id; delete each file once done."""
+    async def _replay(self, *, poisoned: bool = False) -> None:
+        """Commit every journaled batch under its own id; delete each file once done.
+
+        *poisoned* (at start): then try the poison journal's batches once each."""
         journal = self._journal
         assert journal is not None
         async with self._spill_lock:  # a file being spilled is claimed once written
@@ -415,6 +570,8 @@ class Writer:
                     batches=len(claimed.batches),
                     skipped_lines=claimed.skipped_lines,
                 )
+            if poisoned:
+                await self._replay_poisoned()
         finally:
             for claimed in files:
                 claimed.release()
@@ -435,6 +592,17 @@ def _stamped(batch: WriteBatch) -> WriteBatch:
         for a in batch.aliases
     )
     return dataclasses.replace(batch, results=results, aliases=aliases)
+
+
+def _split(batch: WriteBatch) -> list[WriteBatch]:
+    """The cache's part of *batch* (results, aliases, hit counts) under its own id and
+    the request log's under ``<id>/log``; only the parts that hold something."""
+    cache = dataclasses.replace(batch, logs=())
+    log_id = f"{batch.batch_id}/log"
+    if len(log_id) > 64:  # the column's bound: a stable stand-in of the same length
+        log_id = hashlib.sha256(batch.batch_id.encode()).hexdigest()[:60] + "/log"
+    logs = WriteBatch(log_id, logs=batch.logs)
+    return [part for part in (cache, logs) if _size(part)]
 
 
 def _size(batch: WriteBatch) -> int:
