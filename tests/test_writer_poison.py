@@ -26,6 +26,7 @@ from xintu.errors import StoreRejected
 from xintu.store import HitIncrement, RequestLogRow, ResultWrite, Store, WriteBatch, sqlite_path
 
 from .backends import mysql_execute, open_test_store
+from .fakes import MemoryStore
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 TEST_TIMEOUT_S = 20.0
@@ -186,3 +187,29 @@ async def test_replay_poisoned_on_request_after_a_fix(own_store_url: str, tmp_pa
             assert await store.get_request_log("r-1") is not None
             assert await store.get_request_log("r-2") is not None
             assert Journal(journal / POISON_DIR).pending() == []
+
+
+class RejectsLogs(MemoryStore):
+    """Refuses every batch with a request-log row, as a broken request_log would."""
+
+    async def apply(self, batch: WriteBatch) -> bool:
+        if batch.logs:
+            await trio.lowlevel.checkpoint()
+            raise StoreRejected("injected: request_log refuses the row")
+        return await super().apply(batch)
+
+
+async def test_without_a_journal_a_refused_batch_is_dropped_and_counted() -> None:
+    store = RejectsLogs()
+    writer = Writer(store, inbox_size=100, max_batch=50, flush_ms=1)
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            await feed(writer, [result(b"a"), log_row("r-1"), log_row("r-2")])
+            await feed(writer, [result(b"b")])
+            writer.close()
+    stats = writer.statistics()
+    assert set(store.rows) == {h(b"a"), h(b"b")}
+    assert (stats.poisoned_batches, stats.poisoned_ops, stats.ops_dropped) == (1, 2, 2)
+    assert (stats.ops_applied, stats.poison_pending_ops) == (2, 0)
+    assert await writer.replay_poisoned() == 0

@@ -14,7 +14,10 @@ Tables (DESIGN §5):
   photo once between them (added in version 2).
 - ``image_hash_aliases``: client-named photos (DESIGN §2): the hash a client gave a
   photo (``alias_hash``), seen within ``scope`` (an uploader's scope, or ``"*"``
-  for everyone), names the verified entry ``image_hash`` (added in version 3).
+  for everyone), names the verified entry ``image_hash`` (added in version 3). No
+  foreign key (a write must not fail on it): an alias whose entry is missing is
+  simply never found. Nothing deletes cache entries today; code that does must
+  delete the entry's aliases in the same transaction (``idx_alias_image_hash``).
 - ``schema_version``: one row, the version this module's tables describe.
 
 Migration is additive and idempotent: tables are created if missing (so a version 1
