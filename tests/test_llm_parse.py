@@ -28,12 +28,8 @@ from xintu.llm import (
 )
 from xintu.llm._image import prepare_upload
 from xintu.llm._parse import DescriptionLanguage, clip_description, parse_answer, user_prompt
-from xintu.llm._providers import (
-    ProviderClient,
-    answer_text,
-    parse_retry_after,
-    upstream_message,
-)
+from xintu.llm._providers import ProviderClient, parse_retry_after, upstream_message
+from xintu.llm.wire import wire_format
 
 KEY = "sk-test-SECRET-5678"
 
@@ -193,6 +189,10 @@ def test_parse_clips_a_long_description() -> None:
     long = json.dumps({"category": "pets", "confidence": 0.9, "description": "猫" * 40})
     assert parse_answer(long, language="zh").description == "猫" * 29 + "…"
     assert parse_answer(long, language="en").description == "猫" * 40
+
+
+def answer_text(kind: str, body: object) -> str:
+    return wire_format(kind).answer_text(body)
 
 
 def test_answer_text_formats() -> None:

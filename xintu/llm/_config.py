@@ -77,11 +77,12 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeAlias, TypeVar
 
 from .._redact import redact_url
 from ..errors import ConfigError
 from ._parse import DESCRIPTION_LANGUAGES, DescriptionLanguage
+from .wire import DEFAULT_KIND, KINDS, wire_format
 
 __all__ = [
     "DEFAULTS",
@@ -92,7 +93,8 @@ __all__ = [
     "llm_config_from",
 ]
 
-ProviderKind = Literal["openai", "anthropic"]
+#: One of :data:`xintu.llm.wire.KINDS`: a module of :mod:`xintu.llm.wire` each.
+ProviderKind: TypeAlias = str
 #: The request field that carries ``max_tokens``: OpenAI's newer models (o-series,
 #: gpt-5) refuse ``max_tokens`` and want ``max_completion_tokens``.
 TokenLimitParam = Literal["max_tokens", "max_completion_tokens"]
@@ -323,8 +325,14 @@ def _temperature(key: str, value: Any, hi: float, *, from_env: bool) -> float | 
     return float(_check_number(key, value, float, 0, hi, from_env=from_env))
 
 
-def _extra_body(key: str, value: Any, *, from_env: bool) -> dict[str, Any]:
-    """A JSON object (a TOML table, or JSON text in the environment) of extra fields."""
+def _extra_body(
+    key: str, value: Any, body_keys: frozenset[str], *, from_env: bool
+) -> dict[str, Any]:
+    """A JSON object (a TOML table, or JSON text in the environment) of extra fields.
+
+    It may set none of *body_keys* (the wire format's own) nor of the fields that
+    Xintu sets through other keys.
+    """
     if from_env and isinstance(value, str):
         if not value.strip():
             return {}
@@ -340,7 +348,7 @@ def _extra_body(key: str, value: Any, *, from_env: bool) -> dict[str, Any]:
         raise ConfigError(key, "holds a value JSON cannot carry") from None
     if len(text) > _MAX_EXTRA_BODY_CHARS:
         raise ConfigError(key, f"longer than {_MAX_EXTRA_BODY_CHARS} characters as JSON")
-    reserved = sorted(_RESERVED_BODY_KEYS.intersection(value))
+    reserved = sorted((_RESERVED_BODY_KEYS | body_keys).intersection(value))
     if reserved:
         raise ConfigError(
             key,
@@ -397,10 +405,10 @@ def _provider(
         return value.strip()
 
     known = _KNOWN.get(name)
-    kind_text = (text("kind") or (known.kind if known else "openai")).lower()
-    if kind_text not in ("openai", "anthropic"):
-        raise ConfigError(var + "KIND", f"must be openai or anthropic; got {kind_text!r}")
-    kind: ProviderKind = "anthropic" if kind_text == "anthropic" else "openai"
+    kind: ProviderKind = (text("kind") or (known.kind if known else DEFAULT_KIND)).lower()
+    if kind not in KINDS:
+        raise ConfigError(var + "KIND", f"must be {' or '.join(KINDS)}; got {kind!r}")
+    wire = wire_format(kind)
 
     base_url = text("base_url") or ""
     explicit_url = bool(base_url)
@@ -431,24 +439,23 @@ def _provider(
             kind_, lo, hi = _NUMBERS[key]
             numbers[key] = _check_number(where, value, kind_, lo, hi, from_env=from_env)
 
-    token_limit_param: TokenLimitParam = "max_tokens"
+    token_limit_param: TokenLimitParam = wire.token_limit_params[0]
     if (got := get("token_limit_param")) is not None:
         where, value, _ = got
         token_limit_param = _choice(where, value, _TOKEN_LIMIT_PARAMS)
-        if kind == "anthropic" and token_limit_param != "max_tokens":
-            raise ConfigError(where, "the anthropic kind takes max_tokens only")
+        if token_limit_param not in wire.token_limit_params:
+            takes = " or ".join(wire.token_limit_params)
+            raise ConfigError(where, f"the {kind} kind takes {takes} only")
 
     temperature: float | None = 0.0
     if (got := get("temperature")) is not None:
         where, value, from_env = got
-        # OpenAI takes 0..2, Anthropic 0..1.
-        hi = 1.0 if kind == "anthropic" else 2.0
-        temperature = _temperature(where, value, hi, from_env=from_env)
+        temperature = _temperature(where, value, wire.max_temperature, from_env=from_env)
 
     extra_body: dict[str, Any] = {}
     if (got := get("extra_body")) is not None:
         where, value, from_env = got
-        extra_body = _extra_body(where, value, from_env=from_env)
+        extra_body = _extra_body(where, value, wire.body_keys, from_env=from_env)
 
     return ProviderConfig(
         name=name,

@@ -1,13 +1,9 @@
-"""The two wire formats, and one attempt at one provider.
+"""One attempt at one provider, in its wire format.
 
-* ``openai``: OpenAI-compatible chat completions (OpenAI, DashScope's compatible
-  mode for Qwen-VL, vLLM, Ollama, ...): ``POST {base_url}/chat/completions`` with
-  ``Authorization: Bearer KEY`` and the image as a ``data:image/jpeg;base64,`` URL.
-* ``anthropic``: the Messages API, ``POST {base_url}/v1/messages`` with
-  ``x-api-key`` and ``anthropic-version: 2023-06-01`` and a base64 image block.
-
-The request's parameters are the provider's (:class:`~xintu.llm.ProviderConfig`):
-the name of the token limit field, the temperature or none, and extra fields.
+The request's path, headers and body, and the reading of the answer's text, are
+the provider's wire format's (:mod:`xintu.llm.wire`, one module per
+``ProviderConfig.kind``); so are the request's parameters (the token limit
+field, the temperature or none, and extra fields).
 
 Each :class:`ProviderClient` owns its ``httpx.AsyncClient`` (connection pooling,
 keep-alive) for its whole life; no SDKs. :meth:`ProviderClient.attempt` makes one
@@ -37,7 +33,6 @@ import json
 import math
 import re
 from datetime import UTC, datetime
-from typing import Any
 
 import httpx
 
@@ -52,22 +47,17 @@ from ._errors import (
     UpstreamUnreachable,
 )
 from ._image import UploadImage
-from ._parse import SYSTEM_PROMPT, DescriptionLanguage, ParsedAnswer, parse_answer, user_prompt
+from ._parse import DescriptionLanguage, ParsedAnswer, parse_answer
+from .wire import wire_format
 
 __all__ = [
-    "ANTHROPIC_VERSION",
     "LANE_CONNECTIONS",
     "UPSTREAM_MESSAGE_CHARS",
     "ProviderClient",
-    "answer_text",
     "parse_retry_after",
-    "request_body",
-    "request_headers",
-    "request_path",
     "upstream_message",
 ]
 
-ANTHROPIC_VERSION = "2023-06-01"
 #: Most callers (so connections) on one ``httpx.AsyncClient``; see the module docstring.
 LANE_CONNECTIONS = 8
 _MAX_BODY_BYTES = 1 << 20  # an answer is a few hundred bytes; refuse megabytes
@@ -76,98 +66,6 @@ UPSTREAM_MESSAGE_CHARS = 300
 _MAX_ERROR_BODY_BYTES = 64 << 10
 # Things that look like credentials, whoever's: OpenAI-style keys, bearer tokens.
 _SECRET_RE = re.compile(r"\b(sk-|Bearer\s+)[A-Za-z0-9._\-]{6,}", re.IGNORECASE)
-
-
-def request_path(cfg: ProviderConfig) -> str:
-    """The endpoint path below ``base_url``."""
-    return "/v1/messages" if cfg.kind == "anthropic" else "/chat/completions"
-
-
-def request_headers(cfg: ProviderConfig) -> dict[str, str]:
-    """Authentication and version headers (set once on the provider's client)."""
-    if cfg.kind == "anthropic":
-        headers = {"anthropic-version": ANTHROPIC_VERSION}
-        if cfg.api_key:
-            headers["x-api-key"] = cfg.api_key
-        return headers
-    return {"authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
-
-
-def request_body(
-    cfg: ProviderConfig, image: UploadImage, *, language: DescriptionLanguage
-) -> dict[str, Any]:
-    """The JSON body asking *cfg*'s model to classify *image*, describing it in *language*."""
-    body: dict[str, Any] = {"model": cfg.model}
-    body["max_tokens" if cfg.kind == "anthropic" else cfg.token_limit_param] = cfg.max_tokens
-    if cfg.temperature is not None:
-        body["temperature"] = cfg.temperature
-    prompt = user_prompt(language)
-    if cfg.kind == "anthropic":
-        body |= {
-            "system": SYSTEM_PROMPT,
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [
-                        {
-                            "type": "image",
-                            "source": {
-                                "type": "base64",
-                                "media_type": "image/jpeg",
-                                "data": image.b64,
-                            },
-                        },
-                        {"type": "text", "text": prompt},
-                    ],
-                }
-            ],
-        }
-    else:
-        body["messages"] = [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": prompt},
-                    {
-                        "type": "image_url",
-                        "image_url": {"url": f"data:image/jpeg;base64,{image.b64}"},
-                    },
-                ],
-            },
-        ]
-    # The configuration refuses extra fields that would replace any of the above.
-    body.update(cfg.extra_body)
-    return body
-
-
-def answer_text(kind: str, body: object) -> str:
-    """The model's text from a 200 response body; :class:`BadAnswer` if off-format."""
-    off_format = BadAnswer("the response is not in the provider's format")
-    if not isinstance(body, dict):
-        raise off_format
-    parts: list[object]
-    if kind == "anthropic":
-        blocks = body.get("content")
-        if not isinstance(blocks, list):
-            raise off_format
-        parts = [b.get("text") for b in blocks if isinstance(b, dict) and b.get("type") == "text"]
-    else:
-        choices = body.get("choices")
-        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-            raise off_format
-        message = choices[0].get("message")
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, str):
-            parts = [content]
-        elif isinstance(content, list):  # some servers answer a list of content parts
-            parts = [p.get("text") for p in content if isinstance(p, dict)]
-        else:
-            raise off_format
-    texts = [p for p in parts if isinstance(p, str)]
-    if not texts:
-        raise BadAnswer("the response holds no text")
-    return "\n".join(texts)
 
 
 def upstream_message(content: bytes, *, api_key: str = "") -> str | None:
@@ -253,6 +151,7 @@ class ProviderClient:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.cfg = cfg
+        self.wire = wire_format(cfg.kind)
         self.language: DescriptionLanguage = language
         sizes = [
             min(LANE_CONNECTIONS, callers - start)
@@ -261,7 +160,7 @@ class ProviderClient:
         self._clients = [
             httpx.AsyncClient(
                 base_url=cfg.base_url,
-                headers=request_headers(cfg),
+                headers=self.wire.headers(cfg),
                 timeout=httpx.Timeout(cfg.timeout_s, connect=min(cfg.timeout_s, 5.0)),
                 limits=httpx.Limits(
                     max_connections=max(size, 1), max_keepalive_connections=max(size, 1)
@@ -289,8 +188,8 @@ class ProviderClient:
         client = self._clients[(lane // LANE_CONNECTIONS) % len(self._clients)]
         try:
             response = await client.post(
-                request_path(self.cfg),
-                json=request_body(self.cfg, image, language=self.language),
+                self.wire.path(self.cfg),
+                json=self.wire.body(self.cfg, image, language=self.language),
             )
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout(name, "no answer in time") from exc
@@ -308,7 +207,7 @@ class ProviderClient:
         except ValueError as exc:
             raise BadAnswer(f"{name}: the response is not JSON") from exc
         try:
-            return parse_answer(answer_text(self.cfg.kind, body), language=self.language)
+            return parse_answer(self.wire.answer_text(body), language=self.language)
         except BadAnswer as exc:
             raise BadAnswer(f"{name}: {exc.message}") from exc
 
