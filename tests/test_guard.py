@@ -20,7 +20,10 @@ from quart.typing import TestClientProtocol as Client
 from xintu import Config, load_config
 from xintu.errors import ConfigError
 from xintu.http import XintuApp, create_app
-from xintu.http._guard import Guard, KeyRing, RateLimiter, TrustedProxies, bearer_token
+from xintu.http._auth import KeyRing, bearer_token
+from xintu.http._guard import Guard
+from xintu.http._identity import TrustedProxies
+from xintu.http._ratelimit import RateLimiter
 
 from .fakes import FakeModel
 from .test_ops import metric
