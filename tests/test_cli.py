@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from xintu._cli import main
+from xintu.cli import main
 
 
 @pytest.fixture

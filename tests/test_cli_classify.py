@@ -23,8 +23,8 @@ import pytest
 from PIL import Image
 
 from xintu import Category, Classification, Source, load_config
-from xintu._cli import main
-from xintu._organise import Options, Progress, collect, run
+from xintu.cli import main
+from xintu.cli._classify import Options, Progress, collect, run
 from xintu.errors import BadImage
 
 from .fakes import FakeModel, fake_category

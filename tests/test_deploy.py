@@ -111,7 +111,7 @@ def test_wheel_holds_the_package_and_every_file_it_reads(wheel: Path) -> None:
     # Every file of the package, code or data, and nothing else.
     source = {p for p in _tracked(ROOT) if p.startswith("xintu/")}
     assert {n for n in names if n.startswith("xintu/")} == source
-    assert "xintu = xintu._cli:main" in scripts
+    assert "xintu = xintu.cli:main" in scripts
 
 
 _INSTALLED = """

@@ -33,6 +33,7 @@ def test_no_public_names_outside_all() -> None:
         "llm",
         "fakellm",
         "client",
+        "cli",
     }
     assert public - submodules == set(xintu.__all__)
 

@@ -48,8 +48,8 @@ import trio
 from PIL import Image
 
 from xintu import Config, load_config
-from xintu._cli import main as cli_main
 from xintu._log import configure_logging, reset_logging
+from xintu.cli import main as cli_main
 from xintu.fakellm import FakeLlm, run_fake_llm
 from xintu.store._mysql import MySQLSettings
 

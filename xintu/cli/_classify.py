@@ -46,9 +46,9 @@ from typing import Any, Literal, Protocol, TextIO
 
 import trio
 
-from ._config import Config
-from ._types import Classification
-from .client import (
+from .._config import Config
+from .._types import Classification
+from ..client import (
     AsyncClient,
     AuthenticationError,
     BatchItem,
@@ -565,11 +565,11 @@ async def _local(
     done: Callable[[int, Record], None],
     classifier: PhotoClassifier | None,
 ) -> None:
-    from .errors import XintuError
+    from ..errors import XintuError
 
     def load() -> PhotoClassifier:
-        from .model import ensure_model
-        from .vision import LocalClassifier
+        from ..model import ensure_model
+        from ..vision import LocalClassifier
 
         return LocalClassifier(config.model, config.images, ensure_model(config.data_dir))
 

@@ -1,32 +1,16 @@
-"""The ``xintu`` command line.
-
-::
-
-    xintu serve [--bind HOST:PORT] [--workers N]
-    xintu model build [--force]
-    xintu classify PATH... [--server URL] [--api-key KEY] [--output FILE.json|.csv]
-                   [--sort-into DIR --mode copy|move|link] [--dry-run] [--concurrency N]
-    xintu classify-local PATH...
-    xintu config show
-
-``--config PATH`` (a TOML file over the defaults; else ``XINTU_CONFIG``) is accepted
-before the command and after any (sub)command: ``xintu --config F serve`` and
-``xintu serve --config F`` are the same; given twice, the later one wins.
-"""
+"""The command line's arguments, and the dispatch to each command's module."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._config import Config, load_config
-from ._log import configure_logging
-from .errors import ConfigError, XintuError
+from .._config import Config, load_config
+from .._log import configure_logging
+from ..errors import ConfigError, XintuError
 
 __all__ = ["main"]
 
@@ -113,7 +97,7 @@ def _add_classify(sub: _SubParsers) -> None:
 
 
 def _classify(config: Config, args: argparse.Namespace) -> int:
-    from ._organise import Options, run
+    from ._classify import Options, run
 
     problem = None
     if args.mode is not None and args.sort_into is None:
@@ -150,71 +134,6 @@ def _load(args: argparse.Namespace) -> Config:
     return config
 
 
-def _model_build(config: Config, force: bool) -> int:
-    from .model import build_model, ensure_model
-
-    t0 = time.perf_counter()
-    if force:
-        path = config.data_dir / "models" / "efficientnet-lite0.onnx"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        build_model(path)
-    path = ensure_model(config.data_dir)
-    print(f"{path} ready in {time.perf_counter() - t0:.2f}s ({path.stat().st_size} bytes)")
-    return 0
-
-
-def _classify_local(config: Config, paths: Sequence[Path], as_json: bool) -> int:
-    from .model import ensure_model
-    from .vision import LocalClassifier
-
-    classifier = LocalClassifier(config.model, config.images, ensure_model(config.data_dir))
-    failures = 0
-    for path in paths:
-        try:
-            result = classifier.classify(path.read_bytes())
-        except (OSError, XintuError) as exc:
-            failures += 1
-            msg = exc.message if isinstance(exc, XintuError) else str(exc)
-            if as_json:
-                print(json.dumps({"path": str(path), "error": msg}))
-            else:
-                print(f"{path}: error: {msg}")
-            continue
-        if as_json:
-            print(
-                json.dumps(
-                    {
-                        "path": str(path),
-                        "category": result.category.value,
-                        "confidence": round(result.confidence, 4),
-                        "description": result.description,
-                        "evidence": result.local_inference_result,
-                    }
-                )
-            )
-        else:
-            evidence = dict(result.local_inference_result or {})
-            line = f"{path}: {result.category.value} ({result.confidence:.2f})"
-            print(f"{line} {result.description or ''}".rstrip())
-            top5 = evidence.get("top5") or evidence.get("imagenet_top5") or []
-            for item in top5:
-                print(f"    {item}")
-            rule = evidence.get("rule")
-            if rule:
-                print(f"    rule: {rule}")
-    return 1 if failures else 0
-
-
-def _config_show(config: Config) -> int:
-    for section, values in config.redacted().items():
-        print(f"[{section}]")
-        for key, value in values.items():
-            origin = config.origins.get(f"{section}.{key}", "default")
-            print(f"{key} = {json.dumps(value)}  # {origin}")
-        print()
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -225,17 +144,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config.log)
     try:
         if args.command == "serve":
-            from ._serve import serve
+            from .._serve import serve
 
             return serve(config)
         if args.command == "model":
-            return _model_build(config, args.force)
+            from ._model import model_build
+
+            return model_build(config, args.force)
         if args.command == "classify":
             return _classify(config, args)
         if args.command == "classify-local":
-            return _classify_local(config, args.paths, args.json)
+            from ._local import classify_local
+
+            return classify_local(config, args.paths, args.json)
         if args.command == "config":
-            return _config_show(config)
+            from ._show import config_show
+
+            return config_show(config)
     except XintuError as exc:
         print(f"xintu: {exc.message}", file=sys.stderr)
         return 1
