@@ -31,7 +31,7 @@ def test_no_public_names_outside_all() -> None:
         "store",
         "vision",
         "llm",
-        "fakellm",
+        "testing",
         "client",
         "cli",
     }

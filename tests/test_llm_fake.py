@@ -22,7 +22,6 @@ from PIL import Image
 from structlog.testing import capture_logs
 
 from xintu import Category, Source
-from xintu.fakellm import Behaviour, FakeLlm, fake_answer, main, run_fake_llm
 from xintu.llm import (
     BadAnswer,
     LlmConfig,
@@ -34,6 +33,7 @@ from xintu.llm import (
 )
 from xintu.llm._image import prepare_upload
 from xintu.llm._providers import ProviderClient
+from xintu.testing.fakellm import Behaviour, FakeLlm, fake_answer, main, run_fake_llm
 
 KEY = "sk-fake-SECRET-0000"
 
@@ -298,7 +298,7 @@ def test_cli_refuses_non_loopback(capsys: pytest.CaptureFixture[str]) -> None:
 
 async def test_cli_serves() -> None:
     proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "xintu.fakellm", "--port", "0", "--answer", "foods"],
+        [sys.executable, "-m", "xintu.testing.fakellm", "--port", "0", "--answer", "foods"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )

@@ -18,8 +18,8 @@ from PIL import Image
 from werkzeug.datastructures import FileStorage
 
 from xintu import load_config
-from xintu.fakellm import FakeLlm, run_fake_llm
 from xintu.http import XintuApp, create_app
+from xintu.testing.fakellm import FakeLlm, run_fake_llm
 
 from .fakes import FakeModel
 

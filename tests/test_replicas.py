@@ -648,7 +648,7 @@ def test_two_service_processes_make_one_llm_call(replica_database: str, tmp_path
     fake_url = f"http://127.0.0.1:{fake_port}"
     ports = [_free_port(), _free_port()]
     with _process(
-        ["-m", "xintu.fakellm", "--port", str(fake_port), "--latency-median-ms", "300"],
+        ["-m", "xintu.testing.fakellm", "--port", str(fake_port), "--latency-median-ms", "300"],
         base_env,
     ) as fake:
         _wait_until_up(f"{fake_url}/_fake/stats", fake)

@@ -50,8 +50,8 @@ from PIL import Image
 from xintu import Config, load_config
 from xintu._log import configure_logging, reset_logging
 from xintu.cli import main as cli_main
-from xintu.fakellm import FakeLlm, run_fake_llm
 from xintu.store._mysql import MySQLSettings
+from xintu.testing.fakellm import FakeLlm, run_fake_llm
 
 from .backends import TcpProxy, mysql_admin, mysql_execute, mysql_url_of
 from .serving import DecodingModel, real_server

@@ -1,6 +1,6 @@
 """What the LLM scenarios share: the fake upstream as a child, its knobs and statistics.
 
-The fake (:mod:`xintu.fakellm`) runs as its own process on a free port; the service
+The fake (:mod:`xintu.testing.fakellm`) runs as its own process on a free port; the service
 reaches it as an OpenAI-compatible provider. Its behaviour changes at run time
 through ``POST /_fake/control``; ``GET /_fake/stats`` counts calls, failures and
 calls per image hash. :class:`StatsPoller` samples those counters in a thread while
@@ -47,8 +47,8 @@ def llm_missing() -> str | None:
     A configuration that does not load at all is not a missing prerequisite: its
     :class:`~xintu.errors.ConfigError` propagates and the scenario fails.
     """
-    if importlib.util.find_spec("xintu.fakellm") is None:
-        return "the fake LLM upstream (xintu.fakellm) has not landed"
+    if importlib.util.find_spec("xintu.testing.fakellm") is None:
+        return "the fake LLM upstream (xintu.testing.fakellm) has not landed"
     from xintu import load_config
     from xintu.errors import ConfigError
 
@@ -165,7 +165,7 @@ class FakeLlm:
         self._client = httpx.Client(base_url=service.url, timeout=5.0)
 
     def control(self, **changes: Any) -> dict[str, Any]:
-        """Change :class:`xintu.fakellm.Behaviour` fields now."""
+        """Change :class:`xintu.testing.fakellm.Behaviour` fields now."""
         resp = self._client.post("/_fake/control", json=changes)
         resp.raise_for_status()
         return dict(resp.json())
@@ -185,12 +185,13 @@ class FakeLlm:
 
 @contextlib.contextmanager
 def fake_llm(bench: Bench, label: str, **cli: float) -> Iterator[FakeLlm]:
-    """``python -m xintu.fakellm`` on a free port with *cli* options (``latency_median_ms``)."""
+    """``python -m xintu.testing.fakellm`` on a free port with *cli* options
+    (``latency_median_ms``)."""
     port = free_port()
     args = ["--port", str(port), "--seed", str(bench.settings.seed)]
     for key, value in cli.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
-    argv = python_argv("-m", "xintu.fakellm", *args)
+    argv = python_argv("-m", "xintu.testing.fakellm", *args)
     with bench.child(label, argv, port, "/_fake/stats") as svc:
         fake = FakeLlm(svc)
         try:

@@ -42,7 +42,7 @@ In-process (tests)::
 As a process (benchmarks), serving until SIGINT/SIGTERM and printing
 ``fakellm listening on http://127.0.0.1:PORT``::
 
-    python -m xintu.fakellm --port 8100 --latency-median-ms 400 --latency-sigma 0.5 \\
+    python -m xintu.testing.fakellm --port 8100 --latency-median-ms 400 --latency-sigma 0.5 \\
         --outage-start-s 20 --outage-duration-s 20
 
 It is a bare ASGI app on Hypercorn (the fastest server on this stack) and binds
@@ -74,7 +74,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from hypercorn.typing import ASGIFramework
 
-from ._types import CATEGORIES
+from .._types import CATEGORIES
 
 __all__ = ["Behaviour", "FakeLlm", "fake_answer", "main", "run_fake_llm"]
 
@@ -599,7 +599,7 @@ async def run_fake_llm(
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m xintu.fakellm",
+        prog="python -m xintu.testing.fakellm",
         description="A fake OpenAI- and Anthropic-compatible multimodal LLM on loopback.",
     )
     p.add_argument("--host", default="127.0.0.1", help="loopback address (default 127.0.0.1)")
