@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._limits import MAX_BATCH_IMAGES, MAX_CHECK_HASHES
 from ._errors import (
     FileUnreadable,
     PayloadTooLargeError,
@@ -59,8 +60,7 @@ CHECK_CACHE = "/api/v1/classify/check-cache"
 CHECK_CACHE_BATCH = "/api/v1/classify/batch-check-cache"
 CLASSIFY = "/api/v1/classify"
 CLASSIFY_BATCH = "/api/v1/classify/batch"
-MAX_CHECK_HASHES = 100  # the server's limit for batch-check-cache
-MAX_UPLOAD_FILES = 20  # the server's limit for the batch endpoint
+MAX_UPLOAD_FILES = MAX_BATCH_IMAGES  # the server's limit for the batch endpoint
 
 #: A photo: its bytes, or the path of its file.
 ImageInput = bytes | str | os.PathLike[str]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .._config import Config
+from .._limits import MAX_BATCH_IMAGES, MAX_CHECK_HASHES, MAX_USER_ID_CHARS
 from .._types import CATEGORIES
 
 __all__ = ["openapi_document"]
@@ -82,10 +83,10 @@ _USER = {
     "name": "X-User-ID",
     "in": "header",
     "required": False,
-    "schema": {"type": "string", "maxLength": 128},
+    "schema": {"type": "string", "maxLength": MAX_USER_ID_CHARS},
 }
 # In a JSON body; the X-User-ID header wins when both are sent.
-_BODY_USER = {"type": ["string", "null"], "maxLength": 128}
+_BODY_USER = {"type": ["string", "null"], "maxLength": MAX_USER_ID_CHARS}
 # A multipart image_hash: 64 hex, or empty for none.
 _FORM_HASH = {
     "type": "string",
@@ -235,7 +236,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
             },
             "/api/v1/classify/batch-check-cache": {
                 "post": {
-                    "summary": "Check up to 100 image hashes at once",
+                    "summary": f"Check up to {MAX_CHECK_HASHES} image hashes at once",
                     "parameters": [_USER, _IDEMPOTENCY_KEY, _EVIDENCE],
                     "requestBody": _json_body(
                         {
@@ -246,7 +247,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
                                     "type": "array",
                                     "items": _HASH,
                                     "minItems": 1,
-                                    "maxItems": 100,
+                                    "maxItems": MAX_CHECK_HASHES,
                                 },
                                 "user_id": _BODY_USER,
                             },
@@ -278,7 +279,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
             },
             "/api/v1/classify/batch": {
                 "post": {
-                    "summary": "Classify 1 to 20 images concurrently",
+                    "summary": f"Classify 1 to {MAX_BATCH_IMAGES} images concurrently",
                     "description": "Send `Accept: application/x-ndjson` to receive one JSON "
                     "line per item as it finishes, then one summary line.",
                     "parameters": [_USER, _DEADLINE, _IDEMPOTENCY_KEY],
@@ -294,7 +295,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
                                             "type": "array",
                                             "items": image_file,
                                             "minItems": 1,
-                                            "maxItems": 20,
+                                            "maxItems": MAX_BATCH_IMAGES,
                                         },
                                         "image_hashes": {
                                             "type": "string",
