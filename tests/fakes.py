@@ -1,4 +1,5 @@
-"""Fakes for the actor and HTTP tests: a deterministic local model.
+"""Fakes for the actor and HTTP tests: a deterministic local model, a classifier
+pool for the chain, an in-memory store.
 
 The real ONNX classifier has tests of its own; these let the actor system be
 tested fast and exactly (call counts, failures on demand).
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import threading
 from collections import Counter
 from collections.abc import Sequence
@@ -17,6 +19,7 @@ from datetime import UTC, datetime
 import trio
 
 from xintu import Category, Classification, Source
+from xintu.actors import ClassifyRequest
 from xintu.errors import BadImage, StoreUnavailable
 from xintu.store import (
     SHARED_SCOPE,
@@ -74,6 +77,36 @@ class FakeModel:
                 )
             )
         return out
+
+
+class FakePool:
+    """A Trio-native classifier pool in the local pool's place in the chain
+    (``Chain(pool)``): subclasses define :meth:`answer`. ``takes`` and ``wait_s``
+    are its admission answers; ``asked`` records the deadlines it was asked about."""
+
+    def __init__(self) -> None:
+        self.takes = True
+        self.wait_s = 0.0
+        self.asked: list[float] = []
+
+    async def answer(self, data: bytes, image_hash: str, deadline: float) -> Classification:
+        raise NotImplementedError
+
+    async def classify(self, request: ClassifyRequest, deadline: float) -> Classification:
+        return await self.answer(request.data, request.image_hash, deadline)
+
+    async def classify_now(self, request: ClassifyRequest) -> Classification:
+        return await self.answer(request.data, request.image_hash, math.inf)
+
+    def would_take(self, deadline: float) -> bool:
+        self.asked.append(deadline)
+        return self.takes
+
+    def expected_wait_s(self) -> float:
+        return self.wait_s
+
+    def statistics(self) -> None:
+        return None
 
 
 class MemoryStore(Store):

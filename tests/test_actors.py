@@ -1,7 +1,7 @@
 """The actors on their own: singleflight, admission bounds, writer exactness, batching.
 
 Time-based behaviour runs on Trio's ``autojump_clock``; the store is the in-memory
-fake (no threads, so the clock can jump), the classifier a Trio-native function
+fake (no threads, so the clock can jump), the classifier chain a Trio-native pool
 whose calls are counted.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
@@ -22,13 +22,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xintu import Category, Classification, Source
-from xintu.actors import Answer, Cache, ClassifyRequest, Dispatcher, Envelope, LocalPool, Writer
+from xintu.actors import (
+    Answer,
+    Cache,
+    Chain,
+    ClassifyRequest,
+    Dispatcher,
+    Envelope,
+    LocalPool,
+    Writer,
+)
 from xintu.actors._envelope import open_reply, wait_reply
 from xintu.actors._supervisor import CrashRecord
 from xintu.errors import BadImage, ClassifierError, DeadlineExceeded, Draining, Overloaded
 from xintu.store import HitIncrement, Lru, ResultWrite
 
-from .fakes import FakeDecoded, FakeModel, MemoryStore, fake_category
+from .fakes import FakeDecoded, FakeModel, FakePool, MemoryStore, fake_category
 
 PROPERTY = settings(
     max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -48,14 +57,15 @@ def answer_for(data: bytes) -> Classification:
     )
 
 
-class CountingClassifier:
-    """Trio-native classify: counts calls per hash; waits on ``gate`` if given."""
+class CountingClassifier(FakePool):
+    """Trio-native pool: counts calls per hash; waits on ``gate`` if given."""
 
     def __init__(self, gate: trio.Event | None = None) -> None:
+        super().__init__()
         self.calls: Counter[str] = Counter()
         self.gate = gate
 
-    async def __call__(self, data: bytes, image_hash: str, deadline: float) -> Classification:
+    async def answer(self, data: bytes, image_hash: str, deadline: float) -> Classification:
         self.calls[image_hash] += 1
         if self.gate is not None:
             await self.gate.wait()
@@ -65,7 +75,7 @@ class CountingClassifier:
 
 @asynccontextmanager
 async def system(
-    classify: Callable[[bytes, str, float], Awaitable[Classification]],
+    classify: FakePool,
     *,
     inbox_size: int = 64,
     max_in_flight: int = 64,
@@ -77,7 +87,7 @@ async def system(
     dispatcher = Dispatcher(
         cache=cache,
         writer=writer,
-        classify=classify,
+        chain=Chain(classify),
         inbox_size=inbox_size,
         max_in_flight=max_in_flight,
         flight_grace_s=10.0,
@@ -92,7 +102,7 @@ async def system(
 
 
 async def ask(dispatcher: Dispatcher, data: bytes, deadline: float) -> Answer:
-    send, receive = open_reply()
+    send, receive = open_reply(Answer)
     dispatcher.submit(Envelope(ClassifyRequest(data, h(data), "r"), deadline, send))
     return await wait_reply(receive, deadline)
 
@@ -146,7 +156,7 @@ async def test_admission_is_bounded_and_every_admitted_request_answered_once(
             deadline = trio.current_time() + 60
             for i in range(burst):
                 data = f"img-{i}".encode()
-                send, receive = open_reply()
+                send, receive = open_reply(Answer)
                 try:
                     dispatcher.submit(Envelope(ClassifyRequest(data, h(data), "r"), deadline, send))
                 except Overloaded as exc:
@@ -288,18 +298,17 @@ async def test_local_pool_batches_and_answers_every_job() -> None:
     )
     images = [f"p{i}".encode() for i in range(10)] + [b"bad-1"]
     results: dict[bytes, outcome.Outcome[Classification]] = {}
+
+    async def one(data: bytes) -> None:
+        request = ClassifyRequest(data, h(data), "r")
+        results[data] = await outcome.acapture(pool.classify, request, trio.current_time() + 60)
+
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(pool.run)
-            receivers = []
-            for data in images:
-                send, receive = trio.open_memory_channel[outcome.Outcome[Classification]](1)
-                from xintu.actors._local_pool import LocalJob
-
-                pool.inbox.send_nowait(LocalJob(data, h(data), send))
-                receivers.append((data, receive))
-            for data, receive in receivers:
-                results[data] = await receive.receive()
+            async with trio.open_nursery() as callers:
+                for data in images:
+                    callers.start_soon(one, data)
             pool.close()
     assert isinstance(results[b"bad-1"], outcome.Error)
     assert all(isinstance(results[d], outcome.Value) for d in images[:-1])
@@ -338,34 +347,36 @@ async def _until(condition: Callable[[], bool]) -> None:
 async def test_the_priority_lane_goes_ahead_of_the_queue() -> None:
     """An LLM fallback (classify_now) waits for the preparation in progress, not for
     the queue; every queued job is still answered."""
-    from xintu.actors._local_pool import LocalJob
-
     model = GatedModel()
     pool = LocalPool(
         model, inbox_size=32, decode_threads=1, inference_threads=1, max_batch=4, max_wait_ms=1
     )
     queued = [f"q{i}".encode() for i in range(6)]
+    answers: list[outcome.Outcome[Classification]] = []
+
+    async def queue_job(data: bytes) -> None:
+        request = ClassifyRequest(data, h(data), "r")
+        answers.append(await outcome.acapture(pool.classify, request, trio.current_time() + 60))
+
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(pool.run)
-            receivers = []
             for data in queued:
-                send, receive = trio.open_memory_channel[outcome.Outcome[Classification]](1)
-                pool.inbox.send_nowait(LocalJob(data, h(data), send))
-                receivers.append(receive)
+                nursery.start_soon(queue_job, data)
+                await trio.testing.wait_all_tasks_blocked()  # queued, in this order
             # The decode worker has taken the first job and holds the one thread.
             await _until(lambda: model.order == [b"q0"])
             urgent_answer: list[Classification] = []
 
             async def urgent_job() -> None:
-                urgent_answer.append(await pool.classify_now(b"urgent", h(b"urgent")))
+                request = ClassifyRequest(b"urgent", h(b"urgent"), "r")
+                urgent_answer.append(await pool.classify_now(request))
 
             nursery.start_soon(urgent_job)
             # The priority lane waits for the thread, ahead of the worker's next job.
             await _until(lambda: pool._decode_limiter.statistics().tasks_waiting == 1)
             model.release.set()
-            answers = [await r.receive() for r in receivers]
-            await _until(lambda: bool(urgent_answer))
+            await _until(lambda: len(answers) == len(queued) and bool(urgent_answer))
             urgent = urgent_answer[0]
             pool.close()
     assert urgent.category == fake_category(b"urgent")
@@ -382,13 +393,13 @@ async def test_the_priority_lane_raises_the_images_own_error() -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             with pytest.raises(ClassifierError, match="not running"):
-                await pool.classify_now(b"x", h(b"x"))
+                await pool.classify_now(ClassifyRequest(b"x", h(b"x"), "r"))
             await nursery.start(pool.run)
             with pytest.raises(BadImage):
-                await pool.classify_now(b"bad-urgent", h(b"bad-urgent"))
+                await pool.classify_now(ClassifyRequest(b"bad-urgent", h(b"bad-urgent"), "r"))
             pool.close()
             with pytest.raises(Draining):
-                await pool.classify_now(b"late", h(b"late"))
+                await pool.classify_now(ClassifyRequest(b"late", h(b"late"), "r"))
 
 
 async def test_supervisor_restarts_a_crashing_worker(autojump_clock: object) -> None:

@@ -25,6 +25,7 @@ from PIL import Image
 from structlog.testing import capture_logs
 
 from xintu import Category, Classification, Source
+from xintu.actors import ClassifyRequest
 from xintu.llm import (
     BadAnswer,
     BreakerState,
@@ -165,7 +166,7 @@ async def running(
 
 async def classify(pool: LlmPool, n: int = 0, *, within_s: float = 10.0) -> Classification:
     data, h = photo(n)
-    return await pool.classify(data, h, trio.current_time() + within_s)
+    return await pool.classify(ClassifyRequest(data, h, "r"), trio.current_time() + within_s)
 
 
 async def fails(pool: LlmPool, n: int = 0, *, within_s: float = 10.0) -> LlmError:
@@ -228,8 +229,9 @@ async def test_bad_image_makes_no_call_and_is_not_the_upstreams_fault(
     upstream = Upstream()
     with trio.fail_after(30):
         async with running(config(breaker_min_calls=1), upstream) as pool:
+            request = ClassifyRequest(b"garbage", "0" * 64, "r")
             with pytest.raises(ImageNotUploadable):
-                await pool.classify(b"garbage", "0" * 64, trio.current_time() + 10)
+                await pool.classify(request, trio.current_time() + 10)
             assert pool.statistics().providers[0].breaker.state is BreakerState.CLOSED
     assert upstream.count() == 0
 

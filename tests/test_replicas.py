@@ -26,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -41,14 +41,14 @@ import trio.testing
 from PIL import Image
 
 from xintu import Category, Classification, Source
-from xintu.actors import Answer, Cache, ClassifyRequest, Dispatcher, Envelope, Writer
+from xintu.actors import Answer, Cache, Chain, ClassifyRequest, Dispatcher, Envelope, Writer
 from xintu.actors._envelope import open_reply, wait_reply
-from xintu.errors import ClassifierError, Overloaded, StoreUnavailable, XintuError
+from xintu.errors import ClassifierError, Overloaded, StoreUnavailable
 from xintu.store import CachedEntry, Lru, ResultWrite, Store, WriteBatch
 from xintu.store._mysql import parse_mysql_url
 
 from .backends import mysql_admin, mysql_url_of, open_test_store
-from .fakes import MemoryStore
+from .fakes import FakePool, MemoryStore
 from .test_store import claims_in
 
 T0 = datetime(2025, 3, 4, 5, 6, 7, tzinfo=UTC)
@@ -70,19 +70,20 @@ def trio_wall_clock() -> datetime:
     return T0 + timedelta(seconds=trio.current_time())
 
 
-class Classifier:
-    """Trio-native classify: counts calls; waits on ``gate`` if given; then takes
+class Classifier(FakePool):
+    """Trio-native pool: counts calls; waits on ``gate`` if given; then takes
     ``latency_s`` and answers, or raises when ``fail`` is set."""
 
     def __init__(
         self, gate: trio.Event | None = None, *, latency_s: float = 0.01, fail: bool = False
     ) -> None:
+        super().__init__()
         self.calls = 0
         self.gate = gate
         self.latency_s = latency_s
         self.fail = fail
 
-    async def __call__(self, data: bytes, image_hash: str, deadline: float) -> Classification:
+    async def answer(self, data: bytes, image_hash: str, deadline: float) -> Classification:
         self.calls += 1
         if self.gate is not None:
             await self.gate.wait()
@@ -99,7 +100,7 @@ class Replica:
     cache: Cache
 
     async def ask(self, data: bytes, deadline: float) -> Answer:
-        send, receive = open_reply()
+        send, receive = open_reply(Answer)
         self.dispatcher.submit(Envelope(ClassifyRequest(data, h(data), "r"), deadline, send))
         return await wait_reply(receive, deadline)
 
@@ -112,7 +113,6 @@ async def replica(
     *,
     claim_ttl_s: float = 30.0,
     autojump: bool = False,
-    precheck: Callable[[float], XintuError | None] | None = None,
 ) -> AsyncIterator[Replica]:
     """One process's actors (the dispatcher and its writer) on *store*."""
     writer = Writer(store, inbox_size=1000, max_batch=50, flush_ms=5)
@@ -120,14 +120,13 @@ async def replica(
     dispatcher = Dispatcher(
         cache=cache,
         writer=writer,
-        classify=classify,
+        chain=Chain(classify),
         inbox_size=64,
         max_in_flight=64,
         flight_grace_s=10.0,
         claim_ttl_s=claim_ttl_s,
         owner=owner,
         wall_clock=trio_wall_clock if autojump else None,
-        precheck=precheck,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
@@ -251,24 +250,22 @@ async def test_the_waiter_polls_with_backoff_and_answers_from_the_owners_result(
 async def test_a_miss_no_classifier_can_take_is_refused_before_the_claim(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    """The precheck answers a miss at once (no claim, no classifier); a photo the
-    store knows is still answered, whatever the precheck says."""
+    """The chain's refusal answers a miss at once (no claim, no classifier); a photo
+    the store knows is still answered, whatever the classifiers would take."""
     store = ClaimStore()
     classify = Classifier()
+    classify.takes, classify.wait_s = False, 3.0  # full: nothing fits a deadline
     known = b"\x05 a photo another replica classified"
     await store.apply(WriteBatch("seed", results=(ResultWrite(h(known), answer_for(known), 1),)))
-    asked: list[float] = []
-
-    def full(deadline: float) -> XintuError | None:
-        asked.append(deadline)
-        return Overloaded("no classifier can answer before the deadline", retry_after_s=3.0)
+    asked = classify.asked
 
     with trio.fail_after(60):
-        async with replica(store, classify, "b", autojump=True, precheck=full) as b:
+        async with replica(store, classify, "b", autojump=True) as b:
             deadline = trio.current_time() + 10
             with pytest.raises(Overloaded) as info:
                 await b.ask(b"\x06 a new photo", deadline)
             hit = await b.ask(known, deadline)
+    assert str(info.value) == "no classifier can answer before the deadline"
     assert info.value.retry_after_s == 3.0
     assert asked == [deadline]  # asked once, for the miss only
     assert classify.calls == 0
@@ -437,7 +434,7 @@ async def test_claim_owners_are_per_process_and_per_flight() -> None:
         return Dispatcher(
             cache=cache,
             writer=writer,
-            classify=Classifier(),
+            chain=Chain(Classifier()),
             inbox_size=1,
             max_in_flight=1,
             flight_grace_s=1,
@@ -453,7 +450,7 @@ async def test_claim_owners_are_per_process_and_per_flight() -> None:
         Dispatcher(
             cache=cache,
             writer=writer,
-            classify=Classifier(),
+            chain=Chain(Classifier()),
             inbox_size=1,
             max_in_flight=1,
             flight_grace_s=1,

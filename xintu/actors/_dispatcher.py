@@ -3,8 +3,11 @@
 It is the single owner of the in-flight table. The first envelope for an image
 hash starts a *flight*; later envelopes for the same hash attach to it and receive
 the same answer. A flight looks the hash up in the cache (LRU, then the shared
-store) and, only on a miss, hands the image to a classifier. A cache hit never
-reaches a classifier.
+store) and, only on a miss, hands the image to the classifier chain
+(:class:`~._chain.Chain`: the LLM pool, then the local pool). A cache hit never
+reaches a classifier; a hit on a local answer is told to the chain, which may
+queue an LLM re-classification. A miss that no classifier could take before its
+deadline is refused (:meth:`~._chain.Chain.refusal`) before it is claimed.
 
 Shared work outlives its callers: a caller whose deadline passes, or who
 disconnects, stops waiting, but the flight still completes, answers whoever is
@@ -40,7 +43,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -60,15 +63,13 @@ from ..errors import (
 )
 from ..store import CachedEntry, ResultWrite
 from ._cache import Cache
-from ._envelope import Answer, Envelope, Reply, send_reply
+from ._chain import Chain
+from ._envelope import Answer, ClassifyRequest, Envelope, Reply, send_reply
 from ._writer import Writer
 
-__all__ = ["Classify", "Dispatcher", "DispatcherStatistics", "process_owner"]
+__all__ = ["Dispatcher", "DispatcherStatistics", "process_owner"]
 
 log = structlog.get_logger("xintu.dispatcher")
-
-# classify(request data, image hash, deadline) -> classification; raises XintuError
-Classify = Callable[[bytes, str, float], Awaitable[Classification]]
 
 # Waiting for another process's answer: the first poll after this, doubling to the max.
 POLL_MIN_S = 0.02
@@ -115,12 +116,19 @@ class DispatcherStatistics:
 
 @dataclass(slots=True)
 class _Flight:
-    image_hash: str
-    data: bytes
+    request: ClassifyRequest  # the first envelope's
     deadline: float
     waiters: list[trio.MemorySendChannel[Reply]] = field(default_factory=list)
     owner: str = ""  # this flight's claim owner
     claimed: bool = False  # whether it holds the claim in the store
+
+    @property
+    def image_hash(self) -> str:
+        return self.request.image_hash
+
+    @property
+    def data(self) -> bytes:
+        return self.request.data
 
 
 class Dispatcher:
@@ -130,8 +138,7 @@ class Dispatcher:
     if it dies (it must cover a slow classification); ``owner`` names this
     process in its claims (default :func:`process_owner`); ``wall_clock`` gives
     the claim times (default ``datetime.now(UTC)``; tests derive it from Trio's
-    clock). ``precheck(deadline)``, asked after a store miss and before the claim,
-    returns an error to answer at once when no classifier could take the work.
+    clock). *chain* classifies the misses.
     """
 
     def __init__(
@@ -139,9 +146,7 @@ class Dispatcher:
         *,
         cache: Cache,
         writer: Writer,
-        classify: Classify,
-        on_cached_hit: Callable[[CachedEntry, bytes], None] | None = None,
-        precheck: Callable[[float], XintuError | None] | None = None,
+        chain: Chain,
         inbox_size: int,
         max_in_flight: int,
         flight_grace_s: float,
@@ -156,12 +161,10 @@ class Dispatcher:
         self._wall_clock = wall_clock or _utc_now
         self._cache = cache
         self._writer = writer
-        self._classify = classify
-        self._on_cached_hit = on_cached_hit
-        self._precheck = precheck
+        self._chain = chain
         self._max_in_flight = max_in_flight
         self._flight_grace_s = flight_grace_s
-        self._send, self._receive = trio.open_memory_channel[Envelope](inbox_size)
+        self._send, self._receive = trio.open_memory_channel[Envelope[Answer]](inbox_size)
         self._max_queued = inbox_size
         self._flights: dict[str, _Flight] = {}
         self._rate = DrainRate()
@@ -192,7 +195,7 @@ class Dispatcher:
         depth = self._receive.statistics().current_buffer_used + len(self._flights)
         return self._rate.retry_after_s(depth)
 
-    def submit(self, envelope: Envelope) -> None:
+    def submit(self, envelope: Envelope[Answer]) -> None:
         """Admit *envelope* or raise at once: :class:`Overloaded` / :class:`Draining`."""
         if self._closed:
             self._refused += 1
@@ -242,7 +245,7 @@ class Dispatcher:
                 async for envelope in self._receive:
                     self._route(envelope, flights)
 
-    def _route(self, envelope: Envelope, flights: trio.Nursery) -> None:
+    def _route(self, envelope: Envelope[Answer], flights: trio.Nursery) -> None:
         h = envelope.request.image_hash
         flight = self._flights.get(h)
         if flight is not None:
@@ -263,8 +266,7 @@ class Dispatcher:
             return
         self._flight_count += 1
         flight = _Flight(
-            h,
-            envelope.request.data,
+            envelope.request,
             envelope.deadline,
             [envelope.reply],
             owner=f"{self._owner}/{self._flight_count}",
@@ -279,19 +281,16 @@ class Dispatcher:
                 max(flight.deadline - trio.current_time(), 0) + self._flight_grace_s
             ):
                 entry = await self._cache.lookup(flight.image_hash)
-                if entry is None and self._precheck is not None:
+                if entry is None:
                     # Not known anywhere: refuse now if no classifier could take it,
                     # before claiming it across replicas for work that cannot happen.
-                    refusal = self._precheck(flight.deadline)
+                    refusal = self._chain.refusal(flight.deadline)
                     if refusal is not None:
                         raise refusal
-                if entry is None:
                     entry = await self._coordinate(flight)
                 classification = None
                 if entry is None:
-                    classification = await self._classify(
-                        flight.data, flight.image_hash, flight.deadline
-                    )
+                    classification = await self._chain.classify(flight.request, flight.deadline)
             result = outcome.Value((entry, classification))
         except trio.Cancelled:
             del self._flights[flight.image_hash]
@@ -325,8 +324,7 @@ class Dispatcher:
             self._cache_hits += 1
             hit = Answer(entry.classification, flight.image_hash, from_cache=True)
             self._cache.record_hit(flight.image_hash, len(flight.waiters))
-            if self._on_cached_hit is not None:
-                self._on_cached_hit(entry, flight.data)
+            self._chain.cached_hit(entry, flight.data)
             for waiter in flight.waiters:
                 send_reply(waiter, outcome.Value(hit))
             return

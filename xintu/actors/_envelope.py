@@ -3,12 +3,18 @@
 An :class:`Envelope` is one caller's task: the request, an absolute Trio deadline,
 and a reply channel of its own with buffer 1, so that no worker ever blocks on a
 caller that has gone (a send to a closed reply channel is simply dropped).
+
+It is the one reply protocol of every actor: the dispatcher answers an
+``Envelope[Answer]``, the LLM pool and the local pool an
+``Envelope[Classification]``. Whoever takes an envelope answers it exactly once
+(:func:`send_reply`); the caller waits for that answer with :func:`wait_reply`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, Generic, TypeVar, overload
 
 import outcome
 import trio
@@ -46,23 +52,38 @@ class Answer:
     from_cache: bool
 
 
+# What an envelope is answered with: the dispatcher's Answer, a pool's Classification.
+A = TypeVar("A")
+#: The dispatcher's reply: an :class:`Answer` or the error that stands for it.
 Reply = outcome.Outcome[Answer]
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
-class Envelope:
+class Envelope(Generic[A]):
     request: ClassifyRequest
     deadline: float  # trio.current_time() based
-    reply: trio.MemorySendChannel[Reply]
+    reply: trio.MemorySendChannel[outcome.Outcome[A]]
 
 
-def open_reply() -> tuple[trio.MemorySendChannel[Reply], trio.MemoryReceiveChannel[Reply]]:
-    """A reply channel: buffer 1, one answer, never a blocked sender."""
-    return trio.open_memory_channel[Reply](1)
+@overload
+def open_reply() -> tuple[trio.MemorySendChannel[Reply], trio.MemoryReceiveChannel[Reply]]: ...
 
 
-def send_reply(channel: trio.MemorySendChannel[T], reply: T) -> bool:
+@overload
+def open_reply(
+    answer: type[A],
+) -> tuple[
+    trio.MemorySendChannel[outcome.Outcome[A]], trio.MemoryReceiveChannel[outcome.Outcome[A]]
+]: ...
+
+
+def open_reply(answer: type[Any] = Answer) -> tuple[Any, Any]:
+    """A reply channel for an *answer* (default :class:`Answer`): buffer 1, one
+    answer, never a blocked sender."""
+    return trio.open_memory_channel[outcome.Outcome[Any]](1)
+
+
+def send_reply(channel: trio.MemorySendChannel[A], reply: A) -> bool:
     """Deliver *reply* on a one-answer channel without waiting, then close it.
 
     False if the caller has already left (its receive side is closed).
@@ -76,8 +97,11 @@ def send_reply(channel: trio.MemorySendChannel[T], reply: T) -> bool:
     return True
 
 
-async def wait_reply(receive: trio.MemoryReceiveChannel[Reply], deadline: float) -> Answer:
-    """The caller's side: wait for the one answer until *deadline*, then give up.
+async def wait_reply(
+    receive: trio.MemoryReceiveChannel[outcome.Outcome[A]], deadline: float = math.inf
+) -> A:
+    """The caller's side: wait for the one answer until *deadline*, then give up
+    with :class:`~xintu.errors.DeadlineExceeded`.
 
     Giving up (or being cancelled) closes only this reply channel; the work the
     caller was waiting for carries on and is cached.

@@ -8,9 +8,12 @@
               batch channel ──▶ inference runners (M threads under a CapacityLimiter)
                                  gather ≤ max_batch or max_wait_ms, one session.run
 
-Every job carries its own reply channel (buffer 1); an error on one image (not an
-image, too many pixels, …) answers that job alone. Jobs are never dropped: a
-runner that fails answers every job of its batch with the error.
+It is a :class:`~xintu.actors.Classifier` (the chain's fallback): :meth:`LocalPool.classify`
+puts an envelope (:mod:`._envelope`: the request and its reply channel of buffer 1)
+into the inbox with ``send_nowait`` (a full inbox is :class:`~xintu.errors.Overloaded`
+at once) and waits for the one answer. An error on one image (not an image, too
+many pixels, …) answers that envelope alone. Envelopes are never dropped: a runner
+that fails answers every envelope of its batch with the error.
 
 :meth:`LocalPool.classify_now` is the priority lane, for work the service has
 already held (an LLM call that failed or ran out of time): it skips the inbox and
@@ -22,7 +25,8 @@ waits for at most one image's preparation instead of the whole queue.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -32,11 +36,11 @@ import trio
 
 from .._rate import ServiceTime
 from .._types import Classification
-from ..errors import ClassifierError, Draining, XintuError
-from ._envelope import send_reply
+from ..errors import ClassifierError, Draining, Overloaded, XintuError
+from ._envelope import ClassifyRequest, Envelope, open_reply, send_reply, wait_reply
 from ._supervisor import CrashRecord
 
-__all__ = ["LocalJob", "LocalModel", "LocalPool", "LocalPoolStatistics"]
+__all__ = ["LocalModel", "LocalPool", "LocalPoolStatistics"]
 
 log = structlog.get_logger("xintu.local_pool")
 
@@ -58,14 +62,7 @@ class LocalModel(Protocol[D]):
     def infer(self, batch: Sequence[D]) -> list[Classification]: ...
 
 
-LocalResult = outcome.Outcome[Classification]
-
-
-@dataclass(frozen=True, slots=True)
-class LocalJob:
-    data: bytes
-    image_hash: str
-    reply: trio.MemorySendChannel[LocalResult]
+_Job = Envelope[Classification]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,15 +99,19 @@ class LocalPool:
         max_batch: int,
         max_wait_ms: int,
         crashes: CrashRecord | None = None,
+        retry_after_s: Callable[[], float] | None = None,
     ) -> None:
+        """*retry_after_s* gives the ``Retry-After`` of a refusal at a full inbox
+        (the runtime passes the service's; default :meth:`expected_wait_s`)."""
         self.model = model
+        self._retry_after_s = retry_after_s or self.expected_wait_s
         self._decode_threads = decode_threads
         self._inference_threads = inference_threads
         self._max_batch = max_batch
         self._max_wait_s = max_wait_ms / 1000.0
         self._crashes = crashes or CrashRecord()
-        self._send, self._receive = trio.open_memory_channel[LocalJob](inbox_size)
-        self._batch_send, self._batch_receive = trio.open_memory_channel[tuple[object, LocalJob]](
+        self._send, self._receive = trio.open_memory_channel[_Job](inbox_size)
+        self._batch_send, self._batch_receive = trio.open_memory_channel[tuple[object, _Job]](
             max(max_batch * inference_threads, 1)
         )
         self._decode_limiter = trio.CapacityLimiter(decode_threads)
@@ -130,11 +131,6 @@ class LocalPool:
         # The priority lane's way into the batch channel; the runners end once it and
         # the decoders' clones are all closed.
         self._urgent_send = self._batch_send.clone()
-
-    @property
-    def inbox(self) -> trio.MemorySendChannel[LocalJob]:
-        """The pool's inbox; producers ``send_nowait`` into it (full → refuse)."""
-        return self._send
 
     def expected_wait_s(self) -> float:
         """How long a job queued now would take to be answered (decoding dominates).
@@ -158,7 +154,31 @@ class LocalPool:
         self._send.close()
         self._urgent_send.close()
 
-    async def classify_now(self, data: bytes, image_hash: str) -> Classification:
+    async def classify(self, request: ClassifyRequest, deadline: float) -> Classification:
+        """Classify *request* through the inbox; refused at once when it is full.
+
+        Raises :class:`~xintu.errors.Overloaded` (inbox full) or
+        :class:`~xintu.errors.Draining` (closed) without waiting, else the image's
+        own error. *deadline* travels with the envelope; the wait is bounded by the
+        caller (the dispatcher's flight), so that late work is still answered and
+        cached.
+        """
+        send, receive = open_reply(Classification)
+        try:
+            self._send.send_nowait(Envelope(request, deadline, send))
+        except trio.WouldBlock:
+            send.close()
+            receive.close()
+            raise Overloaded(
+                "the local classifier is over capacity", retry_after_s=self._retry_after_s()
+            ) from None
+        except trio.ClosedResourceError:
+            send.close()
+            receive.close()
+            raise Draining("the service is shutting down") from None
+        return await wait_reply(receive, math.inf)
+
+    async def classify_now(self, request: ClassifyRequest) -> Classification:
         """Classify ahead of the inbox (the priority lane; see the module docstring).
 
         Raises the image's own error, :class:`~xintu.errors.Draining` when the pool is
@@ -173,7 +193,7 @@ class LocalPool:
         try:
             # Not timed: its wait for a thread is not a preparation time.
             decoded = await trio.to_thread.run_sync(
-                self.model.prepare, data, limiter=self._decode_limiter
+                self.model.prepare, request.data, limiter=self._decode_limiter
             )
         except trio.Cancelled:
             raise
@@ -182,14 +202,14 @@ class LocalPool:
             raise _as_error(exc) from exc
         finally:
             self._decoding -= 1
-        send, receive = trio.open_memory_channel[LocalResult](1)
+        send, receive = open_reply(Classification)
         try:
-            await self._urgent_send.send((decoded, LocalJob(data, image_hash, send)))
+            await self._urgent_send.send((decoded, Envelope(request, math.inf, send)))
         except (trio.ClosedResourceError, trio.BrokenResourceError):
+            send.close()
+            receive.close()
             raise Draining("the service is shutting down") from None
-        with receive:
-            result = await receive.receive()
-        return result.unwrap()
+        return await wait_reply(receive, math.inf)
 
     def statistics(self) -> LocalPoolStatistics:
         return LocalPoolStatistics(
@@ -221,22 +241,20 @@ class LocalPool:
                 # Runners end once every decoder's clone of the batch channel is closed.
 
     async def _decoder(
-        self, i: int, batch_send: trio.MemorySendChannel[tuple[object, LocalJob]]
+        self, i: int, batch_send: trio.MemorySendChannel[tuple[object, _Job]]
     ) -> None:
         async with batch_send:
             await self._crashes.supervise(
                 f"local-decode-{i}", functools.partial(self._decode_loop, batch_send)
             )
 
-    async def _decode_loop(
-        self, batch_send: trio.MemorySendChannel[tuple[object, LocalJob]]
-    ) -> None:
+    async def _decode_loop(self, batch_send: trio.MemorySendChannel[tuple[object, _Job]]) -> None:
         async for job in self._receive:
             self._decoding += 1
             started = trio.current_time()
             try:
                 decoded = await trio.to_thread.run_sync(
-                    self.model.prepare, job.data, limiter=self._decode_limiter
+                    self.model.prepare, job.request.data, limiter=self._decode_limiter
                 )
                 # Wall time from the worker's side, thread hand-offs included: what a
                 # queued job will wait per job ahead of it on a busy machine.
@@ -269,7 +287,7 @@ class LocalPool:
                             break
             await self._infer(batch)
 
-    async def _infer(self, batch: list[tuple[object, LocalJob]]) -> None:
+    async def _infer(self, batch: list[tuple[object, _Job]]) -> None:
         self._inferring += len(batch)
         try:
             results = await trio.to_thread.run_sync(

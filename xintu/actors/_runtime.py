@@ -1,9 +1,10 @@
-"""The actor system of one process, wired together and supervised.
+"""The actor system of one process: the supervisor that wires and starts the
+actors, and the one facade the HTTP layer talks to.
 
 ::
 
-    HTTP handler ──admission──▶ Dispatcher ──miss──▶ LlmPool ──fail/open/full──▶ LocalPool
-         ▲                          │ singleflight by image hash      (providers, breakers)
+    HTTP handler ──admission──▶ Dispatcher ──miss──▶ Chain: LlmPool ──fail/open/full──▶ LocalPool
+         ▲                          │ singleflight by image hash   (providers, breakers)
          └──── reply channel ◀──────┘
                      results, hits, request-log rows ──▶ Writer ──▶ Store
 
@@ -13,46 +14,42 @@
 flights; then the LLM pool and then the local pool finish their queues; then the writer
 flushes; then ``run`` returns.
 
-The fallback of work the LLM pool had queued (a failed or timed-out call) takes
-the local pool's priority lane: the caller has already waited, and only new work
-is refused at the door.
+The rules between the LLM pool and the local pool (fallbacks, the priority lane,
+refusals for time, rechecks of cached local answers) are the classifier chain's
+(:mod:`._chain`).
 
-A miss that neither the LLM chain nor the local pool could take before its
-deadline (their queues' expected waits) is refused with 503 as soon as the store
-has said it is a miss, before the dispatcher claims it across replicas.
-
-Classification goes to the LLM provider chain first. Any LLM failure, an open
-breaker, a full LLM inbox or too little time left sends the image to the local
-pool instead; the caller never sees the LLM's error. A cache hit on a local answer,
-while some provider is healthy, queues a low-priority LLM re-classification whose
-answer replaces the local one.
+The facade: the HTTP layer asks only this object's methods (:meth:`~Runtime.classify`,
+:meth:`~Runtime.lookup`, :meth:`~Runtime.lookup_many`, :meth:`~Runtime.name_alias`,
+:meth:`~Runtime.log_request`, :meth:`~Runtime.readiness`,
+:meth:`~Runtime.album_stats`, :meth:`~Runtime.statistics`,
+:meth:`~Runtime.retry_after_s`, :attr:`~Runtime.draining`), never an actor.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
-import outcome
 import structlog
 import trio
 
 from .._config import Config
-from .._types import Classification, Source
-from ..errors import Draining, Overloaded
-from ..llm import LlmError, LlmPool, LlmPoolStatistics, LlmUnavailable
-from ..store import CachedEntry, Lru, ResultWrite, Store
+from .._types import Classification
+from ..errors import Draining, StoreError
+from ..llm import LlmPool, LlmPoolStatistics
+from ..store import AlbumStats, Lru, RequestLogRow, ResultWrite, Store
 from ._cache import Cache, CacheStatistics
+from ._chain import Chain
 from ._dispatcher import Dispatcher, DispatcherStatistics
 from ._envelope import Answer, ClassifyRequest, Envelope, open_reply, wait_reply
-from ._local_pool import LocalJob, LocalModel, LocalPool, LocalPoolStatistics, LocalResult
+from ._local_pool import LocalModel, LocalPool, LocalPoolStatistics
 from ._supervisor import CrashRecord, SupervisorStatistics
 from ._writer import Writer, WriterStatistics
 
-__all__ = ["Runtime", "RuntimeStatistics"]
+__all__ = ["Readiness", "Runtime", "RuntimeStatistics"]
 
 log = structlog.get_logger("xintu.runtime")
 
@@ -72,8 +69,35 @@ class RuntimeStatistics:
     supervisor: SupervisorStatistics
 
 
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """What ``/readyz`` and ``/api/v1/health`` report, taken at one moment."""
+
+    running: bool  # every actor started, not draining
+    draining: bool
+    actors_healthy: bool  # no crash loop (the supervisor's crash record)
+    model_loaded: bool
+    breakers: Mapping[str, str]  # provider name -> closed / open / half_open
+    writer_healthy: bool  # the writer's last store write succeeded
+    store: str  # "ok", or "unreachable[: why]" when a ping failed or was too slow
+
+    @property
+    def ready(self) -> bool:
+        return (
+            self.running
+            and not self.draining
+            and self.actors_healthy
+            and self.model_loaded
+            and self.store == "ok"
+        )
+
+
 class Runtime:
-    """Owns the actors of one process; the HTTP layer talks only to this."""
+    """Owns the actors of one process; the HTTP layer talks only to this.
+
+    The actors stay reachable as attributes (``writer``, ``cache``, ``chain``, …)
+    for the tests and the benchmark; the HTTP layer uses the facade's methods.
+    """
 
     def __init__(self, config: Config, store: Store, model: LocalModel[Any]) -> None:
         self.config = config
@@ -95,16 +119,14 @@ class Runtime:
             max_batch=config.model.max_batch,
             max_wait_ms=config.model.max_wait_ms,
             crashes=self.crashes,
+            retry_after_s=self.retry_after_s,
         )
         self.llm = LlmPool(config.llm, on_recheck=self._recheck_done)
-        self._fallbacks: Counter[str] = Counter()
-        self._local_refused_for_time = 0
+        self.chain = Chain(self.local, llm=self.llm)
         self.dispatcher = Dispatcher(
             cache=self.cache,
             writer=self.writer,
-            classify=self._classify,
-            on_cached_hit=self._maybe_recheck,
-            precheck=self._no_classifier_can_take,
+            chain=self.chain,
             inbox_size=config.dispatcher.inbox_size,
             max_in_flight=config.dispatcher.max_in_flight,
             flight_grace_s=config.server.request_deadline_s,
@@ -124,13 +146,14 @@ class Runtime:
         return self._draining
 
     def statistics(self) -> RuntimeStatistics:
+        chain = self.chain.statistics()
         return RuntimeStatistics(
             ready=self.ready,
             draining=self._draining,
             dispatcher=self.dispatcher.statistics(),
             llm=self.llm.statistics(),
-            fallbacks=dict(self._fallbacks),
-            shed_for_deadline=self._local_refused_for_time,
+            fallbacks=chain.fallbacks,
+            shed_for_deadline=chain.shed_for_deadline,
             local=self.local.statistics(),
             writer=self.writer.statistics(),
             cache=self.cache.statistics(),
@@ -171,6 +194,7 @@ class Runtime:
         if not self._draining:
             log.info("draining")
         self._draining = True
+        self.chain.begin_drain()
 
     async def drain(self) -> None:
         """Refuse new work, finish what was admitted, flush the writer, then return."""
@@ -195,48 +219,93 @@ class Runtime:
         entry = self.cache.peek(request.image_hash)
         if entry is not None:
             self.cache.record_hit(request.image_hash)
-            self._maybe_recheck(entry, request.data)
+            self.chain.cached_hit(entry, request.data)
             return Answer(entry.classification, request.image_hash, from_cache=True)
-        send, receive = open_reply()
+        send, receive = open_reply(Answer)
         self.dispatcher.submit(Envelope(request, deadline, send))
         return await wait_reply(receive, deadline)
 
-    async def _classify(self, data: bytes, image_hash: str, deadline: float) -> Classification:
-        """The LLM chain first; on any LLM failure or refusal, the local model."""
-        if self.llm.enabled:
-            try:
-                return await self.llm.classify(data, image_hash, deadline)
-            except LlmError as exc:
-                reason = exc.reason if isinstance(exc, LlmUnavailable) else "llm_failed"
-                self._fallbacks[reason] += 1
-                log.info("llm_fallback", reason=reason, image_hash=image_hash[:12], error=str(exc))
-                if exc.queued:
-                    # The caller has already waited for the LLM: its fallback goes
-                    # ahead of new work, which can still be refused at the door.
-                    return await self.local.classify_now(data, image_hash)
-        return await self._classify_local(data, image_hash, deadline)
+    async def lookup(self, image_hash: str, scope: str | None) -> Answer | None:
+        """The cached answer for *image_hash* (or a client's alias of it visible in
+        *scope*), counted as a hit served; ``None`` on a miss.
 
-    def _no_classifier_can_take(self, deadline: float) -> Overloaded | None:
-        """A refusal when neither the LLM chain nor the local pool would take work
-        for *deadline* now (the dispatcher asks before it claims a miss)."""
-        if (self.llm.enabled and self.llm.would_take(deadline)) or self.local.would_take(deadline):
+        An alias hit answers with (and counts the hit on) the verified entry.
+        """
+        entry = await self.cache.lookup(image_hash, scope)
+        if entry is None:
             return None
-        self._local_refused_for_time += 1
-        return Overloaded(
-            "no classifier can answer before the deadline",
-            retry_after_s=self.local.expected_wait_s(),
+        self.cache.record_hit(entry.image_hash)
+        return Answer(entry.classification, entry.image_hash, from_cache=True)
+
+    async def lookup_many(self, hashes: Sequence[str], scope: str | None) -> dict[str, Answer]:
+        """:meth:`lookup` for many hashes (one store round trip), keyed by the asked
+        hash; a hash asked twice is two hits served."""
+        found = await self.cache.lookup_many(list(dict.fromkeys(hashes)), scope)
+        answers: dict[str, Answer] = {}
+        for h in hashes:
+            entry = found.get(h)
+            if entry is not None:
+                self.cache.record_hit(entry.image_hash)
+                answers[h] = Answer(entry.classification, entry.image_hash, from_cache=True)
+        return answers
+
+    async def name_alias(self, scope: str, alias_hash: str, image_hash: str) -> None:
+        """Record a client's hash *alias_hash* for the verified *image_hash* in *scope*."""
+        await self.cache.name_alias(scope, alias_hash, image_hash)
+
+    def log_request(
+        self,
+        *,
+        request_id: str,
+        user_id: str | None,
+        ip: str | None,
+        image_hash: str | None,
+        image_size: int | None,
+        answer: Answer | None,
+        processing_time_ms: float,
+    ) -> None:
+        """Offer one ``request_log`` row to the writer (dropped, never waited for,
+        when its inbox is full)."""
+        c = answer.classification if answer else None
+        self.writer.offer(
+            RequestLogRow(
+                request_id=request_id,
+                user_id=user_id,
+                ip=ip,
+                image_hash=image_hash,
+                image_size=image_size,
+                category=c.category.value if c else None,
+                confidence=c.confidence if c else None,
+                from_cache=bool(answer and answer.from_cache),
+                source=("cache" if answer.from_cache else c.source.value) if answer and c else None,
+                processing_time_ms=processing_time_ms,
+                created_at=datetime.now(UTC),
+            )
         )
 
-    def _maybe_recheck(self, entry: CachedEntry, data: bytes) -> None:
-        """A hit on a local answer with the bytes in hand: queue an LLM answer for it."""
-        if (
-            data
-            and entry.classification.source is Source.LOCAL
-            and self.llm.enabled
-            and not self._draining
-            and self.llm.healthy()
-        ):
-            self.llm.offer_recheck(data, entry.image_hash)
+    # --- operations ----------------------------------------------------------------
+
+    async def readiness(self, *, store_timeout_s: float) -> Readiness:
+        """A snapshot for readiness and health; pings the store (within *store_timeout_s*)."""
+        store = "ok"
+        try:
+            with trio.fail_after(store_timeout_s):
+                await self.store.ping()
+        except (StoreError, trio.TooSlowError, trio.ClosedResourceError) as exc:
+            store = f"unreachable: {exc}" if str(exc) else "unreachable"
+        return Readiness(
+            running=self.ready,
+            draining=self._draining,
+            actors_healthy=self.crashes.healthy,
+            model_loaded=self.local.model is not None,
+            breakers={p.name: str(p.breaker.state) for p in self.llm.statistics().providers},
+            writer_healthy=self.writer.statistics().store_healthy,
+            store=store,
+        )
+
+    async def album_stats(self) -> AlbumStats:
+        """Album totals and distributions, computed by the store."""
+        return await self.store.album_stats(datetime.now(UTC))
 
     async def _recheck_done(self, image_hash: str, classification: Classification) -> None:
         """The LLM re-classified a cached local answer: it replaces the local one."""
@@ -244,28 +313,3 @@ class Runtime:
         if old is not None:
             self.cache.remember(dataclasses.replace(old, classification=classification))
         await self.writer.put(ResultWrite(image_hash, classification, None))
-
-    async def _classify_local(
-        self, data: bytes, image_hash: str, deadline: float
-    ) -> Classification:
-        if trio.current_time() + self.local.expected_wait_s() > deadline:
-            # It would only time out in the queue: refuse now, with an honest Retry-After.
-            self._local_refused_for_time += 1
-            raise Overloaded(
-                "the local classifier cannot answer before the deadline",
-                retry_after_s=self.local.expected_wait_s(),
-            )
-        send, receive = trio.open_memory_channel[LocalResult](1)
-        try:
-            self.local.inbox.send_nowait(LocalJob(data, image_hash, send))
-        except trio.WouldBlock:
-            send.close()
-            raise Overloaded(
-                "the local classifier is over capacity", retry_after_s=self.retry_after_s()
-            ) from None
-        except trio.ClosedResourceError:
-            send.close()
-            raise Draining("the service is shutting down") from None
-        with receive:
-            result: outcome.Outcome[Classification] = await receive.receive()
-        return result.unwrap()

@@ -2,14 +2,15 @@
 
 ::
 
-    LlmPool ── classify(data, image_hash, deadline) ──▶ provider chain
+    LlmPool ── classify(request, deadline) ──▶ provider chain
        │         each provider: Breaker ▸ ProviderClient (one httpx.AsyncClient)
        │                        retries: backoff + jitter, Retry-After, deadline, budget
        └── offer_recheck(data, image_hash) ──▶ background re-classification ──▶ on_recheck
 
 Configuration is :class:`LlmConfig`, built by :func:`llm_config_from` from the
 ``[llm]`` table and the environment. Every error is an :class:`LlmError`, itself a
-:class:`xintu.errors.ClassifierError`: the dispatcher falls back to the local model.
+:class:`xintu.errors.ClassifierError`: the classifier chain
+(:mod:`xintu.actors._chain`) falls back to the local model.
 """
 
 from ._breaker import Breaker as Breaker

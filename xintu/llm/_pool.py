@@ -12,10 +12,16 @@
     offer_recheck() ──▶ recheck queue ──▶ 1 background worker (only when a worker is idle)
                                              ──▶ on_recheck(image_hash, classification)
 
+The pool is a :class:`~xintu.actors.Classifier` (the chain's primary):
+:meth:`LlmPool.classify` puts an envelope (the actors' one reply protocol: the
+request, the LLM call's deadline and a reply channel of buffer 1) into the inbox
+with ``send_nowait`` and waits for the one answer; :meth:`LlmPool.would_take`
+answers the chain's admission question without queueing anything.
+
 Every call gets the request's deadline less ``fallback_reserve_s``: the LLM never
 eats the time the local model needs. A caller never sees an upstream body; all
-failures reach it as :class:`~xintu.llm.LlmError`, which the dispatcher turns into
-a fallback.
+failures reach it as :class:`~xintu.llm.LlmError`, which the classifier chain
+(:mod:`xintu.actors._chain`) turns into a fallback.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import functools
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, overload
 
 import httpx
 import outcome
@@ -33,6 +40,7 @@ import trio
 
 from .._rate import ServiceTime
 from .._types import Classification, Source
+from ..errors import DeadlineExceeded
 from ._breaker import Breaker, BreakerState, BreakerStatistics
 from ._config import LlmConfig, ProviderConfig
 from ._errors import (
@@ -48,6 +56,11 @@ from ._parse import ParsedAnswer
 from ._providers import ProviderClient
 from ._retry import BackoffPolicy, RetryBudget, RetryBudgetStatistics
 
+if TYPE_CHECKING:
+    # Imported where used: xintu._config imports this package (for LlmConfig) and the
+    # actor package imports the config, so the pool's module cannot import the actors'.
+    from ..actors._envelope import ClassifyRequest, Envelope
+
 __all__ = ["LlmPool", "LlmPoolStatistics", "ProviderStatistics", "RecheckCallback"]
 
 log = structlog.get_logger("xintu.llm")
@@ -61,8 +74,6 @@ _INLINE_MAX_BYTES = 4096
 # How much longer than the LLM call's deadline a caller waits for the worker's reply
 # (the worker answers at its deadline; this only orders the two wake-ups).
 _REPLY_GRACE_S = 0.05
-
-_Result = outcome.Outcome[Classification]
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +120,8 @@ class LlmPoolStatistics:
 
 @dataclass(frozen=True, slots=True)
 class _Job:
-    data: bytes
-    image_hash: str
-    deadline: float  # of the LLM work: the request's deadline less the reserve
-    reply: trio.MemorySendChannel[_Result]
+    # Its deadline is the LLM work's: the request's deadline less the reserve.
+    envelope: Envelope[Classification]
     # A worker was free when it was admitted: a probe, made whatever the estimate
     # says (the estimate only learns from calls that are made).
     probe: bool = False
@@ -175,15 +184,6 @@ def _log_failure(cfg: ProviderConfig, exc: LlmError) -> None:
         log.warning("llm_provider_failed", model=cfg.model, **fields)
     else:
         log.info("llm_provider_failed", **fields)
-
-
-def _deliver(reply: trio.MemorySendChannel[_Result], result: _Result) -> None:
-    try:
-        reply.send_nowait(result)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
-        pass  # the caller has left
-    finally:
-        reply.close()
 
 
 class LlmPool:
@@ -258,42 +258,62 @@ class LlmPool:
         self._refused[reason] += 1
         return LlmUnavailable(message, reason=reason)
 
-    async def classify(self, data: bytes, image_hash: str, deadline: float) -> Classification:
-        """Classify *data* through the provider chain before *deadline* less the reserve.
+    @overload
+    async def classify(self, request: ClassifyRequest, deadline: float) -> Classification: ...
+
+    @overload
+    async def classify(
+        self, request: bytes, deadline: str, /, *rest: float
+    ) -> Classification: ...  # the former (data, image_hash, deadline); to be removed
+
+    async def classify(
+        self, request: ClassifyRequest | bytes, deadline: float | str, *rest: float
+    ) -> Classification:
+        """Classify *request* through the provider chain before *deadline* less the reserve.
 
         Raises :class:`~xintu.llm.LlmUnavailable` at once, with no upstream call, when
         no provider is configured, every breaker is open, the inbox is full, the
         remaining time is under ``fallback_reserve_s`` or the pool is closed; and
         another :class:`~xintu.llm.LlmError` when the chain failed. Either way the
         caller falls back; the error holds no upstream body and no key.
+
+        ``classify(data, image_hash, deadline)``, the former signature, is still
+        taken until its last caller (tests/test_llm_fake.py) has moved.
         """
+        from ..actors._envelope import ClassifyRequest, Envelope, open_reply, wait_reply
+
+        if isinstance(request, bytes):
+            assert isinstance(deadline, str)
+            request, deadline = ClassifyRequest(request, deadline, ""), rest[0]
+        assert isinstance(request, ClassifyRequest)
+        assert not isinstance(deadline, str)
         await trio.lowlevel.checkpoint_if_cancelled()
         refusal = self._refusal(deadline)
         if refusal is not None:
             raise self._refuse(*refusal)
         call_deadline = deadline - self._reserve_s
         probe = self._receive.statistics().current_buffer_used + self._busy < self._workers
-        reply, receive = trio.open_memory_channel[_Result](1)
+        reply, receive = open_reply(Classification)
         try:
-            self._send.send_nowait(_Job(data, image_hash, call_deadline, reply, probe))
+            self._send.send_nowait(_Job(Envelope(request, call_deadline, reply), probe))
         except trio.WouldBlock:
             reply.close()
+            receive.close()
             raise self._refuse("inbox_full", "the LLM pool is over capacity") from None
         except trio.ClosedResourceError:
             reply.close()
+            receive.close()
             raise self._refuse("closed", "the LLM pool is shutting down") from None
         self._submitted += 1
-        with receive:
-            with trio.move_on_at(call_deadline + _REPLY_GRACE_S):
-                result = await receive.receive()
-                try:
-                    return result.unwrap()
-                except LlmError as exc:
-                    exc.queued = True
-                    raise
-        timeout = UpstreamTimeout("llm", "no LLM answer before the deadline")
-        timeout.queued = True
-        raise timeout
+        try:
+            return await wait_reply(receive, call_deadline + _REPLY_GRACE_S)
+        except LlmError as exc:
+            exc.queued = True
+            raise
+        except DeadlineExceeded:
+            timeout = UpstreamTimeout("llm", "no LLM answer before the deadline")
+            timeout.queued = True
+            raise timeout from None
 
     def would_take(self, deadline: float) -> bool:
         """Whether :meth:`classify` would queue work for *deadline* now (it queues none)."""
@@ -404,10 +424,13 @@ class LlmPool:
                 p.client = None
 
     async def _worker(self, lane: int, receive: trio.MemoryReceiveChannel[_Job]) -> None:
+        from ..actors._envelope import send_reply
+
         async with receive:
             async for job in receive:
-                if job.reply.statistics().open_receive_channels == 0:
-                    job.reply.close()  # the caller has left: nobody wants the answer
+                reply = job.envelope.reply
+                if reply.statistics().open_receive_channels == 0:
+                    reply.close()  # the caller has left: nobody wants the answer
                     continue
                 self._busy += 1
                 started = trio.current_time()
@@ -417,31 +440,35 @@ class LlmPool:
                 measured = True
                 try:
                     classification = await self._run_chain(
-                        job.data, job.deadline, lane, check_time=not job.probe
+                        job.envelope.request.data,
+                        job.envelope.deadline,
+                        lane,
+                        check_time=not job.probe,
                     )
                 except trio.Cancelled:
                     measured = False
-                    _deliver(
-                        job.reply,
-                        outcome.Error(LlmUnavailable("shutting down", reason="closed")),
+                    send_reply(
+                        reply, outcome.Error(LlmUnavailable("shutting down", reason="closed"))
                     )
                     raise
                 except LlmUnavailable as exc:
                     measured = False
                     self._failed += 1
-                    _deliver(job.reply, outcome.Error(exc))
+                    send_reply(reply, outcome.Error(exc))
                 except LlmError as exc:
                     self._failed += 1
-                    _deliver(job.reply, outcome.Error(exc))
+                    send_reply(reply, outcome.Error(exc))
                 except Exception as exc:  # a bug: answer the caller, keep the worker
                     self._failed += 1
                     log.error(
-                        "llm_job_failed", image_hash=job.image_hash[:12], error=type(exc).__name__
+                        "llm_job_failed",
+                        image_hash=job.envelope.request.image_hash[:12],
+                        error=type(exc).__name__,
                     )
-                    _deliver(job.reply, outcome.Error(LlmError("LLM classification failed")))
+                    send_reply(reply, outcome.Error(LlmError("LLM classification failed")))
                 else:
                     self._succeeded += 1
-                    _deliver(job.reply, outcome.Value(classification))
+                    send_reply(reply, outcome.Value(classification))
                 finally:
                     if measured:
                         self._service.record(trio.current_time() - started)
