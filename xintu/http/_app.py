@@ -3,6 +3,10 @@
 The actor runtime starts in ``before_serving`` inside quart-trio's app nursery,
 so it is ready before the first request is accepted, and drains in
 ``after_serving``, after Hypercorn has finished the in-flight requests.
+
+Handlers reach the app through :func:`current_xintu` (typed), and the actors only
+through the runtime's facade (:class:`~xintu.actors.Runtime`: lookups, classify,
+aliases, the request log, readiness, statistics), never an actor directly.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any
 
 import structlog
 import trio
-from quart import Response, g, request
+from quart import Response, current_app, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -25,7 +29,7 @@ from ..errors import BadRequest, PayloadTooLarge, RequestTimeout, XintuError
 from ..store import Store, open_store
 from ._respond import error_body, error_response, json_response
 
-__all__ = ["create_app"]
+__all__ = ["XintuApp", "create_app", "current_xintu"]
 
 log = structlog.get_logger("xintu.http")
 
@@ -49,6 +53,20 @@ class XintuApp(QuartTrio):
     metrics: Metrics
     connections: ConnectionGate
     sampler: trio.CancelScope
+    # /api/v1/stats: (when, album statistics) of the last store query.
+    stats_cache: tuple[float, dict[str, Any]] | None = None
+
+    def runtime_if_started(self) -> Runtime | None:
+        """The runtime once ``before_serving`` has started it, else ``None``."""
+        return getattr(self, "runtime", None)
+
+
+def current_xintu() -> XintuApp:
+    """The app handling the current request, typed (Quart's ``current_app`` is a
+    plain ``Quart``)."""
+    app = current_app
+    assert isinstance(app, XintuApp)
+    return app
 
 
 def create_app(config: Config, *, model_factory: ModelFactory | None = None) -> XintuApp:
@@ -84,7 +102,7 @@ def create_app(config: Config, *, model_factory: ModelFactory | None = None) -> 
         sampler: trio.CancelScope | None = getattr(app, "sampler", None)
         if sampler is not None:
             sampler.cancel()
-        runtime: Runtime | None = getattr(app, "runtime", None)
+        runtime = app.runtime_if_started()
         if runtime is not None:
             with trio.move_on_after(config.server.graceful_timeout_s):
                 await runtime.drain()

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import trio
-from quart import Blueprint, Response, current_app
+from quart import Blueprint, Response
 
 from .._metrics import CONTENT_TYPE_LATEST
-from ..errors import StoreError, Unavailable
-from ._app import sample_metrics
+from ..actors import RuntimeStatistics
+from ..errors import Unavailable
+from ._app import current_xintu, sample_metrics
 from ._openapi import openapi_document
 from ._respond import json_response, now_iso
 
@@ -38,19 +38,15 @@ async def health() -> Response:
     configured, else ``not_configured``. The extension ``llm_providers`` gives each
     provider's breaker state (``closed``, ``open``, ``half_open``).
     """
-    runtime = getattr(current_app, "runtime", None)
+    runtime = current_xintu().runtime_if_started()
     database = "disconnected"
     providers: dict[str, str] = {}
     loaded = False
     if runtime is not None:
-        try:
-            with trio.fail_after(_READY_STORE_TIMEOUT_S):
-                await runtime.store.ping()
-            database = "connected"
-        except (StoreError, trio.TooSlowError, trio.ClosedResourceError):
-            database = "disconnected"
-        providers = {p.name: str(p.breaker.state) for p in runtime.llm.statistics().providers}
-        loaded = runtime.local.model is not None and runtime.ready
+        readiness = await runtime.readiness(store_timeout_s=_READY_STORE_TIMEOUT_S)
+        database = "connected" if readiness.store == "ok" else "disconnected"
+        providers = dict(readiness.breakers)
+        loaded = readiness.model_loaded and readiness.running
     healthy = database == "connected" and loaded
     return json_response(
         {
@@ -66,42 +62,30 @@ async def health() -> Response:
 @ops.get("/readyz")
 async def readyz() -> Response:
     """Ready for traffic: store reachable, model loaded, actors healthy, not draining."""
-    runtime = getattr(current_app, "runtime", None)
+    runtime = current_xintu().runtime_if_started()
     checks: dict[str, Any] = {}
     if runtime is None:
         checks["runtime"] = "starting"
         return json_response({"ready": False, "checks": checks}, 503)
-    checks["draining"] = runtime.draining
-    checks["actors_running"] = runtime.ready
-    checks["actors_healthy"] = runtime.crashes.healthy
-    checks["model_loaded"] = runtime.local.model is not None
-    checks["breakers"] = {p.name: str(p.breaker.state) for p in runtime.llm.statistics().providers}
-    writer = runtime.writer.statistics()
-    checks["writer"] = "ok" if writer.store_healthy else "retrying (store writes failing)"
-    try:
-        with trio.fail_after(_READY_STORE_TIMEOUT_S):
-            await runtime.store.ping()
-        checks["store"] = "ok"
-    except (StoreError, trio.TooSlowError) as exc:
-        checks["store"] = f"unreachable: {exc}" if str(exc) else "unreachable"
-    ready = (
-        runtime.ready
-        and not runtime.draining
-        and runtime.crashes.healthy
-        and checks["model_loaded"]
-        and checks["store"] == "ok"
-    )
+    readiness = await runtime.readiness(store_timeout_s=_READY_STORE_TIMEOUT_S)
+    checks["draining"] = readiness.draining
+    checks["actors_running"] = readiness.running
+    checks["actors_healthy"] = readiness.actors_healthy
+    checks["model_loaded"] = readiness.model_loaded
+    checks["breakers"] = dict(readiness.breakers)
+    checks["writer"] = "ok" if readiness.writer_healthy else "retrying (store writes failing)"
+    checks["store"] = readiness.store
+    ready = readiness.ready
     return json_response({"ready": ready, "checks": checks}, 200 if ready else 503)
 
 
 @ops.get("/metrics")
 async def metrics() -> Response:
     """Prometheus exposition (all workers' values with ``--workers N``)."""
-    app = current_app
-    runtime = getattr(app, "runtime", None)
-    if runtime is not None:
-        sample_metrics(app)  # type: ignore[arg-type]
-    body = app.metrics.render()  # type: ignore[attr-defined]
+    app = current_xintu()
+    if app.runtime_if_started() is not None:
+        sample_metrics(app)
+    body = app.metrics.render()
     return Response(body, status=200, content_type=CONTENT_TYPE_LATEST)
 
 
@@ -113,23 +97,23 @@ _STATS_TTL_S = 2.0
 @ops.get("/api/v1/stats")
 async def stats() -> Response:
     """Album totals and distributions from the store, plus this worker's actors."""
-    app = current_app
-    runtime = getattr(app, "runtime", None)
+    app = current_xintu()
+    runtime = app.runtime_if_started()
     if runtime is None:
         raise Unavailable("starting", retry_after_s=1.0)
     now = trio.current_time()
-    cached: tuple[float, dict[str, Any]] | None = getattr(app, "stats_cache", None)
+    cached = app.stats_cache
     if cached is None or now - cached[0] > _STATS_TTL_S:
-        album = await runtime.store.album_stats(datetime.now(UTC))
+        album = await runtime.album_stats()
         cached = (now, album.as_dict())
-        app.stats_cache = cached  # type: ignore[attr-defined]
+        app.stats_cache = cached
     body = dict(cached[1])
     body["service"] = _service(runtime.statistics())
     body["success"] = True
     return json_response(body)
 
 
-def _service(stats: Any) -> dict[str, Any]:
+def _service(stats: RuntimeStatistics) -> dict[str, Any]:
     """This worker's actors, for the album page's live panel and operators."""
     d, lp, w, c, llm = stats.dispatcher, stats.local, stats.writer, stats.cache, stats.llm
     return {
@@ -160,4 +144,4 @@ def _service(stats: Any) -> dict[str, Any]:
 
 @ops.get("/openapi.json")
 async def openapi() -> Response:
-    return json_response(openapi_document(current_app.xintu_config))  # type: ignore[attr-defined]
+    return json_response(openapi_document(current_xintu().xintu_config))

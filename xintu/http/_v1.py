@@ -2,6 +2,10 @@
 
 Paths, field names, types and meanings are the original ones; ``data`` gains the
 additive fields ``image_hash``, ``source``, ``provider`` and ``model``.
+
+The handlers parse and answer HTTP; everything else is asked of the runtime's
+facade (:class:`~xintu.actors.Runtime`): ``lookup`` / ``lookup_many`` (hits are
+counted there), ``classify``, ``name_alias`` and ``log_request``.
 """
 
 from __future__ import annotations
@@ -10,11 +14,10 @@ import hashlib
 import json
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any, cast
 
 import trio
-from quart import Blueprint, Response, current_app, g, request, stream_with_context
+from quart import Blueprint, Response, g, request, stream_with_context
 from werkzeug.datastructures import FileStorage
 
 from .._config import Config
@@ -29,7 +32,7 @@ from ..errors import (
     ValidationFailed,
     XintuError,
 )
-from ..store import RequestLogRow
+from ._app import current_xintu
 from ._guard import alias_scope
 from ._respond import json_response, now_iso, sized_work
 
@@ -43,11 +46,11 @@ MAX_USER_ID = 128
 
 
 def _runtime() -> Runtime:
-    return cast(Runtime, current_app.runtime)  # type: ignore[attr-defined]
+    return current_xintu().runtime
 
 
 def _config() -> Config:
-    return cast(Config, current_app.xintu_config)  # type: ignore[attr-defined]
+    return current_xintu().xintu_config
 
 
 def _rid() -> str:
@@ -134,7 +137,7 @@ async def _sha256(data: bytes) -> str:
     return await sized_work(len(data), lambda: hashlib.sha256(data).hexdigest())
 
 
-def _log_row(
+def _log(
     *,
     request_id: str,
     user_id: str | None,
@@ -142,20 +145,16 @@ def _log_row(
     image_size: int | None,
     answer: Answer | None,
     processing_time_ms: float,
-) -> RequestLogRow:
-    c = answer.classification if answer else None
-    return RequestLogRow(
+) -> None:
+    """One ``request_log`` row for this request (or one of its items)."""
+    _runtime().log_request(
         request_id=request_id,
         user_id=user_id,
         ip=getattr(g, "client_ip", None) or request.remote_addr,
         image_hash=image_hash,
         image_size=image_size,
-        category=c.category.value if c else None,
-        confidence=c.confidence if c else None,
-        from_cache=bool(answer and answer.from_cache),
-        source=("cache" if answer.from_cache else c.source.value) if answer and c else None,
+        answer=answer,
         processing_time_ms=processing_time_ms,
-        created_at=datetime.now(UTC),
     )
 
 
@@ -188,27 +187,22 @@ async def check_cache() -> Response:
     evidence = _wants_evidence()
     g.image_hash = image_hash
     user_id = _user_id(body)
-    runtime = _runtime()
-    entry = await runtime.cache.lookup(image_hash, alias_scope(user_id))
-    g.source = "cache" if entry is not None else "none"
+    # An alias hit answers with (and counts the hit on) the verified entry.
+    answer = await _runtime().lookup(image_hash, alias_scope(user_id))
+    g.source = "cache" if answer is not None else "none"
     # A miss carries "data": null, as the original's answer does.
-    out: dict[str, Any] = {"success": True, "cached": entry is not None, "data": None}
-    if entry is not None:
-        # An alias hit answers with (and counts the hit on) the verified entry.
-        runtime.cache.record_hit(entry.image_hash)
-        answer = Answer(entry.classification, entry.image_hash, from_cache=True)
+    out: dict[str, Any] = {"success": True, "cached": answer is not None, "data": None}
+    if answer is not None:
         out["data"] = _data(answer, evidence=evidence)
-        runtime.writer.offer(
-            _log_row(
-                request_id=_rid(),
-                user_id=user_id,
-                image_hash=entry.image_hash,
-                image_size=None,
-                answer=answer,
-                processing_time_ms=_ms_since(g.started),
-            )
+        _log(
+            request_id=_rid(),
+            user_id=user_id,
+            image_hash=answer.image_hash,
+            image_size=None,
+            answer=answer,
+            processing_time_ms=_ms_since(g.started),
         )
-    out |= {"from_cache": entry is not None, "request_id": _rid(), "timestamp": now_iso()}
+    out |= {"from_cache": answer is not None, "request_id": _rid(), "timestamp": now_iso()}
     return json_response(out)
 
 
@@ -220,29 +214,24 @@ async def batch_check_cache() -> Response:
         raise ValidationFailed(f"image_hashes must be a list of 1 to {MAX_BATCH_HASHES} hashes")
     normalised = [_hash_field(h, f"image_hashes[{i}]") for i, h in enumerate(hashes)]
     user_id = _user_id(body)
-    runtime = _runtime()
-    found = await runtime.cache.lookup_many(list(dict.fromkeys(normalised)), alias_scope(user_id))
+    found = await _runtime().lookup_many(normalised, alias_scope(user_id))
     items: list[dict[str, Any]] = []
     elapsed_ms = _ms_since(g.started)
     evidence = _wants_evidence()
     for i, h in enumerate(normalised):
-        entry = found.get(h)
+        answer = found.get(h)
         # A miss carries "data": null, as in the original.
-        item: dict[str, Any] = {"image_hash": h, "cached": entry is not None, "data": None}
-        if entry is not None:
-            answer = Answer(entry.classification, entry.image_hash, from_cache=True)
-            runtime.cache.record_hit(entry.image_hash)
+        item: dict[str, Any] = {"image_hash": h, "cached": answer is not None, "data": None}
+        if answer is not None:
             item["data"] = _data(answer, evidence=evidence)
             # Each hit is a request served, as for check-cache (one log row per item).
-            runtime.writer.offer(
-                _log_row(
-                    request_id=f"{_rid()}-{i}",
-                    user_id=user_id,
-                    image_hash=entry.image_hash,
-                    image_size=None,
-                    answer=answer,
-                    processing_time_ms=elapsed_ms,
-                )
+            _log(
+                request_id=f"{_rid()}-{i}",
+                user_id=user_id,
+                image_hash=answer.image_hash,
+                image_size=None,
+                answer=answer,
+                processing_time_ms=elapsed_ms,
             )
         items.append(item)
     return json_response(
@@ -288,7 +277,7 @@ async def _classify_one(
     if renamed:
         assert claimed_hash is not None
         scope = SHARED_SCOPE if mode == "shared" else alias_scope(user_id)
-        await runtime.cache.name_alias(scope, claimed_hash, image_hash)
+        await runtime.name_alias(scope, claimed_hash, image_hash)
     return answer
 
 
@@ -312,15 +301,13 @@ async def classify() -> Response:
         g.source = "cache" if answer.from_cache else answer.classification.source.value
         g.provider = answer.classification.provider
     finally:
-        _runtime().writer.offer(
-            _log_row(
-                request_id=_rid(),
-                user_id=user_id,
-                image_hash=answer.image_hash if answer else None,
-                image_size=len(data),
-                answer=answer,
-                processing_time_ms=_ms_since(started),
-            )
+        _log(
+            request_id=_rid(),
+            user_id=user_id,
+            image_hash=answer.image_hash if answer else None,
+            image_size=len(data),
+            answer=answer,
+            processing_time_ms=_ms_since(started),
         )
     return json_response(
         {
@@ -406,15 +393,13 @@ async def classify_batch() -> Response:
             item |= {"success": True, "data": _data(answer), "error": None}
         item["from_cache"] = bool(answer and answer.from_cache)
         item["processing_time_ms"] = _ms_since(t0)
-        runtime.writer.offer(
-            _log_row(
-                request_id=f"{rid}-{index}",
-                user_id=user_id,
-                image_hash=answer.image_hash if answer else None,
-                image_size=len(data) if data else None,
-                answer=answer,
-                processing_time_ms=item["processing_time_ms"],
-            )
+        _log(
+            request_id=f"{rid}-{index}",
+            user_id=user_id,
+            image_hash=answer.image_hash if answer else None,
+            image_size=len(data) if data else None,
+            answer=answer,
+            processing_time_ms=item["processing_time_ms"],
         )
         return item
 
