@@ -32,10 +32,12 @@ from xintu.actors import (
     LocalPool,
     Writer,
 )
+from xintu.actors._chain import ChainStatistics
 from xintu.actors._envelope import open_reply, wait_reply
 from xintu.actors._supervisor import CrashRecord
 from xintu.errors import BadImage, ClassifierError, DeadlineExceeded, Draining, Overloaded
-from xintu.store import HitIncrement, Lru, ResultWrite
+from xintu.llm import LlmError, LlmUnavailable, UpstreamTimeout
+from xintu.store import CachedEntry, HitIncrement, Lru, ResultWrite
 
 from .fakes import FakeDecoded, FakeModel, FakePool, MemoryStore, fake_category
 
@@ -418,3 +420,140 @@ async def test_supervisor_restarts_a_crashing_worker(autojump_clock: object) -> 
     assert crashes.healthy is False  # 4 crashes within the window
     await trio.sleep(61)
     assert crashes.healthy is True
+
+
+# --- the classifier chain ----------------------------------------------------------
+
+
+class FakeLlm(FakePool):
+    """The chain's primary: answers from the LLM, or raises ``error``."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        super().__init__()
+        self.error = error
+        self.enabled = True
+        self.is_healthy = True
+        self.offered: list[str] = []
+
+    async def answer(self, data: bytes, image_hash: str, deadline: float) -> Classification:
+        await trio.lowlevel.checkpoint()
+        if self.error is not None:
+            raise self.error
+        return Classification(category=Category.PETS, confidence=0.8, source=Source.LLM, model="m")
+
+    def healthy(self) -> bool:
+        return self.is_healthy
+
+    def offer_recheck(self, data: bytes, image_hash: str) -> bool:
+        self.offered.append(image_hash)
+        return True
+
+
+class LaneRecorder(CountingClassifier):
+    """The chain's local pool: records which way each request came in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lanes: list[str] = []
+
+    async def classify(self, request: ClassifyRequest, deadline: float) -> Classification:
+        self.lanes.append("inbox")
+        return await super().classify(request, deadline)
+
+    async def classify_now(self, request: ClassifyRequest) -> Classification:
+        self.lanes.append("priority")
+        return await super().classify_now(request)
+
+
+def queued_failure() -> LlmError:
+    exc = UpstreamTimeout("llm", "no LLM answer before the deadline")
+    exc.queued = True
+    return exc
+
+
+@pytest.mark.parametrize(
+    ("error", "reason", "lane"),
+    [
+        (None, None, None),
+        (LlmUnavailable("breakers open", reason="breaker_open"), "breaker_open", "inbox"),
+        (LlmUnavailable("full", reason="inbox_full"), "inbox_full", "inbox"),
+        (queued_failure(), "llm_failed", "priority"),
+    ],
+)
+async def test_the_chain_falls_from_the_llm_to_the_local_pool(
+    autojump_clock: object, error: LlmError | None, reason: str | None, lane: str | None
+) -> None:
+    """Any LLM failure or refusal falls to local, counted by reason; work the LLM had
+    queued goes through the local pool's priority lane, a refusal through its inbox."""
+    llm, local = FakeLlm(error), LaneRecorder()
+    chain = Chain(local, llm=llm)
+    request = ClassifyRequest(b"\x01photo", h(b"\x01photo"), "r")
+    with trio.fail_after(10):
+        result = await chain.classify(request, trio.current_time() + 10)
+    if reason is None:
+        assert result.source is Source.LLM
+        assert local.lanes == []
+        assert chain.statistics().fallbacks == {}
+    else:
+        assert result == answer_for(b"\x01photo")
+        assert local.lanes == [lane]
+        assert chain.statistics().fallbacks == {reason: 1}
+
+
+async def test_a_disabled_llm_is_no_fallback(autojump_clock: object) -> None:
+    llm, local = FakeLlm(), LaneRecorder()
+    llm.enabled = False
+    chain = Chain(local, llm=llm)
+    request = ClassifyRequest(b"\x02photo", h(b"\x02photo"), "r")
+    with trio.fail_after(10):
+        await chain.classify(request, trio.current_time() + 10)
+    assert local.lanes == ["inbox"]
+    assert chain.statistics().fallbacks == {}
+
+
+async def test_the_chain_sheds_work_the_local_pool_cannot_answer_in_time(
+    autojump_clock: object,
+) -> None:
+    local = LaneRecorder()
+    local.wait_s = 5.0
+    chain = Chain(local, llm=FakeLlm(LlmUnavailable("off", reason="breaker_open")))
+    request = ClassifyRequest(b"\x03photo", h(b"\x03photo"), "r")
+    with pytest.raises(Overloaded) as info:
+        await chain.classify(request, trio.current_time() + 1.0)
+    assert str(info.value) == "the local classifier cannot answer before the deadline"
+    assert info.value.retry_after_s == 5.0
+    assert local.lanes == []
+    assert chain.statistics() == ChainStatistics({"breaker_open": 1}, shed_for_deadline=1)
+
+
+def test_the_chain_refuses_what_no_classifier_would_take() -> None:
+    llm, local = FakeLlm(), LaneRecorder()
+    llm.takes, local.takes, local.wait_s = False, False, 2.5
+    chain = Chain(local, llm=llm)
+    refusal = chain.refusal(10.0)
+    assert isinstance(refusal, Overloaded)
+    assert str(refusal) == "no classifier can answer before the deadline"
+    assert refusal.retry_after_s == 2.5
+    llm.takes = True
+    assert chain.refusal(10.0) is None  # the LLM would take it
+    llm.takes, local.takes = False, True
+    assert chain.refusal(10.0) is None  # the local pool would
+    assert chain.statistics().shed_for_deadline == 1
+
+
+def test_a_hit_on_a_local_answer_queues_a_recheck_while_the_llm_is_healthy() -> None:
+    llm = FakeLlm()
+    chain = Chain(LaneRecorder(), llm=llm)
+    now = datetime.now(UTC)
+    local_entry = CachedEntry(h(b"l"), answer_for(b"l"), 1, now, None)
+    llm_answer = Classification(category=Category.PETS, confidence=1, source=Source.LLM, model="m")
+    llm_entry = CachedEntry(h(b"m"), llm_answer, 1, now, None)
+    chain.cached_hit(local_entry, b"l")
+    chain.cached_hit(llm_entry, b"m")  # already the LLM's answer
+    chain.cached_hit(local_entry, b"")  # no bytes in hand (a check-cache hit)
+    llm.is_healthy = False
+    chain.cached_hit(local_entry, b"l")
+    llm.is_healthy = True
+    chain.begin_drain()
+    chain.cached_hit(local_entry, b"l")
+    assert llm.offered == [h(b"l")]

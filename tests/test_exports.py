@@ -10,6 +10,23 @@ import xintu
 
 PUBLIC = {
     "xintu": {"CATEGORIES", "Category", "Classification", "Config", "Source", "load_config"},
+    # The actor system as DESIGN §4 draws it (envelope, dispatcher, chain, pools, ...).
+    "xintu.actors": {
+        "SHARED_SCOPE",
+        "Answer",
+        "Cache",
+        "Chain",
+        "Classifier",
+        "ClassifyRequest",
+        "Dispatcher",
+        "Envelope",
+        "LocalModel",
+        "LocalPool",
+        "Readiness",
+        "Runtime",
+        "RuntimeStatistics",
+        "Writer",
+    },
 }
 
 
