@@ -1,11 +1,17 @@
 """The store: cached classifications, the request log, idempotency keys and the
 in-flight claims through which processes sharing the store classify a photo once.
 
-One async interface (:class:`Store`), two backends with the same tables:
+One async interface (:class:`Store`), implemented once over SQL
+(:class:`._sql.SqlStore`) and spoken in two dialects (:mod:`._dialect`), one
+backend module each, with the same tables (:mod:`._schema`):
 
-- SQLite, embedded, in a file under the data directory (``sqlite:///abs/path``);
-- MySQL / MariaDB, shared by all replicas (``mysql://user:pass@host:port/db``),
-  through trio-mysql and a bounded connection pool.
+- SQLite, embedded, in a file under the data directory (``sqlite:///abs/path``;
+  :mod:`._sqlite`: a writer and a read-only reader connection, in threads);
+- MySQL / MariaDB, shared by all replicas (``mysql://user:pass@host:port/db``;
+  :mod:`._mysql`: trio-mysql and a bounded connection pool, :mod:`._pool`), also
+  in place on the original system's database (:mod:`._layout`).
+
+A new backend is a dialect and one module; :mod:`._dialect` says how.
 
 :func:`open_store` picks the backend from ``config.store_url``, connects and
 creates or migrates the schema. An in-process :class:`Lru` sits in front of it.

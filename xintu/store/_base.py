@@ -453,30 +453,8 @@ CACHE_SELECT = (
 )
 
 
-def lookup_sql(in_hashes: str, mark: str) -> str:
-    """One statement that finds each asked hash's verified entry and its aliases.
-
-    Each row is ``(asked, priority, *CACHE_SELECT)``: priority 0 for the verified
-    entry of that hash, 1 for an alias in the caller's scope, 2 for a shared alias
-    (:func:`resolve_lookup` keeps the best per asked hash). *in_hashes* is the
-    dialect's list of the asked hashes (bound twice), *mark* its placeholder for one
-    value; the parameters are ``(*hashes, *hashes, scope, SHARED_SCOPE)`` in SQLite's
-    form or ``(hashes, hashes, scope, SHARED_SCOPE)`` in MySQL's.
-    """
-    cols = ", ".join(f"c.{name.strip()}" for name in CACHE_SELECT.split(","))
-    return (
-        f"SELECT c.image_hash AS asked, 0 AS pri, {cols} "
-        f"FROM image_classification_cache c WHERE c.image_hash IN {in_hashes} "
-        "UNION ALL "
-        f"SELECT a.alias_hash, CASE WHEN a.scope = '{SHARED_SCOPE}' THEN 2 ELSE 1 END, {cols} "
-        "FROM image_hash_aliases a "
-        "JOIN image_classification_cache c ON c.image_hash = a.image_hash "
-        f"WHERE a.alias_hash IN {in_hashes} AND a.scope IN ({mark}, {mark})"
-    )
-
-
 def lookup_scope(scope: str | None) -> str:
-    """The scope bound in :func:`lookup_sql` (``None``: shared aliases only)."""
+    """The caller's scope in a lookup (``None``: shared aliases only)."""
     return SHARED_SCOPE if scope is None else scope
 
 
@@ -484,8 +462,8 @@ def resolve_lookup(
     rows: Sequence[Sequence[Any]], wanted: Sequence[str], out: dict[str, CachedEntry]
 ) -> None:
     """Add to *out*, keyed by the asked hash, the best answer of each in *rows*
-    (from :func:`lookup_sql`): the verified entry, else the caller's alias, else a
-    shared one."""
+    (from :func:`._sql.lookup_sql`): the verified entry, else the caller's alias,
+    else a shared one."""
     asked_set = set(wanted)
     best: dict[str, tuple[int, Sequence[Any]]] = {}
     for row in rows:
@@ -704,31 +682,3 @@ def check_claim(image_hash: str, owner: str, ttl_s: float) -> None:
         raise ValueError(f"claim owner must have 1..{LIMITS['owner']} characters")
     if not (ttl_s > 0 and math.isfinite(ttl_s)):
         raise ValueError(f"ttl_s must be finite and > 0, got {ttl_s!r}")
-
-
-def merge_statistics(
-    backend: str,
-    counters: Counters,
-    *,
-    pool_size: int,
-    pool_in_use: int,
-    pool_idle: int,
-    pool_waiting: int,
-    pool_created: int,
-    pool_discarded: int,
-) -> StoreStatistics:
-    return StoreStatistics(
-        backend=backend,
-        queries=counters.queries,
-        errors=counters.errors,
-        retries=counters.retries,
-        server_warnings=counters.server_warnings,
-        batches_applied=counters.batches_applied,
-        batches_duplicate=counters.batches_duplicate,
-        pool_size=pool_size,
-        pool_in_use=pool_in_use,
-        pool_idle=pool_idle,
-        pool_waiting=pool_waiting,
-        pool_created=pool_created,
-        pool_discarded=pool_discarded,
-    )

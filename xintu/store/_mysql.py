@@ -24,23 +24,25 @@ checked against MariaDB 10.11):
   (lost connection) or 2006 (gone away); the store then re-runs the operation once
   on a fresh connection, if that cannot apply it twice.
 
-In-flight claims (how replicas coalesce): :meth:`MySQLStore.claim` runs autocommit
-statements only, so no lock outlives a statement and no connection is held while
-the photo is classified: a conditional ``UPDATE`` takes over an expired claim (or
-renews the owner's own), else an ``INSERT`` takes a free one; a duplicate key means
-another owner's claim is live. :meth:`MySQLStore.apply` deletes the claims of the
-hashes it writes in the transaction that writes them: a claim that succeeds after
-that commit (a claimer blocked on the row lock waits for it) comes after the result
-is visible, which the claimer sees by reading the store once more.
+The operations are the shared ones (:class:`._sql.SqlStore`) in the MySQL dialect
+(:class:`._dialect.MySQLDialect`); this module connects, pools, retries, translates
+errors, migrates the schema and reads the columns the tables really have, to which
+every row written is fitted (:mod:`._layout`). In-flight claims are how replicas
+coalesce: the claim's statements each commit on their own, so no lock outlives a
+statement and no connection is held while the photo is classified; ``apply``
+deletes the claims of the hashes it writes in the transaction that writes them: a
+claim that succeeds after that commit (a claimer blocked on the row lock waits for
+it) comes after the result is visible, which the claimer sees by reading the store
+once more.
 """
 
 from __future__ import annotations
 
 import math
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -52,35 +54,12 @@ import trio_mysql.cursors
 
 from .._redact import redact_url
 from ..errors import ConfigError, StoreError, StoreRejected, StoreUnavailable
-from ._base import (
-    LOG_COLUMNS,
-    SHARED_SCOPE,
-    CachedEntry,
-    Counters,
-    IdempotencyRecord,
-    PreparedBatch,
-    RequestLogRow,
-    Store,
-    StoreStatistics,
-    WriteBatch,
-    check_claim,
-    check_idempotency_key,
-    clip,
-    decode_log_row,
-    log_params,
-    lookup_scope,
-    lookup_sql,
-    merge_statistics,
-    naive_utc,
-    parse_time,
-    prepare_batch,
-    resolve_lookup,
-    to_utc,
-)
-from ._layout import EMPTY_LAYOUT, Layout, read_mysql_layout
-from ._pool import Pool
+from ._base import Counters, naive_utc
+from ._dialect import MySQLDialect
+from ._layout import read_mysql_layout
+from ._pool import Pool, PoolStatistics
 from ._schema import ADDED_COLUMNS, INDEXES, SCHEMA_VERSION, SCHEMA_VERSION_TABLE, TABLES
-from ._stats import AlbumStats, assemble_stats, stats_queries
+from ._sql import FITTED_TABLES, Connection, Op, Run, SqlStore
 
 __all__ = ["MySQLConnection", "MySQLSettings", "MySQLStore", "connect", "parse_mysql_url"]
 
@@ -88,10 +67,8 @@ T = TypeVar("T")
 
 _log = structlog.get_logger("xintu.store")
 
-_CHUNK = 500  # hashes per SELECT ... IN (...)
+# How often old applied batches, idempotency keys and lapsed claims are deleted.
 PRUNE_INTERVAL_S = 600.0
-BATCH_RETENTION = timedelta(days=1)
-CLAIM_RETENTION = timedelta(minutes=1)  # past expiry: a margin for clock skew
 MIGRATION_TIMEOUT_S = 300.0
 
 # Error codes meaning "this connection is gone": the operation may run again on a
@@ -221,8 +198,9 @@ class MySQLConnection:
     """One trio-mysql connection and the socket under it, closed properly.
 
     Statements go through :meth:`execute`, :meth:`executemany` and :meth:`fetchall`
-    (``%s`` placeholders, pyformat); each counts as a query and any server
-    warnings it caused are fetched and logged, never raised.
+    (``%s`` or ``%(name)s`` placeholders); each counts as a query and any server
+    warnings it caused are fetched and logged, never raised. It is the shared
+    store's :class:`._sql.Connection`.
     """
 
     def __init__(
@@ -234,6 +212,7 @@ class MySQLConnection:
         self._conn = conn
         self._stream = stream
         self._counters = counters if counters is not None else Counters()
+        self.commits = 0  # COMMITs begun: the store's retry must know if one was sent
 
     @property
     def thread_id(self) -> int:
@@ -276,10 +255,19 @@ class MySQLConnection:
         affected, _ = await self._run(sql, args, many=False)
         return affected
 
-    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
-        """Run an ``INSERT ... VALUES (...)`` for many rows (as multi-row inserts)."""
-        affected, _ = await self._run(sql, list(rows), many=True)
-        return affected
+    async def executemany(self, sql: str, rows: Sequence[Any]) -> int:
+        """Run *sql* for many rows: an ``INSERT ... VALUES (...)`` as multi-row
+        inserts, anything else once per row."""
+        head, _, on_duplicate = sql.partition("ON DUPLICATE KEY UPDATE")
+        # trio-mysql's multi-row form fills the VALUES list only, not parameters
+        # of the ON DUPLICATE KEY UPDATE clause.
+        if head.lstrip()[:6].upper() == "INSERT" and "%" not in on_duplicate:
+            affected, _ = await self._run(sql, list(rows), many=True)
+            return affected
+        total = 0
+        for row in rows:
+            total += await self.execute(sql, row)
+        return total
 
     async def fetchall(self, sql: str, args: Any = None) -> tuple[tuple[Any, ...], ...]:
         """Run a query; all its rows."""
@@ -290,8 +278,23 @@ class MySQLConnection:
         self._counters.queries += 1
         await self._conn.begin()
 
+    async def insert_new(self, sql: str, args: Any) -> bool:
+        """Run a plain ``INSERT`` of one row; ``False`` if its key exists.
+
+        Not ``ON DUPLICATE KEY UPDATE``: a duplicate leaves a shared lock on the
+        row where that takes an exclusive one (see ``SqlStore.idempotency_begin``).
+        """
+        try:
+            await self.execute(sql, args)
+        except trio_mysql.IntegrityError as exc:
+            if _code(exc) != _DUPLICATE_KEY:
+                raise
+            return False
+        return True
+
     async def commit(self) -> None:
         self._counters.queries += 1
+        self.commits += 1
         await self._conn.commit()
 
     async def rollback(self) -> None:
@@ -356,131 +359,16 @@ async def connect(
 # --- the store -----------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class _Attempt:
-    """What an operation tells :meth:`MySQLStore._run` about how far it got."""
-
-    committing: bool = False
-
-
-_UPSERT = """
-    INSERT INTO image_classification_cache (
-        image_hash, category, confidence, description, model_used, model_response,
-        source, image_size, hit_count, created_at, last_hit_at
-    ) VALUES (
-        %(image_hash)s, %(category)s, %(confidence)s, %(description)s, %(model_used)s,
-        %(model_response)s, %(source)s, %(image_size)s, 0, %(created_at)s, %(last_hit_at)s
-    )
-    ON DUPLICATE KEY UPDATE
-        category = IF(source <=> 'local' AND %(llm)s, %(category)s, category),
-        confidence = IF(source <=> 'local' AND %(llm)s, %(confidence)s, confidence),
-        description = IF(source <=> 'local' AND %(llm)s, %(description)s, description),
-        model_used = IF(source <=> 'local' AND %(llm)s, %(model_used)s, model_used),
-        model_response = IF(source <=> 'local' AND %(llm)s, %(model_response)s, model_response),
-        image_size = IF(source <=> 'local' AND %(llm)s,
-                        COALESCE(image_size, %(image_size)s), image_size),
-        source = IF(source <=> 'local' AND %(llm)s, %(source)s, source)
-"""
-# ``source`` is assigned last: MySQL evaluates the assignments left to right, and
-# the conditions above must see the stored source, not the new one.
-
-_HIT = """
-    UPDATE image_classification_cache SET
-        hit_count = hit_count + %s,
-        last_hit_at = GREATEST(COALESCE(last_hit_at, %s), %s)
-    WHERE image_hash = %s
-"""
-
-# The latest upload wins: an older alias (a journal replayed late) changes nothing.
-# ``image_hash`` is assigned first, while ``created_at`` is still the stored one.
-_ALIAS = """
-    INSERT INTO image_hash_aliases (scope, alias_hash, image_hash, created_at)
-    VALUES (%(scope)s, %(alias_hash)s, %(image_hash)s, %(created_at)s)
-    ON DUPLICATE KEY UPDATE
-        image_hash = IF(%(created_at)s >= created_at, %(image_hash)s, image_hash),
-        created_at = GREATEST(created_at, %(created_at)s)
-"""
-
-_LOOKUP = lookup_sql("%s", "%s")
-
-# request_log columns of the original system that the store fills too, from its own.
-_LOG_EXTRAS = ("ip_address", "inference_method")
-# The tables whose rows are fitted to their columns.
-_FITTED_TABLES = ("image_classification_cache", "request_log")
-_LOG_NAMES = tuple(name.strip() for name in LOG_COLUMNS.split(","))
-
-
-def _log_insert(layout: Layout) -> tuple[str, tuple[str, ...]]:
-    """The request-log INSERT for *layout*, and the columns it writes, in order."""
-    names = _LOG_NAMES + tuple(n for n in _LOG_EXTRAS if layout.has("request_log", n))
-    marks = ", ".join(["%s"] * len(names))
-    sql = (
-        f"INSERT INTO request_log ({', '.join(names)}) VALUES ({marks}) "
-        "ON DUPLICATE KEY UPDATE request_id = request_id"
-    )
-    return sql, names
-
-
-def _log_values(row: RequestLogRow) -> dict[str, Any]:
-    """A request-log row by column name, the original's columns included."""
-    values = dict(zip(_LOG_NAMES, log_params(row), strict=True))
-    values["ip_address"] = row.ip
-    # The original's stats count requests by inference method.
-    values["inference_method"] = "cache" if row.from_cache else row.source
-    return values
-
-
-_IDEM_SELECT = (
-    "SELECT fingerprint, state, status, body, content_type, created_at, expires_at "
-    "FROM idempotency_keys WHERE scope = %s AND idem_key = %s"
-)
-
-_IDEM_INSERT = (
-    "INSERT INTO idempotency_keys (scope, idem_key, fingerprint, state, created_at, "
-    "expires_at) VALUES (%s, %s, %s, 'in_flight', %s, %s)"
-)
-
-
-# Take over a claim that expired, or renew one the owner holds already.
-_CLAIM_TAKE = (
-    "UPDATE inflight_claims SET owner = %(owner)s, expires_at = %(expires_at)s "
-    "WHERE image_hash = %(image_hash)s AND (owner = %(owner)s OR expires_at <= %(now)s)"
-)
-_CLAIM_INSERT = (
-    "INSERT INTO inflight_claims (image_hash, owner, expires_at) "
-    "VALUES (%(image_hash)s, %(owner)s, %(expires_at)s)"
-)
-
-
-def _record(scope: str, key: str, row: Sequence[Any]) -> IdempotencyRecord:
-    fingerprint, state, status, body, content_type, created_at, expires_at = row
-    return IdempotencyRecord(
-        scope=scope,
-        key=key,
-        fingerprint=fingerprint,
-        state="completed" if state == "completed" else "in_flight",
-        status=None if status is None else int(status),
-        body=None if body is None else bytes(body),
-        content_type=content_type,
-        created_at=parse_time(created_at),
-        expires_at=parse_time(expires_at),
-    )
-
-
-class MySQLStore(Store):
+class MySQLStore(SqlStore):
     """The store on a MySQL/MariaDB database. Build it with :meth:`open`."""
 
     backend = "mysql"
+    prune_interval_s = PRUNE_INTERVAL_S
 
     def __init__(self, settings: MySQLSettings, *, pool_size: int, query_timeout_s: float) -> None:
+        super().__init__(MySQLDialect(), query_timeout_s=query_timeout_s)
         self._settings = settings
-        self._timeout_s = query_timeout_s
-        self._counters = Counters()
         self._pool: Pool[MySQLConnection] = Pool(self._connect, size=pool_size)
-        self._last_prune = -math.inf
-        # The columns the tables really have (read at open): what is written is fitted.
-        self._layout = EMPTY_LAYOUT
-        self._log_sql, self._log_names = _log_insert(EMPTY_LAYOUT)
 
     @classmethod
     async def open(
@@ -517,48 +405,39 @@ class MySQLStore(Store):
             return StoreRejected(message)
         return StoreError(message)
 
-    async def _run(
-        self,
-        what: str,
-        op: Callable[[MySQLConnection, _Attempt], Awaitable[T]],
-        *,
-        idempotent: bool = True,
-        timeout_s: float | None = None,
-    ) -> T:
-        """Run *op* on a pooled connection within the query timeout.
+    async def _session(self, op: Op[T], run: Run) -> T:
+        """Run *op* on a pooled connection within ``run.limit_s``.
 
         A lost connection (stale after a restart, killed) or a deadlock re-runs *op*
         once on a fresh connection, unless *op* is not idempotent and had started
         to commit (then the first attempt may have taken effect).
         """
-        limit = self._timeout_s if timeout_s is None else timeout_s
         for attempt_no in (1, 2):
-            attempt = _Attempt()
+            committing = False
             try:
-                with trio.fail_after(limit):
+                with trio.fail_after(run.limit_s):
                     async with self._pool.acquire(fresh=attempt_no > 1) as conn:
-                        return await op(conn, attempt)
+                        commits = conn.commits
+                        try:
+                            return await op(conn)
+                        finally:
+                            committing = conn.commits > commits
             except trio.TooSlowError as exc:
-                self._counters.errors += 1
                 raise StoreUnavailable(
-                    f"mysql store {self._settings.url}: {what} timed out after {limit:g}s"
+                    f"mysql store {self._settings.url}: {run.what} timed out after {run.limit_s:g}s"
                 ) from exc
-            except StoreError:
-                self._counters.errors += 1
-                raise
             except (trio_mysql.MySQLError, OSError) as exc:
                 retry = _is_lost_connection(exc) or _code(exc) == _DEADLOCK
-                if retry and attempt_no == 1 and (idempotent or not attempt.committing):
+                if retry and attempt_no == 1 and (run.idempotent or not committing):
                     self._counters.retries += 1
                     _log.info(
                         "store_retry",
                         backend=self.backend,
-                        operation=what,
+                        operation=run.what,
                         error=_describe(exc),
                     )
                     continue
-                self._counters.errors += 1
-                raise self._translate(exc, what) from exc
+                raise self._translate(exc, run.what) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     # --- schema ------------------------------------------------------------------
@@ -566,7 +445,8 @@ class MySQLStore(Store):
     async def _migrate(self) -> None:
         lock_name = f"xintu.schema.{self._settings.database}"
 
-        async def op(conn: MySQLConnection, attempt: _Attempt) -> None:
+        async def op(conn: Connection) -> None:
+            assert isinstance(conn, MySQLConnection)  # the pool's
             # Replicas starting together take turns; the lock dies with the connection.
             (got,) = (await conn.fetchall("SELECT GET_LOCK(%s, %s)", (lock_name, 60)))[0]
             if got != 1:
@@ -600,312 +480,18 @@ class MySQLStore(Store):
                 )
                 _log.info("store_migrated", backend=self.backend, version=SCHEMA_VERSION)
             await conn.fetchall("SELECT RELEASE_LOCK(%s)", (lock_name,))
-            layout = await read_mysql_layout(conn, _FITTED_TABLES)
-            self._layout = layout
-            self._log_sql, self._log_names = _log_insert(layout)
+            # The columns the tables really have: what is written is fitted to them.
+            self._set_layout(await read_mysql_layout(conn, FITTED_TABLES))
 
         await self._run("open", op, timeout_s=max(self._timeout_s, MIGRATION_TIMEOUT_S))
-
-    # --- reads -------------------------------------------------------------------
-
-    async def get(self, image_hash: str, *, scope: str | None = None) -> CachedEntry | None:
-        found = await self.get_many([image_hash], scope=scope)
-        return found.get(image_hash)
-
-    async def get_many(
-        self, hashes: Sequence[str], *, scope: str | None = None
-    ) -> dict[str, CachedEntry]:
-        wanted = list(dict.fromkeys(hashes))
-        if not wanted:
-            return {}
-        own = lookup_scope(scope)
-
-        async def op(conn: MySQLConnection, attempt: _Attempt) -> dict[str, CachedEntry]:
-            out: dict[str, CachedEntry] = {}
-            for i in range(0, len(wanted), _CHUNK):
-                chunk = tuple(wanted[i : i + _CHUNK])
-                rows = await conn.fetchall(_LOOKUP, (chunk, chunk, own, SHARED_SCOPE))
-                resolve_lookup(rows, chunk, out)
-            return out
-
-        return await self._run("get", op)
-
-    async def get_request_log(self, request_id: str) -> RequestLogRow | None:
-        async def op(conn: MySQLConnection, attempt: _Attempt) -> RequestLogRow | None:
-            rows = await conn.fetchall(
-                f"SELECT {LOG_COLUMNS} FROM request_log WHERE request_id = %s", (request_id,)
-            )
-            return decode_log_row(rows[0]) if rows else None
-
-        return await self._run("get_request_log", op)
-
-    async def album_stats(self, now: datetime) -> AlbumStats:
-        queries = stats_queries(now, placeholder="%s", encode_time=naive_utc)
-
-        async def op(conn: MySQLConnection, attempt: _Attempt) -> dict[str, Any]:
-            return {
-                name: await conn.fetchall(sql, params) for name, (sql, params) in queries.items()
-            }
-
-        return assemble_stats(now, await self._run("album_stats", op))
-
-    async def ping(self) -> None:
-        async def op(conn: MySQLConnection, attempt: _Attempt) -> None:
-            await conn.fetchall("SELECT 1")
-
-        await self._run("ping", op)
-
-    # --- writes ------------------------------------------------------------------
-
-    async def apply(self, batch: WriteBatch) -> bool:
-        prepared = prepare_batch(batch, now=datetime.now(UTC))
-
-        async def op(conn: MySQLConnection, attempt: _Attempt) -> bool:
-            return await self._apply(conn, attempt, prepared)
-
-        # Idempotent by batch id: running it again after an ambiguous commit is safe.
-        applied = await self._run("apply", op, idempotent=True)
-        if applied:
-            self._counters.batches_applied += 1
-        else:
-            self._counters.batches_duplicate += 1
-        await self._maybe_prune()
-        return applied
-
-    async def _apply(self, conn: MySQLConnection, attempt: _Attempt, p: PreparedBatch) -> bool:
-        await conn.begin()
-        try:
-            await conn.execute(
-                "INSERT INTO applied_batches (batch_id, applied_at) VALUES (%s, %s)",
-                (p.batch_id, naive_utc(p.applied_at)),
-            )
-        except trio_mysql.IntegrityError as exc:
-            if _code(exc) != _DUPLICATE_KEY:
-                raise
-            await conn.rollback()
-            return False
-        layout, now = self._layout, naive_utc(p.applied_at)
-        for r in p.results:
-            created = naive_utc(r.created_at)
-            row = layout.fit_row(
-                "image_classification_cache",
-                {
-                    "image_hash": r.image_hash,
-                    "category": r.category,
-                    "confidence": r.confidence,
-                    "description": clip(r.description, "description"),
-                    "model_used": r.model_used,
-                    "model_response": r.model_response,
-                    "source": r.source,
-                    "image_size": r.image_size,
-                    "created_at": created,
-                },
-                now=now,
-            )
-            # Never hit yet: NULL, or (NOT NULL in the original) the time it was made.
-            last_hit = layout.fit("image_classification_cache", "last_hit_at", None, now=created)
-            await conn.execute(_UPSERT, {**row, "last_hit_at": last_hit, "llm": r.source == "llm"})
-        if p.results:
-            # The answers are visible once this commits: their claims go with it.
-            claimed = tuple(sorted({r.image_hash for r in p.results}))
-            await conn.execute("DELETE FROM inflight_claims WHERE image_hash IN %s", (claimed,))
-        for h in p.hits:
-            at = naive_utc(h.last_hit_at)
-            await conn.execute(_HIT, (h.count, at, at, h.image_hash))
-        if p.logs:
-            rows = []
-            for log in p.logs:
-                values = _log_values(log)
-                values["created_at"] = naive_utc(log.created_at)
-                fitted = layout.fit_row("request_log", values, now=now)
-                rows.append(tuple(fitted[name] for name in self._log_names))
-            await conn.executemany(self._log_sql, rows)
-        for a in p.aliases:  # after the results: an alias may name one of this batch
-            await conn.execute(
-                _ALIAS,
-                {
-                    "scope": a.scope,
-                    "alias_hash": a.alias_hash,
-                    "image_hash": a.image_hash,
-                    "created_at": naive_utc(a.created_at),
-                },
-            )
-        attempt.committing = True
-        await conn.commit()
-        return True
-
-    async def _maybe_prune(self) -> None:
-        now_s = trio.current_time()
-        if now_s - self._last_prune < PRUNE_INTERVAL_S:
-            return
-        self._last_prune = now_s
-        now = datetime.now(UTC)
-        cutoff = naive_utc(now - BATCH_RETENTION)
-        lapsed = naive_utc(now - CLAIM_RETENTION)
-
-        async def op(conn: MySQLConnection, attempt: _Attempt) -> tuple[int, int, int]:
-            batches = await conn.execute(
-                "DELETE FROM applied_batches WHERE applied_at < %s", (cutoff,)
-            )
-            keys = await conn.execute(
-                "DELETE FROM idempotency_keys WHERE expires_at < %s", (cutoff,)
-            )
-            claims = await conn.execute(
-                "DELETE FROM inflight_claims WHERE expires_at < %s", (lapsed,)
-            )
-            return batches, keys, claims
-
-        try:
-            batches, keys, claims = await self._run("prune", op)
-        except StoreError as exc:
-            _log.warning("store_prune_failed", backend=self.backend, error=str(exc))
-        else:
-            if batches or keys or claims:
-                _log.info(
-                    "store_pruned",
-                    backend=self.backend,
-                    batches=batches,
-                    idempotency_keys=keys,
-                    claims=claims,
-                )
-
-    # --- in-flight claims ---------------------------------------------------------
-
-    async def claim(self, image_hash: str, owner: str, *, now: datetime, ttl_s: float) -> bool:
-        check_claim(image_hash, owner, ttl_s)
-        at = to_utc(now)
-        params = {
-            "image_hash": image_hash,
-            "owner": owner,
-            "expires_at": naive_utc(at + timedelta(seconds=ttl_s)),
-            "now": naive_utc(at),
-        }
-
-        async def op(conn: MySQLConnection, attempt: _Attempt) -> bool:
-            # Autocommit statements: each holds its row lock only while it runs.
-            if await conn.execute(_CLAIM_TAKE, params):
-                return True
-            try:
-                await conn.execute(_CLAIM_INSERT, params)
-            except trio_mysql.IntegrityError as exc:
-                if _code(exc) != _DUPLICATE_KEY:
-                    raise
-            else:
-                return True
-            # A live claim: another owner's, or ours renewed to the same expiry (the
-            # UPDATE then changes no row), or one inserted by a lost first attempt.
-            rows = await conn.fetchall(
-                "SELECT owner FROM inflight_claims WHERE image_hash = %s", (image_hash,)
-            )
-            return bool(rows) and rows[0][0] == owner
-
-        # Idempotent: a re-run after an ambiguous failure finds the owner's own claim.
-        return await self._run("claim", op)
-
-    async def release_claim(self, image_hash: str, owner: str) -> None:
-        check_claim(image_hash, owner, 1.0)
-
-        async def op(conn: MySQLConnection, attempt: _Attempt) -> None:
-            await conn.execute(
-                "DELETE FROM inflight_claims WHERE image_hash = %s AND owner = %s",
-                (image_hash, owner),
-            )
-
-        await self._run("release_claim", op)
-
-    # --- idempotency keys --------------------------------------------------------
-
-    async def idempotency_begin(
-        self, scope: str, key: str, fingerprint: str, *, now: datetime, ttl_s: float
-    ) -> IdempotencyRecord | None:
-        check_idempotency_key(scope, key)
-        if ttl_s <= 0:
-            raise ValueError(f"ttl_s must be > 0, got {ttl_s!r}")
-        created = to_utc(now)
-        expires = created + timedelta(seconds=ttl_s)
-        claim = (fingerprint, naive_utc(created), naive_utc(expires))
-
-        async def op(conn: MySQLConnection, attempt: _Attempt) -> IdempotencyRecord | None:
-            await conn.begin()
-            # Insert first: a new key takes no gap lock, and a concurrent claim of the
-            # same key waits for ours and then sees it.
-            try:
-                await conn.execute(_IDEM_INSERT, (scope, key, *claim))
-            except trio_mysql.IntegrityError as exc:
-                if _code(exc) != _DUPLICATE_KEY:
-                    raise
-                # The common case, a live record, needs no lock: a plain read sees the
-                # committed row our insert collided with (concurrent claims of one key
-                # taking locks here would deadlock each other).
-                rows = await conn.fetchall(_IDEM_SELECT, (scope, key))
-                if rows and (record := _record(scope, key, rows[0])).expires_at > created:
-                    await conn.rollback()
-                    return record
-                # Expired (or just released): take the row's lock and read it again.
-                rows = await conn.fetchall(_IDEM_SELECT + " FOR UPDATE", (scope, key))
-                if not rows:
-                    await conn.execute(_IDEM_INSERT, (scope, key, *claim))
-                else:
-                    record = _record(scope, key, rows[0])
-                    if record.expires_at > created:
-                        await conn.rollback()
-                        return record
-                    await conn.execute(
-                        "UPDATE idempotency_keys SET fingerprint = %s, state = 'in_flight', "
-                        "status = NULL, body = NULL, content_type = NULL, created_at = %s, "
-                        "expires_at = %s WHERE scope = %s AND idem_key = %s",
-                        (*claim, scope, key),
-                    )
-            attempt.committing = True
-            await conn.commit()
-            return None
-
-        # Not idempotent: after an ambiguous commit a re-run would find our own claim.
-        return await self._run("idempotency_begin", op, idempotent=False)
-
-    async def idempotency_complete(
-        self, scope: str, key: str, status: int, body: bytes, content_type: str
-    ) -> None:
-        check_idempotency_key(scope, key)
-
-        async def op(conn: MySQLConnection, attempt: _Attempt) -> None:
-            await conn.execute(
-                "UPDATE idempotency_keys SET state = 'completed', status = %s, body = %s, "
-                "content_type = %s WHERE scope = %s AND idem_key = %s AND state = 'in_flight'",
-                (status, bytes(body), clip(content_type, "content_type"), scope, key),
-            )
-
-        await self._run("idempotency_complete", op)
-
-    async def idempotency_release(self, scope: str, key: str) -> None:
-        check_idempotency_key(scope, key)
-
-        async def op(conn: MySQLConnection, attempt: _Attempt) -> None:
-            await conn.execute(
-                "DELETE FROM idempotency_keys WHERE scope = %s AND idem_key = %s "
-                "AND state = 'in_flight'",
-                (scope, key),
-            )
-
-        await self._run("idempotency_release", op)
 
     # --- lifetime ----------------------------------------------------------------
 
     async def aclose(self) -> None:
         await self._pool.aclose()
 
-    def statistics(self) -> StoreStatistics:
-        pool = self._pool.statistics()
-        return merge_statistics(
-            self.backend,
-            self._counters,
-            pool_size=pool.size,
-            pool_in_use=pool.in_use,
-            pool_idle=pool.idle,
-            pool_waiting=pool.waiting,
-            pool_created=pool.created,
-            pool_discarded=pool.discarded,
-        )
+    def _pool_statistics(self) -> PoolStatistics:
+        return self._pool.statistics()
 
 
 def _now() -> datetime:

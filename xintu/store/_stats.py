@@ -1,9 +1,10 @@
 """``GET /api/v1/stats``: what the store knows about the album, computed by the store.
 
-The queries are shared by both backends (only the placeholder and the time
-encoding differ); each backend runs :func:`stats_queries` and hands the rows to
-:func:`assemble_stats`. Every query is bounded: totals use ``COUNT`` on indexed
-ranges, latencies read at most :data:`LATENCY_SAMPLE` recent rows.
+The queries are shared by every backend (written with ``:name`` parameters; the
+dialect spells them and encodes the times); the shared store runs
+:func:`stats_queries` and hands the rows to :func:`assemble_stats`. Every query
+is bounded: totals use ``COUNT`` on indexed ranges, latencies read at most
+:data:`LATENCY_SAMPLE` recent rows.
 """
 
 from __future__ import annotations
@@ -67,33 +68,32 @@ class AlbumStats:
 
 
 def stats_queries(
-    now: datetime, *, placeholder: str, encode_time: Callable[[datetime], Any]
-) -> dict[str, tuple[str, tuple[Any, ...]]]:
-    """Name → (SQL, parameters) for one stats computation."""
+    now: datetime, *, encode_time: Callable[[datetime], Any]
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Name → (SQL with ``:name`` parameters, parameters) for one stats computation."""
     day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     window = now - LATENCY_WINDOW
-    p = placeholder
     return {
-        "totals": ("SELECT COUNT(*), COALESCE(SUM(from_cache), 0) FROM request_log", ()),
+        "totals": ("SELECT COUNT(*), COALESCE(SUM(from_cache), 0) FROM request_log", {}),
         "today": (
             "SELECT COUNT(*), COALESCE(SUM(from_cache), 0) FROM request_log "
-            f"WHERE created_at >= {p}",
-            (encode_time(day),),
+            "WHERE created_at >= :day",
+            {"day": encode_time(day)},
         ),
         "sources": (
             "SELECT COALESCE(source, 'none'), COUNT(*) FROM request_log GROUP BY source",
-            (),
+            {},
         ),
         "cache": (
             "SELECT category, COUNT(*), COALESCE(SUM(hit_count), 0), "
             "COALESCE(SUM(CASE WHEN source = 'llm' THEN hit_count ELSE 0 END), 0) "
             "FROM image_classification_cache GROUP BY category",
-            (),
+            {},
         ),
         "latency": (
             "SELECT COALESCE(source, 'none'), processing_time_ms FROM request_log "
-            f"WHERE created_at >= {p} ORDER BY created_at DESC LIMIT {LATENCY_SAMPLE}",
-            (encode_time(window),),
+            f"WHERE created_at >= :since ORDER BY created_at DESC LIMIT {LATENCY_SAMPLE}",
+            {"since": encode_time(window)},
         ),
     }
 
