@@ -18,12 +18,14 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_defaults_file_declares_every_key() -> None:
     raw = tomllib.loads((ROOT / "config" / "xintu.toml").read_text())
     config = load_config(env={})
-    for section in dataclasses.fields(Config):
-        if section.name == "origins":
-            continue
-        declared = {f.name for f in dataclasses.fields(getattr(config, section.name))}
-        assert set(raw[section.name]) == declared, section.name
-    assert set(config.origins.values()) == {"default"}
+    sections = [s.name for s in dataclasses.fields(Config) if s.name != "origins"]
+    assert sorted(raw) == sorted(sections)
+    for section in sections:  # [llm] included: one loader checks every section
+        declared = {f.name for f in dataclasses.fields(getattr(config, section))}
+        assert set(raw[section]) == declared, section
+        for key in declared:
+            assert config.origins[f"{section}.{key}"] == "default"
+    assert len(config.origins) == sum(len(keys) for keys in raw.values())
 
 
 def test_environment_overrides_with_types() -> None:
@@ -74,6 +76,11 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
             {"XINTU_LOG_LEVEL": "loud"},
             "log.level: must be one of debug, info, warning, error; got 'loud'",
         ),
+        (
+            {"XINTU_RATELIMIT_RATE_PER_S": "inf"},
+            "ratelimit.rate_per_s: expected a finite number, got inf",
+        ),
+        ({"XINTU_LLM_NOPE": "1"}, "XINTU_LLM_NOPE: unknown configuration variable"),
     ],
 )
 def test_bad_environment_names_the_key(env: dict[str, str], message: str) -> None:
@@ -93,6 +100,19 @@ def test_bad_environment_names_the_key(env: dict[str, str], message: str) -> Non
             "server.request_deadline_s: expected float, got True",
         ),
         ("[images]\nformats = [1]\n", "images.formats: expected a list of strings, got [1]"),
+        (
+            "[server]\ndrain_delay_s = nan\n",
+            "server.drain_delay_s: expected a finite number, got nan",
+        ),
+        # A secret of the wrong type is named by its type only.
+        (
+            '[security]\napi_key_sha256 = "0123abcd"\n',
+            "security.api_key_sha256: expected a list of strings, got str",
+        ),
+        ('[store]\nurl = ["mysql://u:pw@db/x"]\n', "store.url: expected a string, got list"),
+        ("[llm]\nwrokers = 1\n", "llm.wrokers: unknown configuration key"),
+        ('[llm]\nprovider = "x"\n', "llm.provider: expected a table of provider tables"),
+        ("llm = 1\n", "llm: expected a table of keys"),
     ],
 )
 def test_bad_file_names_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -101,6 +121,11 @@ def test_bad_file_names_the_key(tmp_path: Path, text: str, message: str) -> None
     with pytest.raises(ConfigError) as info:
         load_config(path, env={})
     assert str(info.value) == message
+
+
+def test_choices_ignore_case_and_spaces() -> None:
+    config = load_config(env={"XINTU_LOG_LEVEL": " Debug ", "XINTU_API_CLIENT_HASH_MODE": "VERIFY"})
+    assert (config.log.level, config.api.client_hash_mode) == ("debug", "verify")
 
 
 def test_missing_and_invalid_file(tmp_path: Path) -> None:

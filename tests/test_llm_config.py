@@ -11,24 +11,24 @@ from pathlib import Path
 import pytest
 
 import xintu.llm
+from xintu import load_config
+from xintu.cli._show import config_show
 from xintu.errors import ConfigError
 from xintu.llm import LlmConfig, ProviderConfig, llm_config_from
-from xintu.llm import _config as llm_config_module
 
 KEY = "sk-test-SECRET-1234"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_docstring_block_is_the_defaults() -> None:
-    doc = llm_config_module.__doc__ or ""
-    block = doc.split("::\n", 1)[1].split("\n\nEvery pool key", 1)[0]
-    parsed = tomllib.loads("\n".join(line.removeprefix("    ") for line in block.splitlines()))
-    assert parsed == {"llm": dict(llm_config_module.DEFAULTS)}
-
-
-def test_defaults_file_holds_the_defaults() -> None:
-    raw = tomllib.loads((ROOT / "xintu" / "defaults.toml").read_text("utf-8"))
-    assert raw["llm"] == dict(llm_config_module.DEFAULTS)
+def test_defaults_file_declares_every_key() -> None:
+    # The defaults are written once, in defaults.toml: [llm] declares each key there.
+    raw = tomllib.loads((ROOT / "xintu" / "defaults.toml").read_text("utf-8"))["llm"]
+    assert set(raw) == {f.name for f in dataclasses.fields(LlmConfig)}
+    cfg = llm_config_from({}, {})
+    assert {k: v for k, v in raw.items() if k != "providers"} == {
+        k: getattr(cfg, k) for k in raw if k != "providers"
+    }
+    assert raw["providers"] == []
 
 
 def test_defaults_are_local_only() -> None:
@@ -194,7 +194,8 @@ def test_variables_of_providers_not_in_the_chain_are_ignored() -> None:
         ({"workers": 0}, {}, "llm.workers: must be >= 1, got 0"),
         ({"workers": 1.5}, {}, "llm.workers: expected int, got 1.5"),
         ({"workers": True}, {}, "llm.workers: expected int, got True"),
-        ({}, {"XINTU_LLM_WORKERS": "many"}, "XINTU_LLM_WORKERS: expected int, got 'many'"),
+        ({}, {"XINTU_LLM_WORKERS": "many"}, "llm.workers: expected int, got 'many'"),
+        ({}, {"XINTU_LLM_TIMEOUT_S": "inf"}, "llm.timeout_s: expected a finite number, got inf"),
         ({"breaker_failure_ratio": 1.5}, {}, "llm.breaker_failure_ratio: must be <= 1, got 1.5"),
         ({"retry_initial_s": 3.0}, {}, "llm.retry_max_s: must be >= retry_initial_s"),
         ({"providers": 3}, {}, "llm.providers: expected a list of provider names, got 3"),
@@ -240,23 +241,44 @@ def test_variables_of_providers_not_in_the_chain_are_ignored() -> None:
             {"OPENAI_API_KEY": "k", "XINTU_LLM_OPENAI_TIMEOUT_S": "0"},
             "XINTU_LLM_OPENAI_TIMEOUT_S: must be >= 0.01, got 0.0",
         ),
+        (
+            {"providers": ["openai"], "provider": {"openai": {"max_tokens": 10**6}}},
+            {"OPENAI_API_KEY": "k"},
+            "llm.provider.openai.max_tokens: must be <= 100000, got 1000000",
+        ),
+        (
+            {"providers": ["vllm"], "provider": {"vllm": {"base_url": 8000}}},
+            {},
+            "llm.provider.vllm.base_url: expected a string, got 8000",
+        ),
+        (
+            # A key of the wrong type is not echoed: it may be a real key.
+            {"providers": ["openai"], "provider": {"openai": {"api_key": 12345678}}},
+            {},
+            "llm.provider.openai.api_key: expected a string, got int",
+        ),
+        (
+            {"providers": ["openai"], "provider": {"openai": {"kind": "gemini"}}},
+            {"OPENAI_API_KEY": "k"},
+            "llm.provider.openai.kind: must be openai or anthropic; got 'gemini'",
+        ),
         ({"provider": "x"}, {}, "llm.provider: expected a table of provider tables"),
         (
             {"description_language": "fr"},
             {},
-            "llm.description_language: must be zh or en; got 'fr'",
+            "llm.description_language: must be one of zh, en; got 'fr'",
         ),
         ({"description_language": 1}, {}, "llm.description_language: expected a string, got 1"),
         (
             {},
             {"XINTU_LLM_DESCRIPTION_LANGUAGE": "zh-TW"},
-            "XINTU_LLM_DESCRIPTION_LANGUAGE: must be zh or en; got 'zh-tw'",
+            "llm.description_language: must be one of zh, en; got 'zh-TW'",
         ),
         (
             {"providers": ["openai"]},
             {"OPENAI_API_KEY": "k", "XINTU_LLM_OPENAI_TOKEN_LIMIT_PARAM": "max_output_tokens"},
-            "XINTU_LLM_OPENAI_TOKEN_LIMIT_PARAM: must be max_tokens or max_completion_tokens; "
-            "got 'max_output_tokens'",
+            "XINTU_LLM_OPENAI_TOKEN_LIMIT_PARAM: must be one of max_tokens, "
+            "max_completion_tokens; got 'max_output_tokens'",
         ),
         (
             {
@@ -352,3 +374,57 @@ def test_exports() -> None:
     }
     assert set(xintu.llm.__all__) == exported
     assert all(re.fullmatch(r"[A-Za-z_]+", n) for n in xintu.llm.__all__)
+
+
+def test_llm_keys_have_origins(tmp_path: Path) -> None:
+    path = tmp_path / "x.toml"
+    path.write_text(
+        '[llm]\nproviders = ["vllm"]\nworkers = 2\n'
+        '[llm.provider.vllm]\nbase_url = "http://127.0.0.1:8000/v1"\nmodel = "from-file"\n'
+    )
+    config = load_config(
+        path,
+        env={
+            "XINTU_LLM_WORKERS": "3",
+            "XINTU_LLM_DESCRIPTION_LANGUAGE": "en",
+            "XINTU_LLM_VLLM_MODEL": "from-env",
+        },
+    )
+    assert (config.llm.workers, config.llm.description_language) == (3, "en")
+    (vllm,) = config.llm.providers
+    assert (vllm.base_url, vllm.model) == ("http://127.0.0.1:8000/v1", "from-env")
+    llm_origins = {k: v for k, v in config.origins.items() if k.startswith("llm.")}
+    assert set(llm_origins) == {f"llm.{f.name}" for f in dataclasses.fields(LlmConfig)}
+    assert llm_origins["llm.workers"] == "env"
+    assert llm_origins["llm.description_language"] == "env"
+    assert llm_origins["llm.providers"] == "file"
+    assert llm_origins["llm.timeout_s"] == "default"
+
+
+def test_provider_tables_merge_over_the_layers(tmp_path: Path) -> None:
+    path = tmp_path / "x.toml"
+    path.write_text('[llm.provider.vllm]\nbase_url = "http://127.0.0.1:8000/v1"\nmodel = "m"\n')
+    config = load_config(
+        path,
+        env={"XINTU_LLM_PROVIDERS": "vllm"},
+        llm={"provider": {"vllm": {"timeout_s": 3}}},
+    )
+    assert config.llm.providers == (
+        ProviderConfig("vllm", "openai", "http://127.0.0.1:8000/v1", "m", 3.0, 300),
+    )
+    assert config.origins["llm.providers"] == "env"
+
+
+def test_config_show_names_the_origin_of_llm_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    config = load_config(
+        env={"XINTU_LLM_PROVIDERS": "openai", "OPENAI_API_KEY": KEY, "XINTU_LLM_WORKERS": "3"}
+    )
+    assert config_show(config) == 0
+    out = capsys.readouterr().out
+    assert KEY not in out
+    llm = out.split("[llm]\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert llm[0].startswith('providers = [{"name": "openai", "kind": "openai", ')
+    assert '"api_key": "***"' in llm[0]
+    assert llm[0].endswith("  # env")
+    assert llm[1:3] == ["workers = 3  # env", "inbox_size = 64  # default"]
+    assert len(llm) == len(dataclasses.fields(LlmConfig))

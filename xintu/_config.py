@@ -1,37 +1,48 @@
 """The one frozen configuration object, built once from TOML and the environment.
 
 Values live in one place, ``xintu/defaults.toml`` (``config/xintu.toml`` links to
-it); the dataclasses below only declare each key's type and bounds. Layers, later
-ones winning:
+it); the dataclasses below (and :class:`~xintu.llm.LlmConfig` for ``[llm]``) only
+declare each key's type and bounds, and one loader checks every section. Layers,
+later ones winning:
 
 1. ``defaults.toml`` (every key),
 2. an optional TOML file (``--config PATH`` or ``XINTU_CONFIG``) holding a subset,
 3. environment variables ``XINTU_<SECTION>_<KEY>``.
 
 An unknown key, a value of the wrong type or out of bounds raises
-:class:`~xintu.errors.ConfigError` naming the key. Secrets are never rendered by
-:meth:`Config.redacted`.
+:class:`~xintu.errors.ConfigError` naming the key. :attr:`Config.origins` says
+which layer each key came from. Secrets are never rendered by
+:meth:`Config.redacted`, nor echoed by an error.
+
+``[llm]`` has, besides its keys, the provider chain: ``[llm.provider.NAME]`` tables
+and ``XINTU_LLM_<NAME>_<KEY>`` variables, which :mod:`xintu.llm._config` turns into
+:class:`~xintu.llm.ProviderConfig` objects with this module's checks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import platformdirs
 
 from ._redact import redact_url
 from .errors import ConfigError
-from .llm._config import LlmConfig, llm_config_from
+
+if TYPE_CHECKING:
+    # Imported where it is used: xintu.llm._config declares its keys with this
+    # module's helpers, so it cannot be imported before they exist.
+    from .llm._config import LlmConfig
 
 __all__ = ["Config", "load_config", "redact_url"]
 
@@ -40,7 +51,10 @@ Origin = Literal["default", "file", "env"]
 _ENV_PREFIX = "XINTU_"
 # Environment variables with the prefix that are not configuration keys.
 _ENV_NOT_KEYS = frozenset({"XINTU_CONFIG"})
-_LLM_ENV_PREFIX = "XINTU_LLM_"
+
+
+# Each key's declaration is a dataclass field; its metadata says how to check it
+# (see _coerce). Fields typed with a Literal are choices among its values.
 
 
 def _bounded(lo: float | None = None, hi: float | None = None) -> Any:
@@ -51,9 +65,14 @@ def _choice(*choices: str) -> Any:
     return field(metadata={"choices": choices})
 
 
-def _secret() -> Any:
+def _secret(**field_args: Any) -> Any:
     # Never in a repr: a Config logged or shown in a traceback carries no secret.
-    return field(metadata={"secret": True}, repr=False)
+    return field(metadata={"secret": True}, repr=False, **field_args)
+
+
+def _parsed(parse: Callable[..., Any]) -> Any:
+    """A key with a rule of its own: ``parse(key, value, from_env=...)`` checks it."""
+    return field(metadata={"parse": parse})
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +179,7 @@ class Config:
     idempotency: IdempotencyConfig
     api: ApiConfig
     log: LogConfig
-    # The [llm] table and XINTU_LLM_* variables, validated by xintu.llm.
+    # Declared in xintu.llm._config, next to the provider chain's rules.
     llm: LlmConfig
     # "section.key" -> where the value came from; not compared.
     origins: Mapping[str, Origin] = field(default_factory=dict, compare=False, repr=False)
@@ -188,48 +207,64 @@ class Config:
 
     def redacted(self) -> dict[str, dict[str, Any]]:
         """Every value by section, secrets replaced by ``"***"`` (passwords in URLs too)."""
-        out: dict[str, dict[str, Any]] = {}
-        for sec in _sections():
-            values: dict[str, Any] = {}
-            obj = getattr(self, sec.name)
-            for f in dataclasses.fields(obj):
-                v = getattr(obj, f.name)
-                if f.metadata.get("secret") and v:
-                    if isinstance(v, tuple):
-                        v = ["***"] * len(v)
-                    else:
-                        v = redact_url(v) if "://" in v else "***"
-                values[f.name] = list(v) if isinstance(v, tuple) else v
-            out[sec.name] = values
-        out["llm"] = self.llm.redacted()
-        return out
+        return {name: _redacted(getattr(self, name)) for name in _section_names()}
 
 
-_NOT_GENERIC = frozenset({"origins", "llm"})
+def _redacted(section: Any) -> dict[str, Any]:
+    """One section's values for display (``config show``), secrets hidden."""
+    return {
+        f.name: _shown(getattr(section, f.name), f.metadata) for f in dataclasses.fields(section)
+    }
 
 
-def _sections() -> tuple[dataclasses.Field[Any], ...]:
-    """The sections the generic loader builds (``llm`` has a loader of its own)."""
-    return tuple(f for f in dataclasses.fields(Config) if f.name not in _NOT_GENERIC)
+def _shown(value: Any, meta: Mapping[str, Any]) -> Any:
+    if meta.get("secret") and value:
+        if isinstance(value, tuple):
+            return ["***"] * len(value)
+        return redact_url(value) if "://" in value else "***"
+    if isinstance(value, tuple):
+        return [_shown(v, {}) for v in value]
+    if dataclasses.is_dataclass(value) and hasattr(value, "redacted"):
+        return value.redacted()  # a provider: its own rendering
+    return value
 
 
-def _section_type(f: dataclasses.Field[Any]) -> type[Any]:
-    hints = typing.get_type_hints(Config)
-    t = hints[f.name]
-    assert isinstance(t, type)
-    return t
+def _section_names() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(Config) if f.name != "origins")
+
+
+def _section_types(llm_config: type[LlmConfig]) -> dict[str, type[Any]]:
+    """Section name -> its dataclass, in the order of :class:`Config`."""
+    hints = typing.get_type_hints(Config, localns={"LlmConfig": llm_config})
+    return {name: hints[name] for name in _section_names()}
+
+
+def _what(value: Any, meta: Mapping[str, Any]) -> str:
+    """*value* for an error message: a secret only by its type."""
+    return type(value).__name__ if meta.get("secret") else repr(value)
 
 
 def _coerce(
     key: str, value: Any, annotation: Any, meta: Mapping[str, Any], *, from_env: bool
 ) -> Any:
-    """Check (and, from the environment, parse) one value against its declared type."""
+    """Check (and, from the environment, parse) one value against its declared type.
+
+    *meta* is the field's metadata: ``lo``/``hi`` bounds for numbers, ``choices``
+    for strings (matched without regard to case or surrounding spaces), ``secret``
+    (never echoed), ``parse`` (a rule of the key's own, which replaces all this).
+    """
+    parse = meta.get("parse")
+    if parse is not None:
+        return parse(key, value, from_env=from_env)
     origin = typing.get_origin(annotation)
+    if origin is Literal:
+        meta = {**meta, "choices": typing.get_args(annotation)}
+        annotation = str
     if origin is tuple:
         if from_env and isinstance(value, str):
             value = [p.strip() for p in value.split(",") if p.strip()]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(key, f"expected a list of strings, got {value!r}")
+            raise ConfigError(key, f"expected a list of strings, got {_what(value, meta)}")
         return tuple(value)
     if annotation is bool:
         if from_env and isinstance(value, str):
@@ -251,6 +286,8 @@ def _coerce(
             raise ConfigError(key, f"expected {annotation.__name__}, got {value!r}")
         if annotation is int and not isinstance(value, int):
             raise ConfigError(key, f"expected int, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(key, f"expected a finite number, got {value!r}")
         value = annotation(value)
         lo, hi = meta.get("lo"), meta.get("hi")
         if lo is not None and value < lo:
@@ -260,9 +297,13 @@ def _coerce(
         return value
     if annotation is str:
         if not isinstance(value, str):
-            raise ConfigError(key, f"expected a string, got {value!r}")
+            raise ConfigError(key, f"expected a string, got {_what(value, meta)}")
         choices = meta.get("choices")
-        if choices and value not in choices:
+        if choices:
+            folded = value.strip().lower()
+            for choice in choices:
+                if choice == folded:
+                    return choice
             raise ConfigError(key, f"must be one of {', '.join(choices)}; got {value!r}")
         return value
     raise TypeError(f"unsupported config type {annotation!r} for {key}")  # pragma: no cover
@@ -295,55 +336,59 @@ def load_config(
     the command line and tests, and are validated like everything else.
     """
     environ = os.environ if env is None else env
+    file_path = path if path is not None else environ.get("XINTU_CONFIG") or None
+    file_layer: Mapping[str, Any] = {}
+    if file_path is not None:
+        file_layer = _read_toml(Path(file_path), "config file")
+    return _build(environ, file_layer, overrides)
+
+
+def _build(
+    environ: Mapping[str, str],
+    file_layer: Mapping[str, Any],
+    overrides: Mapping[str, Mapping[str, Any]],
+) -> Config:
+    """Check every key of every layer and build the :class:`Config`."""
+    from .llm import _config as llm  # see the TYPE_CHECKING import above
+
+    sections = _section_types(llm.LlmConfig)
     raw = _defaults()
-    llm_raw: dict[str, Any] = dict(raw.pop("llm", {}))
-    origins: dict[str, Origin] = {}
-    sections = {f.name: f for f in _sections()}
     if set(raw) != set(sections):  # pragma: no cover - guarded by a test
         raise ConfigError("defaults.toml", f"sections {sorted(raw)} != {sorted(sections)}")
 
-    layers: list[tuple[Origin, Mapping[str, Any], bool]] = []
-    file_path = path if path is not None else environ.get("XINTU_CONFIG") or None
-    if file_path is not None:
-        layers.append(("file", _read_toml(Path(file_path), "config file"), False))
-
-    env_layer: dict[str, dict[str, Any]] = {}
-    env_keys = {f"{_ENV_PREFIX}{s.upper()}_{k.upper()}": (s, k) for s in raw for k in raw[s]}
-    for name, value in environ.items():
-        if not name.startswith(_ENV_PREFIX) or name in _ENV_NOT_KEYS:
-            continue
-        if name.startswith(_LLM_ENV_PREFIX):
-            continue  # read by llm_config_from
-        if name not in env_keys:
-            raise ConfigError(name, "unknown configuration variable")
-        s, k = env_keys[name]
-        env_layer.setdefault(s, {})[k] = value
-    layers.append(("env", env_layer, True))
+    layers: list[tuple[Origin, Mapping[str, Any], bool]] = [
+        ("file", file_layer, False),
+        ("env", _env_layer(environ, raw, llm.is_provider_variable), True),
+    ]
     if overrides:
-        layers.append(("env", {s: dict(v) for s, v in overrides.items()}, False))
+        layers.append(("env", overrides, False))
 
     merged: dict[str, dict[str, tuple[Any, Origin, bool]]] = {
         s: {k: (v, "default", False) for k, v in keys.items()} for s, keys in raw.items()
     }
+    # The [llm.provider.NAME] tables, merged key by key over the layers.
+    provider_tables: dict[str, Any] = {}
     for origin, layer, from_env in layers:
         for s, keys in layer.items():
-            if s == "llm" and not from_env:
-                if not isinstance(keys, Mapping):
-                    raise ConfigError("llm", "expected a table of keys")
-                llm_raw = _merge_tables(llm_raw, keys)
-                continue
             if s not in merged:
                 raise ConfigError(s, "unknown configuration section")
             if not isinstance(keys, Mapping):
                 raise ConfigError(s, "expected a table of keys")
             for k, v in keys.items():
-                if k not in merged[s]:
+                if s == "llm" and k == "provider":
+                    if not isinstance(v, Mapping) or not all(
+                        isinstance(t, Mapping) for t in v.values()
+                    ):
+                        raise ConfigError("llm.provider", "expected a table of provider tables")
+                    provider_tables = _merge_tables(provider_tables, v)
+                elif k not in merged[s]:
                     raise ConfigError(f"{s}.{k}", "unknown configuration key")
-                merged[s][k] = (v, origin, from_env)
+                else:
+                    merged[s][k] = (v, origin, from_env)
 
+    origins: dict[str, Origin] = {}
     built: dict[str, Any] = {}
-    for s, sec_field in sections.items():
-        cls = _section_type(sec_field)
+    for s, cls in sections.items():
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls)}
         if set(fields) != set(merged[s]):  # pragma: no cover - guarded by a test
@@ -353,11 +398,35 @@ def load_config(
             key = f"{s}.{k}"
             values[k] = _coerce(key, v, hints[k], fields[k].metadata, from_env=from_env)
             origins[key] = origin
-        built[s] = cls(**values)
+        if s == "llm":
+            built[s] = llm.llm_config(values, provider_tables, environ)
+        else:
+            built[s] = cls(**values)
     _check_server(built["server"], built["store"])
     _check_api(built["api"])
-    llm = llm_config_from(llm_raw, environ)
-    return Config(**built, llm=llm, origins=types.MappingProxyType(origins))
+    return Config(**built, origins=types.MappingProxyType(origins))
+
+
+def _env_layer(
+    environ: Mapping[str, str],
+    raw: Mapping[str, Mapping[str, Any]],
+    is_provider_variable: Callable[[str], bool],
+) -> dict[str, dict[str, Any]]:
+    """The ``XINTU_<SECTION>_<KEY>`` variables of *environ*, by section and key.
+
+    ``XINTU_LLM_<NAME>_<KEY>`` variables of the provider chain are left to it.
+    """
+    layer: dict[str, dict[str, Any]] = {}
+    env_keys = {f"{_ENV_PREFIX}{s.upper()}_{k.upper()}": (s, k) for s in raw for k in raw[s]}
+    for name, value in environ.items():
+        if not name.startswith(_ENV_PREFIX) or name in _ENV_NOT_KEYS:
+            continue
+        if name in env_keys:
+            s, k = env_keys[name]
+            layer.setdefault(s, {})[k] = value
+        elif not is_provider_variable(name):
+            raise ConfigError(name, "unknown configuration variable")
+    return layer
 
 
 def _check_server(server: ServerConfig, store: StoreConfig) -> None:
