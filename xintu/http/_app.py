@@ -102,13 +102,18 @@ def create_app(config: Config, *, model_factory: ModelFactory | None = None) -> 
         sampler: trio.CancelScope | None = getattr(app, "sampler", None)
         if sampler is not None:
             sampler.cancel()
-        runtime = app.runtime_if_started()
-        if runtime is not None:
-            with trio.move_on_after(config.server.graceful_timeout_s):
-                await runtime.drain()
-        store: Store | None = getattr(app, "store", None)
-        if store is not None:
-            await store.aclose()
+        try:
+            runtime = app.runtime_if_started()
+            if runtime is not None:
+                with trio.move_on_after(config.server.graceful_timeout_s):
+                    await runtime.drain()
+        finally:
+            # Even when the drain is cancelled (the server stopped by cancellation),
+            # the store's connections are closed, not left to the garbage collector.
+            store: Store | None = getattr(app, "store", None)
+            if store is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_STORE_S):
+                    await store.aclose()
 
     @app.before_request
     async def _request_id() -> None:
@@ -196,6 +201,8 @@ def sample_metrics(app: XintuApp) -> None:
 # Routes whose requests are not worth a log line each (probes and scrapes).
 _QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 _SAMPLE_INTERVAL_S = 1.0
+# Bound on closing the store at shutdown (shielded from cancellation).
+_CLOSE_STORE_S = 5.0
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 

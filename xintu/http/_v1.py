@@ -21,6 +21,7 @@ from quart import Blueprint, Response, g, request, stream_with_context
 from werkzeug.datastructures import FileStorage
 
 from .._config import Config
+from .._limits import MAX_BATCH_IMAGES, MAX_CHECK_HASHES, MAX_USER_ID_CHARS
 from .._types import is_image_hash
 from ..actors import SHARED_SCOPE, Answer, ClassifyRequest, Runtime
 from ..errors import (
@@ -39,10 +40,6 @@ from ._respond import json_response, now_iso, sized_work
 __all__ = ["v1"]
 
 v1 = Blueprint("v1", __name__, url_prefix="/api/v1/classify")
-
-MAX_BATCH_HASHES = 100
-MAX_BATCH_IMAGES = 20
-MAX_USER_ID = 128
 
 
 def _runtime() -> Runtime:
@@ -101,8 +98,10 @@ def _user_id(body: dict[str, Any] | None = None) -> str | None:
 def _checked_user_id(value: object) -> str | None:
     if value is None or value == "":
         return None
-    if not isinstance(value, str) or len(value) > MAX_USER_ID:
-        raise ValidationFailed(f"user_id must be a string of at most {MAX_USER_ID} characters")
+    if not isinstance(value, str) or len(value) > MAX_USER_ID_CHARS:
+        raise ValidationFailed(
+            f"user_id must be a string of at most {MAX_USER_ID_CHARS} characters"
+        )
     return value
 
 
@@ -210,8 +209,8 @@ async def check_cache() -> Response:
 async def batch_check_cache() -> Response:
     body = await _json_body()
     hashes = body.get("image_hashes")
-    if not isinstance(hashes, list) or not 1 <= len(hashes) <= MAX_BATCH_HASHES:
-        raise ValidationFailed(f"image_hashes must be a list of 1 to {MAX_BATCH_HASHES} hashes")
+    if not isinstance(hashes, list) or not 1 <= len(hashes) <= MAX_CHECK_HASHES:
+        raise ValidationFailed(f"image_hashes must be a list of 1 to {MAX_CHECK_HASHES} hashes")
     normalised = [_hash_field(h, f"image_hashes[{i}]") for i, h in enumerate(hashes)]
     user_id = _user_id(body)
     found = await _runtime().lookup_many(normalised, alias_scope(user_id))
