@@ -21,7 +21,8 @@ import trio
 from PIL import Image
 from structlog.testing import capture_logs
 
-from xintu import Category, Source
+from xintu import Category, Classification, Source
+from xintu.actors import ClassifyRequest
 from xintu.llm import (
     BadAnswer,
     LlmConfig,
@@ -34,6 +35,12 @@ from xintu.llm import (
 from xintu.llm._image import prepare_upload
 from xintu.llm._providers import ProviderClient
 from xintu.testing.fakellm import Behaviour, FakeLlm, fake_answer, main, run_fake_llm
+
+
+async def ask(pool: LlmPool, data: bytes, image_hash: str, deadline: float) -> Classification:
+    """The pool's classify for one photo's bytes and hash."""
+    return await pool.classify(ClassifyRequest(data, image_hash, "req"), deadline)
+
 
 KEY = "sk-fake-SECRET-0000"
 
@@ -86,7 +93,7 @@ async def test_classifies_through_both_wire_formats(providers: str, style: str) 
                 results = []
                 for n in range(3):
                     data, h = photo(n)
-                    results.append((data, await pool.classify(data, h, trio.current_time() + 5)))
+                    results.append((data, await ask(pool, data, h, trio.current_time() + 5)))
             stats = fake.stats()
     for data, c in results:
         category, confidence = expected(data, cfg)
@@ -117,9 +124,9 @@ async def test_the_fake_describes_in_the_language_asked(
     with trio.fail_after(10):
         async with run_fake_llm(answer="pets") as fake:
             async with running(config(fake, providers, **settings)) as pool:
-                pets = await pool.classify(*photo(1), trio.current_time() + 5)
+                pets = await ask(pool, *photo(1), trio.current_time() + 5)
                 fake.behaviour.answer = "foods"
-                foods = await pool.classify(*photo(2), trio.current_time() + 5)
+                foods = await ask(pool, *photo(2), trio.current_time() + 5)
     assert (pets.description, foods.description) == descriptions
 
 
@@ -129,14 +136,14 @@ async def test_the_fake_as_a_reasoning_model() -> None:
         async with run_fake_llm(reasoning_model=True) as fake:
             async with running(config(fake, retry_max_attempts=3)) as pool:
                 with pytest.raises(UpstreamRejected):
-                    await pool.classify(*photo(1), trio.current_time() + 5)
+                    await ask(pool, *photo(1), trio.current_time() + 5)
             reasoning = {"token_limit_param": "max_completion_tokens", "temperature": 0}
             async with running(config(fake, provider={"openai": reasoning})) as pool:
                 with pytest.raises(UpstreamRejected):
-                    await pool.classify(*photo(2), trio.current_time() + 5)
+                    await ask(pool, *photo(2), trio.current_time() + 5)
             reasoning["temperature"] = "default"
             async with running(config(fake, provider={"openai": reasoning})) as pool:
-                c = await pool.classify(*photo(3), trio.current_time() + 5)
+                c = await ask(pool, *photo(3), trio.current_time() + 5)
             stats = fake.stats()
     assert c.source is Source.LLM
     assert stats["by_status"] == {"200": 1, "400": 2}  # the 400s were not retried
@@ -155,7 +162,7 @@ async def test_large_photo_is_downscaled_before_upload() -> None:
             async with running(cfg) as pool:
                 data, h = photo(1, size=(1600, 1200))
                 assert len(data) > 4096  # prepared in a worker thread
-                c = await pool.classify(data, h, trio.current_time() + 5)
+                c = await ask(pool, data, h, trio.current_time() + 5)
             (uploaded,) = fake.images
     up = prepare_upload(data, max_side_px=256, quality=85)
     assert uploaded == hashlib.sha256(up.jpeg).hexdigest()
@@ -168,7 +175,7 @@ async def test_429_retry_after_then_success() -> None:
         async with run_fake_llm(fail_next=1, error_status=429, retry_after="0") as fake:
             async with running(config(fake)) as pool:
                 data, h = photo(1)
-                c = await pool.classify(data, h, trio.current_time() + 5)
+                c = await ask(pool, data, h, trio.current_time() + 5)
             stats = fake.stats()
     assert c.category in Category
     assert stats["calls"] == 2
@@ -182,7 +189,7 @@ async def test_500s_exhaust_attempts() -> None:
             async with running(config(fake, retry_max_attempts=3)) as pool:
                 data, h = photo(1)
                 with pytest.raises(UpstreamServerError):
-                    await pool.classify(data, h, trio.current_time() + 5)
+                    await ask(pool, data, h, trio.current_time() + 5)
             assert fake.stats()["calls"] == 3
 
 
@@ -192,7 +199,7 @@ async def test_wrong_key_is_not_retried() -> None:
             async with running(config(fake)) as pool:
                 data, h = photo(1)
                 with pytest.raises(UpstreamRejected) as info:
-                    await pool.classify(data, h, trio.current_time() + 5)
+                    await ask(pool, data, h, trio.current_time() + 5)
             assert fake.stats()["by_status"] == {"401": 1}
     assert str(info.value) == "openai: request rejected (401)"
 
@@ -204,7 +211,7 @@ async def test_hang_times_out_and_falls_to_the_next_provider() -> None:
             async with running(cfg) as pool:
                 data, h = photo(1)
                 start = trio.current_time()
-                c = await pool.classify(data, h, trio.current_time() + 5)
+                c = await ask(pool, data, h, trio.current_time() + 5)
                 elapsed = trio.current_time() - start
     assert c.provider == "anthropic"
     assert 0.2 <= elapsed < 3.0  # after the 0.2 s attempt timeout, long before the deadline
@@ -217,7 +224,7 @@ async def test_hang_gives_up_within_the_deadline() -> None:
                 data, h = photo(1)
                 start = trio.current_time()
                 with pytest.raises(UpstreamTimeout):
-                    await pool.classify(data, h, start + 0.8)
+                    await ask(pool, data, h, start + 0.8)
                 elapsed = trio.current_time() - start
     # Gave up at the deadline (0.8) less the 0.5 reserve: before the deadline itself.
     assert 0.3 <= elapsed < 0.8
@@ -230,7 +237,7 @@ async def test_bad_answers_fail_the_call(mode: str) -> None:
             async with running(config(fake)) as pool:
                 data, h = photo(1)
                 with pytest.raises(BadAnswer):
-                    await pool.classify(data, h, trio.current_time() + 5)
+                    await ask(pool, data, h, trio.current_time() + 5)
             assert fake.stats()["calls"] == 1
 
 
@@ -247,7 +254,7 @@ async def test_control_stats_reset_and_outage() -> None:
 
             async with running(config(fake, retry_max_attempts=1)) as pool:
                 data, h = photo(1)
-                c = await pool.classify(data, h, trio.current_time() + 5)
+                c = await ask(pool, data, h, trio.current_time() + 5)
                 assert c.category is Category.PETS
 
                 r = await http.post(
@@ -256,9 +263,9 @@ async def test_control_stats_reset_and_outage() -> None:
                 assert r.status_code == 200
                 assert fake.in_outage()
                 with pytest.raises(UpstreamServerError):
-                    await pool.classify(data, h, trio.current_time() + 5)
+                    await ask(pool, data, h, trio.current_time() + 5)
                 fake.set_outage(None, 0)
-                await pool.classify(data, h, trio.current_time() + 5)
+                await ask(pool, data, h, trio.current_time() + 5)
 
             stats = (await http.get("/_fake/stats")).json()
             assert "images" not in stats

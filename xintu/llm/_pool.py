@@ -31,7 +31,7 @@ import functools
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, overload
+from typing import TYPE_CHECKING
 
 import httpx
 import outcome
@@ -258,17 +258,7 @@ class LlmPool:
         self._refused[reason] += 1
         return LlmUnavailable(message, reason=reason)
 
-    @overload
-    async def classify(self, request: ClassifyRequest, deadline: float) -> Classification: ...
-
-    @overload
-    async def classify(
-        self, request: bytes, deadline: str, /, *rest: float
-    ) -> Classification: ...  # the former (data, image_hash, deadline); to be removed
-
-    async def classify(
-        self, request: ClassifyRequest | bytes, deadline: float | str, *rest: float
-    ) -> Classification:
+    async def classify(self, request: ClassifyRequest, deadline: float) -> Classification:
         """Classify *request* through the provider chain before *deadline* less the reserve.
 
         Raises :class:`~xintu.llm.LlmUnavailable` at once, with no upstream call, when
@@ -276,17 +266,9 @@ class LlmPool:
         remaining time is under ``fallback_reserve_s`` or the pool is closed; and
         another :class:`~xintu.llm.LlmError` when the chain failed. Either way the
         caller falls back; the error holds no upstream body and no key.
-
-        ``classify(data, image_hash, deadline)``, the former signature, is still
-        taken until its last caller (tests/test_llm_fake.py) has moved.
         """
-        from ..actors._envelope import ClassifyRequest, Envelope, open_reply, wait_reply
+        from ..actors._envelope import Envelope, open_reply, wait_reply
 
-        if isinstance(request, bytes):
-            assert isinstance(deadline, str)
-            request, deadline = ClassifyRequest(request, deadline, ""), rest[0]
-        assert isinstance(request, ClassifyRequest)
-        assert not isinstance(deadline, str)
         await trio.lowlevel.checkpoint_if_cancelled()
         refusal = self._refusal(deadline)
         if refusal is not None:
