@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from .conformance import CATEGORIES
 from .conformance.browser import chromium_or_skip, open_chromium
 from .conformance.origin import serving_directory
 from .conformance.process import XintuServer, running_xintu
@@ -40,16 +41,6 @@ HERE = Path(__file__).resolve().parent
 PAGE_DIR = HERE / "conformance"
 IMAGES = HERE / "images"
 ARTIFACTS = HERE.parent / "test-artifacts"
-CATEGORIES = {
-    "social_activities",
-    "pets",
-    "single_person",
-    "foods",
-    "travel_scenery",
-    "screenshot",
-    "idcard",
-    "other",
-}
 SINGLE = "idcard_photo_1600x1200.jpg"
 BATCH = sorted(p.name for p in IMAGES.iterdir() if p.name != SINGLE)
 USER = "album-user-1"

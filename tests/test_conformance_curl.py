@@ -27,19 +27,10 @@ from typing import Any
 
 import pytest
 
+from .conformance import CATEGORIES
 from .conformance.process import XintuServer, running_xintu
 
 IMAGES = Path(__file__).resolve().parent / "images"
-CATEGORIES = {
-    "social_activities",
-    "pets",
-    "single_person",
-    "foods",
-    "travel_scenery",
-    "screenshot",
-    "idcard",
-    "other",
-}
 CURL_MAX_TIME_S = 60
 ALBUM_ORIGIN = "http://album.example"
 

@@ -9,8 +9,6 @@ It is skipped when Chromium is missing, except under ``CI=true``, where it fails
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,11 +21,10 @@ from xintu import Config, load_config
 from xintu.http import XintuApp, create_app
 from xintu.http._page import CSP
 
+from .conformance.browser import open_chromium
 from .conformance.process import running_xintu
 from .fakes import FakeModel
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 
@@ -102,18 +99,6 @@ async def test_unknown_asset_is_a_json_404(client: Client) -> None:
 # --- a real browser ---------------------------------------------------------------------------
 
 
-def _browser_or_skip() -> None:
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        missing.append("selenium (pip)")
-    if missing:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI needs {missing} (apt-get install chromium chromium-driver)")
-        pytest.skip(f"no {missing}")
-
-
 @pytest.fixture
 def live_server(tmp_path: Path) -> Iterator[str]:
     """``xintu serve`` on embedded defaults: the real model, SQLite in a temporary dir."""
@@ -123,33 +108,8 @@ def live_server(tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Any]:
-    _browser_or_skip()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-extensions",
-        "--no-first-run",
-        "--no-default-browser-check",
-        f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path, prefix='chromium-')}",
-        "--window-size=1280,1000",
-    ):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    try:
+    with open_chromium(tmp_path) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def _photos(folder: Path) -> dict[str, Path]:

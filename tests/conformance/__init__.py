@@ -14,3 +14,17 @@ fail there)::
     git worktree add /tmp/old <commit>
     CONFORMANCE_XINTU_TREE=/tmp/old .venv/bin/pytest tests/test_conformance_*.py
 """
+
+#: The eight album categories as the original's clients know them (its guide).
+CATEGORIES = frozenset(
+    {
+        "social_activities",
+        "pets",
+        "single_person",
+        "foods",
+        "travel_scenery",
+        "screenshot",
+        "idcard",
+        "other",
+    }
+)
