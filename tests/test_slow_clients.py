@@ -263,3 +263,18 @@ async def test_the_deadline_starts_when_the_body_has_arrived(tmp_path: Path) -> 
     status, _headers, body = _split(reply)
     assert status == b"HTTP/1.1 200 ", body
     assert json.loads(body)["success"] is True
+
+
+async def test_the_listen_backlog_is_the_setting(tmp_path: Path) -> None:
+    """The kernel's accept queue, as the kernel reports it (``ss``: Send-Q of a
+    listening socket): Hypercorn's default of 100 overflowed under bursts."""
+    config = slow_config(tmp_path, listen_backlog=777)
+    with trio.fail_after(30):
+        async with real_server(config, FakeModel()) as base:
+            port = base.rsplit(":", 1)[1]
+            result = await trio.run_process(
+                ["ss", "-ltnH", f"sport = :{port}"], capture_stdout=True
+            )
+    fields = result.stdout.decode().split()
+    assert fields[0] == "LISTEN"
+    assert int(fields[2]) == 777

@@ -86,6 +86,7 @@ class ServerConfig:
     request_deadline_s: float = _bounded(0.05, 3600)
     keep_alive_s: float = _bounded(0, 3600)
     max_connections: int = _bounded(1, 1_000_000)
+    listen_backlog: int = _bounded(1, 65_535)
     body_timeout_s: float = _bounded(0.1, 3600)
     read_timeout_s: float = _bounded(0.1, 86_400)
 

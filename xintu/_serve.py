@@ -65,6 +65,9 @@ def hypercorn_config(config: Config) -> HypercornConfig:
     hc.workers = max(config.server.workers, 1)
     hc.graceful_timeout = config.server.graceful_timeout_s
     hc.keep_alive_timeout = config.server.keep_alive_s
+    # The kernel's accept queue: Hypercorn's default of 100 overflows under a burst
+    # and the kernel resets connections before the app sees them.
+    hc.backlog = config.server.listen_backlog
     hc.read_timeout = math.ceil(config.server.read_timeout_s)  # Hypercorn wants an int
     hc.accesslog = None
     # Hypercorn logs through the stdlib logger that _log routes into structlog.
