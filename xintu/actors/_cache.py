@@ -11,6 +11,14 @@ are remembered in a bounded map beside the LRU (``(scope, alias) -> verified
 hash``), so a repeated alias lookup costs what a hit costs. An alias remembered
 here is not re-checked against a verified entry of the same hash that appears
 later in the store; both name the same photo's answer.
+
+A store read that fails is not a silent miss. A miss re-classifies the photo (an
+LLM call, or a client's upload after check-cache), so in a store outage every
+lookup would turn into one. Failed reads are counted (:class:`CacheStatistics`),
+and the hashes they leave unanswered are treated as misses only within a budget
+(:class:`ReadErrorBudget`: ``read_error_budget`` hashes, refilled over
+``read_error_window_s``); past it a lookup raises
+:class:`~xintu.errors.Unavailable` (503 with ``Retry-After``) instead.
 """
 
 from __future__ import annotations
@@ -21,21 +29,66 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import structlog
+import trio
 
-from ..errors import StoreError
+from ..errors import StoreError, Unavailable
 from ..store import AliasWrite, CachedEntry, HitIncrement, Lru, Store
 from ._writer import Writer
 
-__all__ = ["SHARED_SCOPE", "Cache", "CacheStatistics"]
+__all__ = ["SHARED_SCOPE", "Cache", "CacheStatistics", "ReadErrorBudget"]
 
 # The scope of aliases every client sees (``api.client_hash_mode = "shared"``).
 SHARED_SCOPE = "*"
 
 log = structlog.get_logger("xintu.cache")
 
+# Hashes a failed store read may turn into misses (re-classifications) per window.
+READ_ERROR_BUDGET = 30
+READ_ERROR_WINDOW_S = 60.0
+
+
+class ReadErrorBudget:
+    """A token bucket of misses that failed store reads may cause: *size* hashes,
+    refilled at *size* per *window_s* (on Trio's clock)."""
+
+    def __init__(self, size: int, window_s: float) -> None:
+        if size < 0 or not window_s > 0:
+            raise ValueError(f"need size >= 0 and window_s > 0, got {size!r}, {window_s!r}")
+        self.size = size
+        self._rate = size / window_s
+        self._window_s = window_s
+        self._tokens = float(size)
+        self._at: float | None = None
+
+    def _refill(self) -> None:
+        now = trio.current_time()
+        if self._at is not None:
+            self._tokens = min(float(self.size), self._tokens + (now - self._at) * self._rate)
+        self._at = now
+
+    def take(self, n: int) -> float | None:
+        """Spend *n* misses: ``None`` if the budget allows them, else the seconds
+        until it would (at most the window)."""
+        self._refill()
+        if n <= self._tokens:
+            self._tokens -= n
+            return None
+        if self._rate == 0 or n > self.size:
+            return self._window_s
+        return min(self._window_s, (n - self._tokens) / self._rate)
+
 
 @dataclass(frozen=True, slots=True)
 class CacheStatistics:
+    """A snapshot of the cache's totals.
+
+    ``store_errors``: store reads that failed; of the hashes they left
+    unanswered, ``store_error_misses`` were answered as misses (within the read
+    error budget) and ``store_error_refusals`` lookups were refused with
+    :class:`~xintu.errors.Unavailable` (past it). ``misses`` includes
+    ``store_error_misses``.
+    """
+
     lru_size: int
     lru_max: int
     lru_hits: int
@@ -43,13 +96,26 @@ class CacheStatistics:
     misses: int
     store_errors: int
     aliases: int  # resolved aliases remembered in this process
+    store_error_misses: int = 0
+    store_error_refusals: int = 0
 
 
 class Cache:
-    def __init__(self, store: Store, lru: Lru, writer: Writer) -> None:
+    def __init__(
+        self,
+        store: Store,
+        lru: Lru,
+        writer: Writer,
+        *,
+        read_error_budget: int = READ_ERROR_BUDGET,
+        read_error_window_s: float = READ_ERROR_WINDOW_S,
+    ) -> None:
         self.store = store
         self.lru = lru
         self._writer = writer
+        self._budget = ReadErrorBudget(read_error_budget, read_error_window_s)
+        self._store_error_misses = 0
+        self._store_error_refusals = 0
         # (scope, alias hash) -> verified hash; bounded like the LRU.
         self._aliases: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._lru_hits = 0
@@ -67,7 +133,24 @@ class Cache:
             misses=self._misses,
             store_errors=self._store_errors,
             aliases=len(self._aliases),
+            store_error_misses=self._store_error_misses,
+            store_error_refusals=self._store_error_refusals,
         )
+
+    def _read_failed(self, exc: StoreError, hashes: int) -> None:
+        """A store read for *hashes* hashes failed: return if the budget lets them
+        be misses, else raise :class:`Unavailable`."""
+        self._store_errors += 1
+        wait_s = self._budget.take(hashes)
+        if wait_s is None:
+            self._store_error_misses += hashes
+            log.warning("store_read_failed", error=str(exc), hashes=hashes, answered="miss")
+            return
+        self._store_error_refusals += 1
+        log.warning("store_read_failed", error=str(exc), hashes=hashes, answered="unavailable")
+        raise Unavailable(
+            "the cache cannot be read now; retry later", retry_after_s=max(1.0, wait_s)
+        ) from exc
 
     def peek(self, image_hash: str, scope: str | None = None) -> CachedEntry | None:
         """The LRU alone: no await, no store round trip. With *scope*, an alias of
@@ -105,7 +188,8 @@ class Cache:
             self._remember_alias(scope or SHARED_SCOPE, asked, entry.image_hash)
 
     async def lookup(self, image_hash: str, scope: str | None = None) -> CachedEntry | None:
-        """LRU, then the store; a store failure counts as a miss (and is logged).
+        """LRU, then the store. A failed store read is a miss within the read error
+        budget, else raises :class:`~xintu.errors.Unavailable` (module docstring).
 
         With *scope*, *image_hash* may also be a client's alias of an entry (see the
         module docstring); without, only verified entries and aliases shared with
@@ -117,8 +201,7 @@ class Cache:
         try:
             entry = await self.store.get(image_hash, scope=scope)
         except StoreError as exc:
-            self._store_errors += 1
-            log.warning("store_read_failed", error=str(exc))
+            self._read_failed(exc, 1)
             entry = None
         if entry is None:
             self._misses += 1
@@ -144,8 +227,7 @@ class Cache:
             try:
                 from_store = await self.store.get_many(missing, scope=scope)
             except StoreError as exc:
-                self._store_errors += 1
-                log.warning("store_read_failed", error=str(exc))
+                self._read_failed(exc, len(missing))
                 from_store = {}
             for h, entry in from_store.items():
                 self._found(h, entry, scope)
