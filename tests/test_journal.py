@@ -283,15 +283,17 @@ async def test_a_long_outage_journals_the_overflow_and_replays_it_once(tmp_path:
             for op in ops:
                 await writer.put(op)  # type: ignore[arg-type]  # never waits for the store
             during = writer.statistics()
-            assert during.journaled_ops > 0
+            assert during.overflowed_ops > 0  # past the full inbox: on the way to the journal
+            assert during.hits_folded == 30  # hits take no inbox slot
+            assert during.ops_dropped == 0
             assert during.store_healthy is False
             assert store.rows == {}
-            assert Journal(journal).pending()
             store.down = False
             await writer.wait_idle()
             writer.close()
     stats = writer.statistics()
     assert stats.ops_dropped == 0
+    assert stats.journaled_ops > 0
     assert stats.replayed_batches >= 1
     assert Journal(journal).pending() == []
     assert len(store.rows) == 30
@@ -330,19 +332,23 @@ async def test_the_queue_is_journaled_while_a_commit_attempt_hangs(tmp_path: Pat
                 if store.failed_once:
                     break
                 await trio.sleep(0.001)
-            # The retry now hangs; hit counts keep coming, 40 against an inbox of 8.
+            # The retry now hangs; log rows and hit counts keep coming, 40 log rows
+            # against an inbox of 8 (hits are folded: they take no slot).
             for i in range(40):
+                assert writer.offer(log_row(f"r{i}", bytes([i]))), i
                 assert writer.offer(HitIncrement(hashes[i % 3], 1, T0)), i
                 await trio.sleep(0.001)
             during = writer.statistics()
             assert during.ops_dropped == 0
+            assert during.hits_folded == 40
             assert during.journal_files >= 5  # the inbox went to the journal, again and again
             store.down = False
             store.release.set()
             await writer.wait_idle()
             writer.close()
     assert Journal(tmp_path / "journal").pending() == []
-    assert sum(store.rows[x].hit_count for x in hashes) == 40
+    assert [store.rows[x].hit_count for x in hashes] == [14, 13, 13]
+    assert sorted(store.logs) == sorted(f"r{i}" for i in range(40))
 
 
 class Flaky(MemoryStore):
@@ -476,14 +482,11 @@ async def test_interrupted_replay_is_resumed_without_double_counting(tmp_path: P
         store = VanishesAt(0)
         journal = tmp_path / "journal"
         await run_writer(writer_for(store, journal), [result(b"a")])
-        store.down = True
         # Three batches of hits, journaled in one file.
-        await run_writer(
-            writer_for(store, journal, max_batch=1),
-            [HitIncrement(h(b"a"), n, T0) for n in (1, 10, 100)],
+        Journal(journal).write(
+            [WriteBatch(f"b{n}", hits=(HitIncrement(h(b"a"), n, T0),)) for n in (1, 10, 100)]
         )
         assert len(Journal(journal).pending()) == 1
-        store.down = False
         store.vanish_at = store.apply_calls + 2  # the replay's second batch
         await run_writer(writer_for(store, journal), [])
         assert store.rows[h(b"a")].hit_count == 1  # one batch in, then the crash
@@ -536,6 +539,14 @@ async def test_unwritable_journal_counts_the_loss(tmp_path: Path) -> None:
         await run_writer(writer, [result(b"a"), result(b"b")])
         assert writer.statistics().ops_dropped == 2
         assert writer.statistics().journaled_ops == 0
+
+
+def test_a_file_is_named_by_the_time_it_is_given(tmp_path: Path) -> None:
+    """The writer dates a batch it had in hand by when it took it: replayed first."""
+    journal = Journal(tmp_path)
+    later = journal.write([WriteBatch("b2", logs=(log_row("r2", b"a"),))])
+    earlier = journal.write([WriteBatch("b1", logs=(log_row("r1", b"a"),))], at=T0)
+    assert journal.pending() == [earlier, later]
 
 
 def test_journal_files_are_only_readable_by_the_owner(tmp_path: Path) -> None:

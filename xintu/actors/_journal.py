@@ -2,10 +2,13 @@
 
 When the store is still down as the writer shuts down, its pending batch and its
 queued operations are written here instead of being lost; the next writer to start
-on the same data directory replays them into the store, exactly once.
+on the same data directory replays them into the store, exactly once. While it runs,
+the writer also moves its queue here when the inbox is full (more load than the
+store takes) or half full during an outage, and replays it before newer work.
 
 Layout: one directory (``<data dir>/journal``) of files named
-``<UTC time>-<pid>-<random>.jsonl``, one :class:`~xintu.store.WriteBatch` per line::
+``<UTC time>-<pid>-<random>.jsonl`` (replayed in that order: the time is when the
+writes were taken), one :class:`~xintu.store.WriteBatch` per line::
 
     <sha256 of the JSON, 64 hex> <the batch as one line of JSON>\\n
 
@@ -302,12 +305,16 @@ class Journal:
                 total += len(b.results) + len(b.hits) + len(b.logs) + len(b.aliases)
         return total
 
-    def write(self, batches: list[WriteBatch]) -> Path | None:
-        """Write *batches* durably as one new journal file; ``None`` if there are none."""
+    def write(self, batches: list[WriteBatch], *, at: datetime | None = None) -> Path | None:
+        """Write *batches* durably as one new journal file; ``None`` if there are none.
+
+        The file is named by *at* (else now), so that it is replayed in that order:
+        the writer dates a batch it had in hand by the time it took it.
+        """
         if not batches:
             return None
         self.directory.mkdir(parents=True, exist_ok=True)
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        stamp = (at or datetime.now(UTC)).astimezone(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         name = f"{stamp}-{os.getpid()}-{secrets.token_hex(4)}{_SUFFIX}"
         final = self.directory / name
         tmp = self.directory / (name + _TMP_SUFFIX)
@@ -330,11 +337,13 @@ class Journal:
         holds or has finished); the caller must :meth:`~ClaimedFile.done` or
         :meth:`~ClaimedFile.release` each before asking for the next."""
         for path in self.pending():
-            claimed = self._claim_one(path)
+            claimed = self.claim_path(path)
             if claimed is not None:
                 yield claimed
 
-    def _claim_one(self, path: Path) -> ClaimedFile | None:
+    def claim_path(self, path: Path) -> ClaimedFile | None:
+        """Lock and read the journal file *path*; ``None`` if another process holds
+        it or has finished it (or it cannot be read: logged)."""
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
