@@ -18,6 +18,10 @@ Fixtures:
 ``own_store_url``
     ``store_url`` for tests that change the schema: MySQL on ``fresh_mysql_url``.
 
+Helpers: :func:`private_mariadb` starts a ``mariadbd`` of the test's own (its own
+data directory and port, extra server options such as TLS), and
+:func:`make_certificates` makes a throw-away CA and server certificate for it.
+
 The server is ``TEST_MYSQL_URL`` (default ``mysql://root@127.0.0.1:3306/``; not an
 ``XINTU_`` variable, which the configuration would refuse as an unknown key). If it
 cannot be reached, MySQL tests are skipped with the reason, or, when ``CI=true``,
@@ -30,8 +34,12 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import socket
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -46,11 +54,15 @@ from xintu.store._mysql import MySQLConnection, MySQLSettings, connect, parse_my
 from xintu.store._schema import DATA_TABLES
 
 __all__ = [
+    "Certificates",
+    "PrivateServer",
     "TcpProxy",
+    "make_certificates",
     "mysql_admin",
     "mysql_execute",
     "mysql_url_of",
     "open_test_store",
+    "private_mariadb",
 ]
 
 DEFAULT_MYSQL_SERVER = "mysql://root@127.0.0.1:3306/"
@@ -263,3 +275,133 @@ class TcpProxy:
             pass
         finally:
             done.cancel()
+
+
+# --- a private server, and certificates for it ------------------------------------------
+
+
+def _find(*names: str) -> str | None:
+    for name in names:
+        found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
+        if found:
+            return found
+    return None
+
+
+def _required(what: str) -> None:
+    reason = f"{what} not found: this test needs it"
+    if _ci():
+        pytest.fail(f"{reason} [CI=true: required]", pytrace=False)
+    pytest.skip(reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Certificates:
+    """PEM files: a CA, a server certificate it signed (for 127.0.0.1 only, not
+    ``localhost``) with its key, and an unrelated CA (what a wrong ``ssl_ca`` is)."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    other_ca: Path
+
+
+async def make_certificates(folder: Path) -> Certificates:
+    """Throw-away certificates in *folder*, made with the ``openssl`` command."""
+    openssl = _find("openssl")
+    if openssl is None:
+        _required("openssl")
+    assert openssl is not None
+    await trio.Path(folder).mkdir(parents=True, exist_ok=True)
+
+    async def run(*args: str) -> None:
+        await trio.run_process(
+            [openssl, *args], cwd=folder, capture_stdout=True, capture_stderr=True
+        )
+
+    for name in ("ca", "other-ca"):
+        await run(
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-keyout", f"{name}.key", "-out", f"{name}.pem", "-subj", f"/CN=xintu test {name}",
+        )  # fmt: skip
+    await run(
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key",
+        "-out", "server.csr", "-subj", "/CN=127.0.0.1",
+    )  # fmt: skip
+    await trio.Path(folder / "server.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    await run(
+        "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-days", "2", "-out", "server.pem", "-extfile", "server.ext",
+    )  # fmt: skip
+    return Certificates(
+        folder / "ca.pem", folder / "server.pem", folder / "server.key", folder / "other-ca.pem"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class PrivateServer:
+    """A running private ``mariadbd``: its port, and a root URL without a database."""
+
+    port: int
+    root: Path
+
+    def url(self, database: str = "", *, query: str = "") -> str:
+        return f"mysql://root@127.0.0.1:{self.port}/{database}" + (f"?{query}" if query else "")
+
+
+@asynccontextmanager
+async def private_mariadb(root: Path, *server_args: str) -> AsyncIterator[PrivateServer]:
+    """Install and start a ``mariadbd`` of this test's own under *root* (the shared
+    server is never touched), with *server_args* added to its options; stopped
+    (SIGKILL) after. The ``root`` user has no password (``root@localhost``, which
+    127.0.0.1 is). Skips without the binaries, or fails when ``CI=true``."""
+    server = _find("mariadbd", "mysqld")
+    install = _find("mariadb-install-db", "mysql_install_db")
+    if server is None or install is None:
+        _required("mariadbd / mariadb-install-db")
+    assert server is not None
+    assert install is not None
+    user = ["--user=root"] if os.geteuid() == 0 else []
+    datadir = root / "data"
+    await trio.Path(root).mkdir(parents=True, exist_ok=True)
+    await trio.run_process(
+        [install, "--no-defaults", f"--datadir={datadir}",
+         "--auth-root-authentication-method=normal", "--skip-test-db", *user],
+        capture_stdout=True, capture_stderr=True,
+    )  # fmt: skip
+    port = _free_port()
+    process = await trio.lowlevel.open_process(
+        [server, "--no-defaults", f"--datadir={datadir}", f"--socket={root / 'sock'}",
+         f"--pid-file={root / 'pid'}", f"--port={port}", "--bind-address=127.0.0.1",
+         "--skip-log-bin", "--innodb-buffer-pool-size=16M", *user, *server_args],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert process.stderr is not None
+        log = b""
+        async for chunk in process.stderr:
+            log += chunk
+            if b"ready for connections" in log:
+                break
+        else:
+            raise AssertionError(f"mariadbd exited early:\n{log.decode(errors='replace')}")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_drain, process)
+            yield PrivateServer(port, root)
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            process.kill()
+            await process.wait()
+
+
+async def _drain(process: trio.Process) -> None:
+    assert process.stderr is not None
+    async for _ in process.stderr:
+        pass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import sqlite3
+import ssl
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta, timezone
@@ -35,7 +36,7 @@ from xintu.store import (
     sqlite_path,
 )
 from xintu.store._base import parse_time
-from xintu.store._mysql import MySQLStore, parse_mysql_url
+from xintu.store._mysql import MySQLStore, TlsSettings, parse_mysql_url
 from xintu.store._pool import Pool, PoolStatistics
 from xintu.store._schema import SCHEMA_VERSION
 from xintu.store._sqlite import SQLiteStore
@@ -881,7 +882,26 @@ async def test_retried_batches_count_hits_exactly_once(
         ("sqlite:///", "expected sqlite:///absolute/path/to/file"),
         ("mysql://u:hunter2@127.0.0.1:3306", "no database in mysql://u:***@127.0.0.1:3306"),
         ("mysql://u:hunter2@127.0.0.1:nope/db", "not a valid MySQL URL"),
-        ("mysql://u:hunter2@127.0.0.1/db?ssl=1", "URL parameters are not supported"),
+        (
+            "mysql://u:hunter2@127.0.0.1/db?sslmode=require",
+            "unknown URL option 'sslmode' in mysql://u:***@127.0.0.1/db?sslmode=require (known: "
+            "ssl, ssl_ca, ssl_cert, ssl_key, ssl_verify, ssl_verify_identity)",
+        ),
+        ("mysql://u:hunter2@127.0.0.1/db?ssl=maybe", "option ssl must be true or false"),
+        ("mysql://u:hunter2@127.0.0.1/db?ssl=1&ssl=0", "URL option ssl given twice"),
+        ("mysql://u:hunter2@127.0.0.1/db?ssl=false&ssl_ca=/x", "ssl=false contradicts ssl_ca"),
+        ("mysql://u:hunter2@127.0.0.1/db?ssl_ca=", "URL option ssl_ca needs a file path"),
+        ("mysql://u:hunter2@127.0.0.1/db?ssl_key=/k.pem", "ssl_key needs ssl_cert"),
+        (
+            "mysql://u:hunter2@127.0.0.1/db?ssl_verify=false&ssl_verify_identity=true",
+            "ssl_verify_identity=true needs ssl_verify=true",
+        ),
+        ("mysql://u:hunter2@127.0.0.1/db?ssl", "malformed URL options"),
+        ("mysql://u:hunter2@127.0.0.1/db#x", "a URL fragment is not supported"),
+        (
+            "mysql://u:hunter2@127.0.0.1/db?ssl_ca=/nonexistent/ca.pem",
+            "cannot use the TLS files of the URL: [Errno 2] No such file or directory",
+        ),
     ],
 )
 async def test_bad_store_urls_are_config_errors(tmp_path: Path, url: str, problem: str) -> None:
@@ -909,7 +929,32 @@ def test_mysql_urls() -> None:
     )
     assert "p:ss" not in repr(s)
     assert s.url == "mysql://us@er:***@db.example:3307/xintu"
+    assert s.tls is None
     assert parse_mysql_url("mariadb://root@localhost/x").port == 3306
+
+
+def test_mysql_tls_options() -> None:
+    s = parse_mysql_url("mysql://u:p@db.example/x?ssl=true&ssl_ca=/etc/ca%20dir/ca.pem")
+    assert s.tls == TlsSettings(ca="/etc/ca dir/ca.pem", verify=True, verify_identity=True)
+    assert s.url == "mysql://u:***@db.example:3306/x?ssl=true&ssl_ca=/etc/ca+dir/ca.pem"
+    assert s.with_database("y").tls == s.tls
+    # Any ssl_ option implies ssl=true; verification is on unless turned off.
+    assert parse_mysql_url("mysql://u@h/x?ssl_verify=false").tls == TlsSettings(
+        verify=False, verify_identity=False
+    )
+    assert parse_mysql_url("mysql://u@h/x?ssl=1&ssl_verify_identity=no").tls == TlsSettings(
+        verify=True, verify_identity=False
+    )
+    assert parse_mysql_url("mysql://u@h/x?ssl=false").tls is None
+    assert parse_mysql_url("mysql://u@h/x?ssl=true&ssl_cert=/c.pem&ssl_key=/k.pem").tls == (
+        TlsSettings(cert="/c.pem", key="/k.pem")
+    )
+    # The system's CAs, verified, host name checked: what a managed service wants.
+    ctx = parse_mysql_url("mysql://u@h/x?ssl=true").tls.context()  # type: ignore[union-attr]
+    assert (ctx.verify_mode, ctx.check_hostname) == (ssl.CERT_REQUIRED, True)
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+    loose = parse_mysql_url("mysql://u@h/x?ssl_verify=false").tls.context()  # type: ignore[union-attr]
+    assert (loose.verify_mode, loose.check_hostname) == (ssl.CERT_NONE, False)
 
 
 async def test_the_default_url_is_a_sqlite_file_in_the_data_dir(tmp_path: Path) -> None:

@@ -19,6 +19,12 @@ checked against MariaDB 10.11):
   a ``LONGBLOB`` round-trips any bytes.
 - ``DATETIME`` values are sent and read as naive datetimes: the store sends UTC
   and marks what it reads as UTC (and sets the session time zone to UTC).
+- TLS: ``Connection(ssl=<ssl.SSLContext>)`` wraps the stream in a
+  :class:`trio.SSLStream` after the server's greeting, but only if the server
+  offers TLS; a server that does not gets the password in clear text. So the
+  store checks that the session is encrypted and refuses it otherwise. A failed
+  handshake (a certificate the CA does not vouch for) surfaces as a bare
+  :class:`trio.BrokenResourceError` whose cause is the :class:`ssl.SSLError`.
 - A connection cancelled mid-query is dead: the pool drops it. After a server
   restart or a ``KILL``, the next use of a pooled connection fails with 2013
   (lost connection) or 2006 (gone away); the store then re-runs the operation once
@@ -40,16 +46,18 @@ from __future__ import annotations
 
 import math
 import socket
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import structlog
 import trio
 import trio_mysql
 import trio_mysql.connections
+import trio_mysql.constants
 import trio_mysql.cursors
 
 from .._redact import redact_url
@@ -61,7 +69,14 @@ from ._pool import Pool, PoolStatistics
 from ._schema import ADDED_COLUMNS, INDEXES, SCHEMA_VERSION, SCHEMA_VERSION_TABLE, TABLES
 from ._sql import FITTED_TABLES, Connection, Op, Run, SqlStore
 
-__all__ = ["MySQLConnection", "MySQLSettings", "MySQLStore", "connect", "parse_mysql_url"]
+__all__ = [
+    "MySQLConnection",
+    "MySQLSettings",
+    "MySQLStore",
+    "TlsSettings",
+    "connect",
+    "parse_mysql_url",
+]
 
 T = TypeVar("T")
 
@@ -105,6 +120,19 @@ _REJECTED = frozenset(
 )
 
 
+class _TlsRequired(Exception):
+    """The URL asks for TLS and the server does not offer it."""
+
+
+class _Connection(trio_mysql.connections.Connection):  # type: ignore[misc]  # untyped library
+    """Refuses to authenticate in clear text when TLS was asked for (see the module doc)."""
+
+    async def _request_authentication(self) -> None:
+        if self.ssl and not self.server_capabilities & trio_mysql.constants.CLIENT.SSL:
+            raise _TlsRequired
+        await super()._request_authentication()
+
+
 class _QuietCursor(trio_mysql.cursors.Cursor):  # type: ignore[misc]  # untyped library
     """Leaves server warnings for the store to fetch and log (see the module doc)."""
 
@@ -137,6 +165,61 @@ def _is_lost_connection(exc: BaseException) -> bool:
 # --- settings --------------------------------------------------------------------
 
 
+# The query options a store URL may carry (all about TLS), with what each takes.
+URL_OPTIONS = {
+    "ssl": "true or false: connect over TLS (implied by any other ssl_ option)",
+    "ssl_ca": "a PEM file of the CA(s) to verify the server with (default: the system's)",
+    "ssl_cert": "a PEM client certificate, for servers that require one",
+    "ssl_key": "the client certificate's PEM key (if not in ssl_cert's file)",
+    "ssl_verify": "true (default) or false: verify the server's certificate",
+    "ssl_verify_identity": "true or false (default: ssl_verify): check the host name",
+}
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """How to speak TLS to the server (from the URL's ``ssl*`` options).
+
+    ``verify``: the server's certificate must chain to ``ca`` (or the system's
+    CAs); ``verify_identity``: and name the host of the URL. Without ``verify``
+    the session is encrypted but anyone in the path can impersonate the server.
+    """
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    verify: bool = True
+    verify_identity: bool = True
+
+    def options(self) -> dict[str, str]:
+        """The URL options that give these settings (defaults left out)."""
+        out = {"ssl": "true"}
+        for name, value in (("ssl_ca", self.ca), ("ssl_cert", self.cert), ("ssl_key", self.key)):
+            if value is not None:
+                out[name] = value
+        if not self.verify:
+            out["ssl_verify"] = "false"
+        elif not self.verify_identity:
+            out["ssl_verify_identity"] = "false"
+        return out
+
+    def context(self) -> ssl.SSLContext:
+        """A client context (TLS 1.2+); :class:`ConfigError` for ``store.url`` if a
+        file cannot be read. Reads the files: call it once, not per connection."""
+        try:
+            ctx = ssl.create_default_context(cafile=self.ca)
+            if self.cert is not None:
+                ctx.load_cert_chain(self.cert, keyfile=self.key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError("store.url", f"cannot use the TLS files of the URL: {exc}") from None
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.check_hostname = self.verify and self.verify_identity
+        ctx.verify_mode = ssl.CERT_REQUIRED if self.verify else ssl.CERT_NONE
+        return ctx
+
+
 @dataclass(frozen=True, slots=True)
 class MySQLSettings:
     """Where the server is; ``repr`` and :attr:`url` never show the password."""
@@ -146,6 +229,7 @@ class MySQLSettings:
     user: str | None
     password: str = field(repr=False)
     database: str
+    tls: TlsSettings | None = None
 
     @property
     def url(self) -> str:
@@ -153,17 +237,70 @@ class MySQLSettings:
         creds = ""
         if self.user is not None:
             creds = self.user + (":***" if self.password else "") + "@"
-        return f"mysql://{creds}{self.host}:{self.port}/{self.database}"
+        query = "" if self.tls is None else "?" + urlencode(self.tls.options(), safe="/")
+        return f"mysql://{creds}{self.host}:{self.port}/{self.database}{query}"
 
     def with_database(self, database: str) -> MySQLSettings:
-        return MySQLSettings(self.host, self.port, self.user, self.password, database)
+        return MySQLSettings(self.host, self.port, self.user, self.password, database, tls=self.tls)
+
+
+def _flag(name: str, value: str, shown: str) -> bool:
+    low = value.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ConfigError("store.url", f"option {name} must be true or false, got {value!r} in {shown}")
+
+
+def _parse_tls(query: str, shown: str) -> TlsSettings | None:
+    """The TLS settings of a URL's query (``None``: no TLS); every option checked."""
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        raise ConfigError("store.url", f"malformed URL options in {shown}") from None
+    options: dict[str, str] = {}
+    for name, value in pairs:
+        if name not in URL_OPTIONS:
+            known = ", ".join(URL_OPTIONS)
+            raise ConfigError(
+                "store.url", f"unknown URL option {name!r} in {shown} (known: {known})"
+            )
+        if name in options:
+            raise ConfigError("store.url", f"URL option {name} given twice in {shown}")
+        options[name] = value
+    for name in ("ssl_ca", "ssl_cert", "ssl_key"):
+        if name in options and not options[name]:
+            raise ConfigError("store.url", f"URL option {name} needs a file path in {shown}")
+    others = sorted(n for n in options if n != "ssl")
+    on = _flag("ssl", options["ssl"], shown) if "ssl" in options else bool(others)
+    if not on:
+        if others:
+            raise ConfigError("store.url", f"ssl=false contradicts {', '.join(others)} in {shown}")
+        return None
+    verify = _flag("ssl_verify", options.get("ssl_verify", "true"), shown)
+    identity = verify
+    if "ssl_verify_identity" in options:
+        identity = _flag("ssl_verify_identity", options["ssl_verify_identity"], shown)
+    if identity and not verify:
+        raise ConfigError("store.url", f"ssl_verify_identity=true needs ssl_verify=true in {shown}")
+    if "ssl_key" in options and "ssl_cert" not in options:
+        raise ConfigError("store.url", f"ssl_key needs ssl_cert in {shown}")
+    return TlsSettings(
+        ca=options.get("ssl_ca"),
+        cert=options.get("ssl_cert"),
+        key=options.get("ssl_key"),
+        verify=verify,
+        verify_identity=identity,
+    )
 
 
 def parse_mysql_url(url: str, *, require_database: bool = True) -> MySQLSettings:
-    """``mysql://user:pass@host:port/db`` (``mariadb://`` too) as settings.
+    """``mysql://user:pass@host:port/db[?ssl=true&ssl_ca=/path/ca.pem...]`` as settings
+    (``mariadb://`` too; the options are :data:`URL_OPTIONS`).
 
     User and password may be percent-encoded. Raises :class:`ConfigError` for
-    ``store.url``; the message never contains the password.
+    ``store.url``, naming an unknown option; the message never contains the password.
     """
     shown = redact_url(url)
     try:
@@ -173,8 +310,8 @@ def parse_mysql_url(url: str, *, require_database: bool = True) -> MySQLSettings
         raise ConfigError("store.url", f"not a valid MySQL URL: {shown} ({exc})") from None
     if parts.scheme.lower() not in ("mysql", "mariadb"):
         raise ConfigError("store.url", f"not a MySQL URL: {shown}")
-    if parts.query or parts.fragment:
-        raise ConfigError("store.url", f"URL parameters are not supported: {shown}")
+    if parts.fragment:
+        raise ConfigError("store.url", f"a URL fragment is not supported: {shown}")
     if not parts.hostname:
         raise ConfigError("store.url", f"no host in {shown}")
     database = unquote(parts.path.lstrip("/"))
@@ -188,6 +325,7 @@ def parse_mysql_url(url: str, *, require_database: bool = True) -> MySQLSettings
         user=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else "",
         database=database,
+        tls=_parse_tls(parts.query, shown) if parts.query else None,
     )
 
 
@@ -312,24 +450,48 @@ class MySQLConnection:
             self._stream.socket.close()
 
 
+def _tls_failure(settings: MySQLSettings, exc: BaseException) -> StoreError | None:
+    """A clear error for a failed TLS handshake, or ``None`` if *exc* is not one.
+
+    trio's SSLStream raises :class:`trio.BrokenResourceError` from the
+    :class:`ssl.SSLError`; trio-mysql wraps an ``OSError`` (an ``SSLError`` is
+    one) as ``OperationalError(2003)`` with the original as ``original_exception``.
+    """
+    cause = exc.__cause__ or getattr(exc, "original_exception", None)
+    if not isinstance(cause, ssl.SSLError):
+        return None
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        why = cause.verify_message or str(cause)
+        return StoreError(
+            f"mysql store {settings.url}: the server's TLS certificate was not accepted "
+            f"({why}): is ssl_ca the CA that signed it, and does it name the host?"
+        )
+    return StoreError(f"mysql store {settings.url}: TLS handshake failed: {cause}")
+
+
 async def connect(
     settings: MySQLSettings,
     *,
     timeout_s: float,
     counters: Counters | None = None,
+    tls_context: ssl.SSLContext | None = None,
 ) -> MySQLConnection:
-    """A new connection (autocommit, utf8mb4, UTC session), within *timeout_s*.
+    """A new connection (autocommit, utf8mb4, UTC session), within *timeout_s*;
+    over TLS when ``settings.tls`` says so (*tls_context*, else one built now).
 
-    Raises ``OSError``, ``trio_mysql.MySQLError`` or :class:`trio.TooSlowError`;
-    the store translates them.
+    Raises ``OSError``, ``trio_mysql.MySQLError`` or :class:`trio.TooSlowError`,
+    which the store translates, or :class:`StoreError` when TLS was asked for
+    and the handshake failed or the server did not offer it.
     """
+    if settings.tls is not None and tls_context is None:
+        tls_context = settings.tls.context()
     with trio.fail_after(timeout_s):
         stream = await trio.open_tcp_stream(settings.host, settings.port)
         ok = False
         try:
             stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            raw = trio_mysql.connections.Connection(
+            raw = _Connection(
                 host=settings.host,
                 port=settings.port,
                 user=settings.user,
@@ -341,8 +503,20 @@ async def connect(
                 binary_prefix=True,
                 cursorclass=_QuietCursor,
                 program_name="xintu",
+                ssl=tls_context,
             )
-            await raw.connect(sock=stream)
+            try:
+                await raw.connect(sock=stream)
+            except _TlsRequired:
+                raise StoreError(
+                    f"mysql store {settings.url}: the server does not offer TLS, which "
+                    "the URL asks for; nothing was sent"
+                ) from None
+            except (trio.BrokenResourceError, trio_mysql.OperationalError) as exc:
+                failure = None if tls_context is None else _tls_failure(settings, exc)
+                if failure is None:
+                    raise
+                raise failure from exc
             conn = MySQLConnection(raw, stream, counters)
             # Server-side lock waits end no later than the client gives up.
             lock_wait_s = max(1, math.ceil(timeout_s))
@@ -368,6 +542,8 @@ class MySQLStore(SqlStore):
     def __init__(self, settings: MySQLSettings, *, pool_size: int, query_timeout_s: float) -> None:
         super().__init__(MySQLDialect(), query_timeout_s=query_timeout_s)
         self._settings = settings
+        # Built once (it reads the CA file): every pooled connection shares it.
+        self._tls_context = None if settings.tls is None else settings.tls.context()
         self._pool: Pool[MySQLConnection] = Pool(self._connect, size=pool_size)
 
     @classmethod
@@ -395,7 +571,12 @@ class MySQLStore(SqlStore):
         return self._settings
 
     async def _connect(self) -> MySQLConnection:
-        return await connect(self._settings, timeout_s=self._timeout_s, counters=self._counters)
+        return await connect(
+            self._settings,
+            timeout_s=self._timeout_s,
+            counters=self._counters,
+            tls_context=self._tls_context,
+        )
 
     def _translate(self, exc: BaseException, what: str) -> StoreError:
         message = f"mysql store {self._settings.url}: {what} failed: {_describe(exc)}"
