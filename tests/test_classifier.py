@@ -53,6 +53,7 @@ CLEAR_CASES = [
     ("skimage:brick.png", Category.OTHER),
     ("sklearn:china.jpg", Category.TRAVEL_SCENERY),
     ("matplotlib:grace_hopper.jpg", Category.SINGLE_PERSON),
+    ("wheel:ultralytics==8.4.190:ultralytics/assets/zidane.jpg", Category.SOCIAL_ACTIVITIES),
     ("file:screenshot_article_1920x1080.png", Category.SCREENSHOT),
     ("file:screenshot_chat_1170x2532.png", Category.SCREENSHOT),
     ("file:screenshot_settings_750x1334.png", Category.SCREENSHOT),
@@ -113,6 +114,20 @@ def test_face_counts_reach_the_evidence(classifier: LocalClassifier) -> None:
     assert evidence["rule"] == "person_detected"
     assert result.description is not None
     assert result.description.endswith(", 1 face")
+    (face,) = evidence["signals"]["face_list"]
+    assert face["person"] is True
+    assert face["score"] > 0.8
+    assert len(face["box"]) == 4
+    assert all(0.0 <= v <= 1.0 for v in face["box"])  # relative to the image
+    assert face["models"]  # which detectors saw it
+
+
+def test_two_faces_are_social_activities(classifier: LocalClassifier) -> None:
+    result = classifier.classify(image("wheel:ultralytics==8.4.190:ultralytics/assets/zidane.jpg"))
+    evidence = result.local_inference_result
+    assert evidence is not None
+    assert evidence["detectors"] == {"faces": 2, "people": 2}
+    assert evidence["rule"] == "people_detected"
 
 
 def test_prepare_runs_detectors_and_drops_the_gray_copy(classifier: LocalClassifier) -> None:

@@ -209,6 +209,11 @@ def _sha256(path: Path) -> str:
 
 def test_public_api() -> None:
     assert sorted(xintu.model.__all__) == [
+        "FACE_BOXES",
+        "FACE_INPUT",
+        "FACE_MODELS",
+        "FACE_SCORES",
+        "FaceModelSpec",
         "INPUT_NAME",
         "INPUT_SIZE",
         "MODEL_NAME",
@@ -216,6 +221,7 @@ def test_public_api() -> None:
         "build_model",
         "create_session",
         "ensure_model",
+        "face_model_path",
         "imagenet_labels",
         "load_weights",
     ]
@@ -309,23 +315,45 @@ def _building(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith("building ")]
 
 
-def _install(built: Path, data_dir: Path) -> Path:
-    """Put the module's build where ensure_model looks, as if it had built it."""
+@pytest.fixture(scope="module")
+def built_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder as ensure_model leaves it: the face models and their wheel too."""
+    return ensure_model(tmp_path_factory.mktemp("ensured")).parent
+
+
+def _install(built: Path, data_dir: Path, built_dir: Path) -> Path:
+    """Put the module's build where ensure_model looks, as if it had built it; the face
+    models and the wheel come from *built_dir*, so only what a test breaks is rebuilt."""
+    shutil.copytree(built_dir, data_dir / "models", ignore=shutil.ignore_patterns("*.lock"))
     target = data_dir / "models" / built.name
-    target.parent.mkdir()
     shutil.copy(built, target)
     shutil.copy(manifest_path(built), manifest_path(target))
     return target
 
 
-def test_ensure_model_builds_once(data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+def _seed_wheel(built_dir: Path, data_dir: Path) -> None:
+    """The face models' source wheel, as a previous build leaves it (no pip run)."""
+    (data_dir / "models" / "wheels").mkdir(parents=True)
+    for wheel in (built_dir / "wheels").iterdir():
+        shutil.copy(wheel, data_dir / "models" / "wheels" / wheel.name)
+
+
+def test_ensure_model_builds_once(
+    data_dir: Path, built_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="xintu.model")
+    _seed_wheel(built_dir, data_dir)
     path = ensure_model(data_dir)
     assert path == data_dir / "models" / "efficientnet-lite0.onnx"
-    assert _building(caplog) == [f"building {path} (no model file)"]
+    models = data_dir / "models"
+    assert _building(caplog) == [
+        f"building {path} (no model file)",
+        f"building {models / 'blazeface-short-range.onnx'} (no model file)",
+        f"building {models / 'blazeface-full-range.onnx'} (no model file)",
+    ]
     inode = path.stat().st_ino
     assert ensure_model(data_dir) == path
-    assert len(_building(caplog)) == 1
+    assert len(_building(caplog)) == 3
     assert path.stat().st_ino == inode
 
 
@@ -369,13 +397,14 @@ def _stale_builder(p: Path) -> None:
 )
 def test_ensure_model_rebuilds_a_bad_file(
     built: Path,
+    built_dir: Path,
     data_dir: Path,
     caplog: pytest.LogCaptureFixture,
     corrupt: Callable[[Path], None],
     reason: str,
 ) -> None:
     caplog.set_level(logging.INFO, logger="xintu.model")
-    path = _install(built, data_dir)
+    path = _install(built, data_dir, built_dir)
     assert verify_model(path) is None
     corrupt(path)
     assert verify_model(path) == reason
@@ -386,9 +415,10 @@ def test_ensure_model_rebuilds_a_bad_file(
 
 
 async def test_concurrent_ensure_model_builds_once(
-    data_dir: Path, caplog: pytest.LogCaptureFixture
+    data_dir: Path, built_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="xintu.model")
+    _seed_wheel(built_dir, data_dir)
     results: list[Path] = []
 
     async def call() -> None:
@@ -400,7 +430,7 @@ async def test_concurrent_ensure_model_builds_once(
                 nursery.start_soon(call)
     assert len(set(results)) == 1
     assert len(results) == 4
-    assert len(_building(caplog)) == 1
+    assert len(_building(caplog)) == 3  # the classifier and two face models, once each
     assert verify_model(results[0]) is None
 
 

@@ -3,7 +3,7 @@
 :class:`LocalClassifier` is what the local pool drives: :meth:`~LocalClassifier.prepare`
 in decode threads, :meth:`~LocalClassifier.infer` in inference threads with a whole
 batch, one ``session.run`` per batch. Both are thread-safe: onnxruntime sessions
-accept concurrent ``run`` calls, and the detectors keep per-thread OpenCV objects.
+accept concurrent ``run`` calls (the face detectors' sessions too).
 
 The decision, per image, from the softmax over the 1000 ImageNet classes and the
 :class:`~._detect.ImageSignals`:
@@ -65,7 +65,6 @@ _PERSON_CLASS_FACTOR = 0.8
 #: Detector strength of one face: a base plus the face's relative height.
 _FACE_BASE = 0.55
 _FACE_SIZE_GAIN = 1.5
-_PEOPLE_STRENGTH = 0.6
 #: Confidence is kept inside this band: never certain, never zero.
 _CONF_MIN, _CONF_MAX = 0.05, 0.99
 _TOP_K = 5
@@ -104,7 +103,8 @@ class LocalClassifier:
     model_name: str
 
     def __init__(self, model: ModelConfig, images: ImagesConfig, model_path: Path) -> None:
-        """Open the ONNX session at *model_path* (raises :class:`ModelError`)."""
+        """Open the ONNX session at *model_path* and the face detectors beside it
+        (:func:`xintu.model.ensure_model` puts them there); raises :class:`ModelError`."""
         self.model_name = MODEL_NAME
         self._images = images
         self._session = create_session(model_path, intra_op_threads=model.intra_op_threads)
@@ -114,7 +114,7 @@ class LocalClassifier:
             raise ModelError(f"the model at {model_path} lacks {INPUT_NAME!r}/{OUTPUT_NAME!r}")
         self._labels = imagenet_labels()
         self._votes = _vote_matrix(len(self._labels))
-        self._detectors = Detectors()
+        self._detectors = Detectors(model_path.parent)
 
     def prepare(self, data: bytes) -> DecodedImage:
         """Decode *data* and run the detectors; thread-safe (a decode thread's job).
@@ -233,11 +233,9 @@ def _decide(vote: dict[Category | Evidence, float], website: float, s: ImageSign
 def _person_evidence(person_mass: float, s: ImageSignals) -> float:
     """0..1: detector strength combined with ImageNet's clothing classes."""
     detector = 0.0
-    if s.face_boxes:
-        tallest = max(h for _x, _y, _w, h in s.face_boxes)
+    if s.person_faces:
+        tallest = max(f.height for f in s.person_faces)
         detector = min(1.0, _FACE_BASE + _FACE_SIZE_GAIN * tallest)
-    if s.people:
-        detector = max(detector, _PEOPLE_STRENGTH)
     imagenet = _PERSON_CLASS_FACTOR * person_mass
     return 1.0 - (1.0 - detector) * (1.0 - imagenet)
 
@@ -258,8 +256,8 @@ def _describe(label: str, probability: float, s: ImageSignals) -> str:
     parts = [f"{label} (ImageNet {probability:.0%})"]
     if s.faces:
         parts.append(f"{s.faces} face{'s' if s.faces != 1 else ''}")
-    if s.people:
-        parts.append(f"{s.people} {'person' if s.people == 1 else 'people'}")
+    if s.people != s.faces:
+        parts.append(f"{s.people} counted as {'person' if s.people == 1 else 'people'}")
     if s.screenshot_score >= 0.5:
         parts.append("looks like a screenshot")
     if s.idcard_score >= 0.5:

@@ -5,12 +5,25 @@ Two kinds of evidence, both collected in one frozen :class:`ImageSignals`:
 - cheap pixel statistics, measured by :func:`measure_pixels` while decoding (exact
   screen resolutions, camera EXIF, flat colour regions, few colours, text-like
   lines, card-shaped outlines);
-- detectors that ship offline with OpenCV, run by :class:`Detectors`: Haar cascades
-  for frontal and profile faces and the HOG people detector.
+- faces, found by MediaPipe's BlazeFace CNN detectors (:mod:`._faces`), and the
+  people counted from them by :class:`Detectors` (:func:`count_people`).
 
-OpenCV's cascade and HOG objects are not thread-safe, so :class:`Detectors` keeps
-one set per thread (a ``threading.local``); the cv2 functions used for the pixel
-statistics are stateless and safe to call from any thread.
+The cv2 functions used for the pixel statistics are stateless and the ONNX
+sessions accept concurrent runs: everything here is safe to call from any thread.
+
+Counting people from faces (``single_person`` is one, ``social_activities`` two or
+more) keeps only faces that are likely to be people in the photograph:
+
+- seen by the full-range model (trained on photos of faces up to ~5 m), or by the
+  short-range model with a score of at least :data:`_SHORT_ONLY_MIN_SCORE` (alone,
+  it also fires at 0.5-0.65 on cat faces, animals and flowers);
+- of comparable size: at least :data:`_PERSON_MIN_REL_HEIGHT` of the tallest
+  counted face (a tiny face in the background, a printed face on a poster);
+- not faded: the face's gray-level contrast at least :data:`_PERSON_MIN_REL_CONTRAST`
+  of the strongest face's (the "ghost" portrait printed faintly on identity cards);
+- one per document: all faces inside a card outline (or in a card-shaped image)
+  count as one person, the card's holder;
+- separated: a face whose centre lies inside a taller counted face is the same one.
 
 :attr:`ImageSignals.screenshot_score` and :attr:`ImageSignals.idcard_score` combine
 the evidence into 0..1 scores; the weights are named constants below, chosen on the
@@ -20,20 +33,22 @@ evaluation set described in ``docs/evaluation.md``.
 from __future__ import annotations
 
 import dataclasses
-import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import cv2
-import cv2.data
 import numpy as np
 import numpy.typing as npt
+
+from ._faces import Face, FaceDetector
 
 __all__ = [
     "SCREEN_RESOLUTIONS",
     "Box",
     "Detectors",
     "ImageSignals",
+    "count_people",
     "measure_pixels",
 ]
 
@@ -142,7 +157,7 @@ _CARD_MIN_AREA = 0.15  # a card outline must cover this share of the image
 # An ID photo sits in the left or right part of the card and is this tall
 # relative to the card.
 _CARD_FACE_SIDE = 0.42
-_CARD_FACE_MIN_H, _CARD_FACE_MAX_H = 0.2, 0.8
+_CARD_FACE_MIN_H, _CARD_FACE_MAX_H = 0.12, 0.8
 
 # Screenshot score weights (sum to 1) and the saturation points of each measure.
 _W_SCREEN_RES = 0.30
@@ -164,28 +179,21 @@ _W_CARD_FACE = 0.35
 _W_CARD_TEXT = 0.30
 _CARD_TEXT_SAT = 5
 
-# Face detection (Haar): the frontal "alt2" cascade (fewer false positives than
-# "default" on textures such as coins), then the profile cascade on the image and
-# its mirror. A face must be at least this share of the shorter side; the high
-# neighbour counts are what keeps textures from producing faces.
-_FACE_MIN_REL = 0.05
-_FACE_MIN_PX = 20
-_FRONTAL_MAX_SIDE, _FRONTAL_SCALE, _FRONTAL_NEIGHBOURS = 480, 1.15, 7
-_PROFILE_MAX_SIDE, _PROFILE_SCALE, _PROFILE_NEIGHBOURS = 360, 1.2, 6
-# HOG people: on a smaller image, keeping confident windows only. The default
-# people detector finds upright full bodies; it undercounts crowds.
-_PEOPLE_MAX_SIDE = 400
-_PEOPLE_MIN_WEIGHT = 0.6
-_NMS_IOU = 0.3
+# Counting people from faces (see the module docstring).
+_FULL_RANGE = "blazeface-full-range"
+_SHORT_ONLY_MIN_SCORE = 0.75
+_PERSON_MIN_REL_HEIGHT = 0.5
+_PERSON_MIN_REL_CONTRAST = 0.5
 
 
 @dataclass(frozen=True, slots=True)
 class ImageSignals:
     """Every non-ImageNet fact about one image; frozen, cheap to copy.
 
-    The pixel statistics come from :func:`measure_pixels`; ``faces``, ``people``
-    and the face boxes are filled in by :meth:`Detectors.detect` (until then
-    ``detectors_run`` is False and the counts are 0).
+    The pixel statistics come from :func:`measure_pixels`; the faces and ``people``
+    are filled in by :meth:`Detectors.detect` (until then ``detectors_run`` is False
+    and the counts are 0). ``faces`` counts every face the detectors found,
+    ``people`` those that :func:`count_people` counts as people in the photo.
     """
 
     width: int
@@ -198,14 +206,27 @@ class ImageSignals:
     text_lines: int  # text-line-like horizontal strokes
     card_box: Box | None  # the image, or a large outline, with a card's aspect
     detectors_run: bool = False
-    faces: int = 0
-    people: int = 0
-    face_boxes: tuple[Box, ...] = ()
+    face_list: tuple[Face, ...] = ()
+    person_faces: tuple[Face, ...] = ()  # the faces of face_list counted as people
+
+    @property
+    def faces(self) -> int:
+        """How many faces the detectors found."""
+        return len(self.face_list)
+
+    @property
+    def people(self) -> int:
+        """How many people the faces stand for (:func:`count_people`)."""
+        return len(self.person_faces)
+
+    @property
+    def face_boxes(self) -> tuple[Box, ...]:
+        return tuple(f.box for f in self.face_list)
 
     @property
     def persons(self) -> int:
         """Best estimate of how many people are in the picture."""
-        return max(self.faces, self.people)
+        return self.people
 
     @property
     def card_shape(self) -> bool:
@@ -262,6 +283,7 @@ class ImageSignals:
         return {
             "faces": self.faces,
             "people": self.people,
+            "face_list": [f.as_dict() | {"person": f in self.person_faces} for f in self.face_list],
             "detectors_run": self.detectors_run,
             "exif_camera": self.exif_camera,
             "screen_resolution": self.screen_resolution,
@@ -410,120 +432,66 @@ def _card_outline(gray: _U8Array) -> Box | None:
 # --- detectors ---------------------------------------------------------------------
 
 
-class _ThreadDetectors(threading.local):
-    """One set of OpenCV detector objects per thread (they are not thread-safe)."""
-
-    def __init__(self) -> None:
-        root = cv2.data.haarcascades
-        self.frontal = cv2.CascadeClassifier(root + "haarcascade_frontalface_alt2.xml")
-        self.profile = cv2.CascadeClassifier(root + "haarcascade_profileface.xml")
-        if self.frontal.empty() or self.profile.empty():  # pragma: no cover - broken cv2
-            raise RuntimeError("OpenCV's Haar cascades could not be loaded")
-        self.hog = cv2.HOGDescriptor()
-        self.hog.setSVMDetector(
-            np.asarray(cv2.HOGDescriptor.getDefaultPeopleDetector(), dtype=np.float32)
-        )
-
-
 class Detectors:
-    """Face and people detectors; safe to share between threads.
+    """The face detectors and the people count; safe to share between threads."""
 
-    Each thread builds its own cascades on first use (tens of milliseconds), then
-    reuses them: that per-thread set is this object's only state.
-    """
+    def __init__(self, models_dir: Path) -> None:
+        """Open the face models in *models_dir* (raises :class:`~xintu.errors.ModelError`)."""
+        self._faces = FaceDetector(models_dir)
 
-    def __init__(self) -> None:
-        self._local = _ThreadDetectors()
-
-    def detect(self, gray: _U8Array, signals: ImageSignals) -> ImageSignals:
-        """*signals* with faces, people and face boxes filled in from *gray*."""
-        faces = _faces(self._local, gray)
-        people = _people(self._local, _shrink(gray, _PEOPLE_MAX_SIDE))
+    def detect(self, image: _U8Array, signals: ImageSignals) -> ImageSignals:
+        """*signals* with faces and people filled in from *image* (gray or RGB)."""
+        faces = self._faces.detect(image)
+        gray = image if image.ndim == 2 else _to_gray(image)
         return dataclasses.replace(
             signals,
             detectors_run=True,
-            faces=len(faces),
-            people=len(people),
-            face_boxes=tuple(faces),
+            face_list=faces,
+            person_faces=count_people(faces, gray, signals.card_box),
         )
 
 
-def _shrink(gray: _U8Array, max_side: int) -> _U8Array:
-    h, w = gray.shape[:2]
-    if max(h, w) <= max_side:
-        return gray
-    s = max_side / max(h, w)
-    small = cv2.resize(
-        gray, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA
-    )
-    return np.asarray(small, dtype=np.uint8)
+def _to_gray(rgb: _U8Array) -> _U8Array:
+    return np.asarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), dtype=np.uint8)
 
 
-def _faces(local: _ThreadDetectors, gray: _U8Array) -> list[Box]:
-    """Frontal and profile (both directions) faces, merged, in relative coordinates."""
-    found: list[Box] = []
-    passes = (
-        (local.frontal, _FRONTAL_MAX_SIDE, _FRONTAL_SCALE, _FRONTAL_NEIGHBOURS, False),
-        (local.profile, _PROFILE_MAX_SIDE, _PROFILE_SCALE, _PROFILE_NEIGHBOURS, False),
-        (local.profile, _PROFILE_MAX_SIDE, _PROFILE_SCALE, _PROFILE_NEIGHBOURS, True),
-    )
-    for cascade, max_side, scale, neighbours, mirrored in passes:
-        img = _shrink(gray, max_side)
-        h, w = img.shape[:2]
-        min_side = max(_FACE_MIN_PX, round(min(h, w) * _FACE_MIN_REL))
-        if min(h, w) < min_side:
+def count_people(faces: tuple[Face, ...], gray: _U8Array, card_box: Box | None) -> tuple[Face, ...]:
+    """The faces of *faces* that are people in the photo (the module docstring's rules).
+
+    *gray* is the image the faces were found in (for their contrast), *card_box* the
+    card outline of :func:`measure_pixels`, if any.
+    """
+    candidates = [f for f in faces if _FULL_RANGE in f.models or f.score >= _SHORT_ONLY_MIN_SCORE]
+    if not candidates:
+        return ()
+    tallest = max(f.height for f in candidates)
+    contrast = {f: _contrast(gray, f.box) for f in candidates}
+    strongest = contrast[max(candidates, key=lambda f: f.score)]
+    counted: list[Face] = []
+    for face in sorted(candidates, key=lambda f: -f.height):
+        if face.height < _PERSON_MIN_REL_HEIGHT * tallest:
             continue
-        if mirrored:
-            img = np.ascontiguousarray(img[:, ::-1])
-        for box in cascade.detectMultiScale(
-            img, scaleFactor=scale, minNeighbors=neighbours, minSize=(min_side, min_side)
-        ):
-            x, y, bw, bh = _int_box(box)
-            if mirrored:
-                x = w - x - bw
-            found.append((x / w, y / h, bw / w, bh / h))
-    # Merge duplicates (a face seen by two passes) in a common integer grid.
-    grid = [_int_box([v * 10_000 for v in box]) for box in found]
-    kept = _nms(grid, [1.0] * len(grid))
-    return [(x / 10_000, y / 10_000, bw / 10_000, bh / 10_000) for x, y, bw, bh in kept]
+        if contrast[face] < _PERSON_MIN_REL_CONTRAST * strongest:
+            continue
+        if any(_centre_inside(face.box, other.box) for other in counted):
+            continue
+        counted.append(face)
+    if card_box is not None:
+        on_card = [f for f in counted if _centre_inside(f.box, card_box)]
+        counted = [f for f in counted if f not in on_card[1:]]  # the tallest stays
+    return tuple(counted)
 
 
-def _int_box(b: Any) -> tuple[int, int, int, int]:
-    return int(b[0]), int(b[1]), int(b[2]), int(b[3])
-
-
-def _people(local: _ThreadDetectors, gray: _U8Array) -> list[tuple[int, int, int, int]]:
+def _contrast(gray: _U8Array, box: Box) -> float:
+    """Standard deviation of the gray levels inside *box* (relative coordinates)."""
     h, w = gray.shape[:2]
-    if h < 128 + 16 or w < 64 + 16:  # the 64x128 window plus padding must fit
-        return []
-    rects, weights = local.hog.detectMultiScale(gray, winStride=(8, 8), padding=(8, 8), scale=1.1)
-    boxes: list[tuple[int, int, int, int]] = []
-    scores: list[float] = []
-    for rect, weight in zip(rects, np.ravel(weights), strict=False):
-        if float(weight) >= _PEOPLE_MIN_WEIGHT:
-            boxes.append((int(rect[0]), int(rect[1]), int(rect[2]), int(rect[3])))
-            scores.append(float(weight))
-    return _nms(boxes, scores)
+    x, y, bw, bh = box
+    x0, y0 = int(x * w), int(y * h)
+    x1, y1 = max(x0 + 1, int((x + bw) * w)), max(y0 + 1, int((y + bh) * h))
+    patch = gray[y0:y1, x0:x1]
+    return float(patch.std()) if patch.size else 0.0
 
 
-def _nms(
-    boxes: list[tuple[int, int, int, int]], scores: list[float]
-) -> list[tuple[int, int, int, int]]:
-    """Greedy non-maximum suppression; also drops boxes mostly inside a kept one."""
-    order = sorted(range(len(boxes)), key=lambda i: -scores[i])
-    kept: list[tuple[int, int, int, int]] = []
-    for i in order:
-        if all(_overlap(boxes[i], k) < _NMS_IOU for k in kept):
-            kept.append(boxes[i])
-    return kept
-
-
-def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
-    """Intersection over the smaller box's area (catches nested duplicates)."""
-    ax, ay, aw, ah = a
-    bx, by, bw, bh = b
-    iw = min(ax + aw, bx + bw) - max(ax, bx)
-    ih = min(ay + ah, by + bh) - max(ay, by)
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    return (iw * ih) / float(min(aw * ah, bw * bh))
+def _centre_inside(box: Box, outer: Box) -> bool:
+    cx, cy = box[0] + box[2] / 2, box[1] + box[3] / 2
+    return outer[0] <= cx <= outer[0] + outer[2] and outer[1] <= cy <= outer[1] + outer[3]
