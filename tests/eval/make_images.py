@@ -4,10 +4,15 @@
 
 Screenshots are real: headless Chromium renders the pages in ``tests/eval/pages/``
 at phone and desktop resolutions (device scale factors 1-3) and writes PNGs, as a
-phone's or a desktop's screenshot tool would. The identity cards are synthetic
-specimens (a rendered card with a photo from scikit-image or matplotlib), saved as
-a JPEG "scan" and composited in perspective onto a background as a "photo of a
-card". Needs ``chromium`` (Debian package), scikit-image and matplotlib.
+phone's or a desktop's screenshot tool would. The identity documents are synthetic
+specimens (a Chinese resident ID card front and back, a passport data page with a
+valid MRZ, a driving licence, and the first generic card) with real portraits from
+packages, saved as JPEG "scans" and composited in perspective onto a table or a
+wall as "photos of a card". ``--only screenshots|idcards|documents`` limits the
+work (``documents`` are the newer specimens). Needs ``chromium`` and a CJK font
+(Debian ``fonts-wqy-microhei``) plus the package sources in ``sources.py`` (pip,
+npm, apt-get). The ``sha256`` of each output is recorded in ``labels.toml``: update
+it when an image is regenerated (``tests/test_eval_set.py`` checks it).
 """
 
 from __future__ import annotations
