@@ -98,6 +98,7 @@ _STRONG_KEYWORD_SCORE = 0.95
 _LABELS_BASE, _LABELS_GAIN, _LABELS_MAX = 0.45, 0.15, 0.85  # two labels: 0.75
 _W_LAYOUT = 0.2  # added to the screenshot score, for an image without camera EXIF
 _NO_TEXT_PENALTY = 0.15  # taken from it when the detector found no text at all
+_NO_TEXT_CARD_FACTOR = 0.5  # identity documents carry text: a card shape without any
 
 #: Words that, read anywhere, make an identity document nearly certain. Latin ones
 #: are matched upper-case without spaces, with one OCR error allowed from 7 letters.
@@ -257,12 +258,15 @@ def text_adjusted(
     (card outline or not: a scan on an A4 page has none), and then the rows of text
     are the document's, not a screen's. Otherwise text laid out in rows raises the
     screenshot evidence of an image without camera EXIF, and no text at all lowers
-    it (flat graphics without a word are seldom screenshots).
+    it (flat graphics without a word are seldom screenshots), as it lowers the
+    idcard evidence of a card shape (every identity document carries text).
     """
     if text is None:
         return idcard, screenshot
     if text.document_score > 0.0:
         return max(idcard, text.document_score), screenshot
+    if text.boxes == 0:
+        idcard *= _NO_TEXT_CARD_FACTOR
     if not signals.exif_camera:
         if text.boxes == 0:
             screenshot -= _NO_TEXT_PENALTY
