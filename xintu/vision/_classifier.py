@@ -44,6 +44,7 @@ from ..model import INPUT_NAME, MODEL_NAME, OUTPUT_NAME, create_session, imagene
 from ._categories import GROUPS, Evidence
 from ._decode import CROP_SIZE, DecodedImage, decode_image
 from ._detect import Detectors, ImageSignals
+from ._text import TextReader, TextSignals, TextStatistics, text_adjusted
 
 __all__ = ["IDCARD_THRESHOLD", "MIN_VOTE", "SCREENSHOT_THRESHOLD", "LocalClassifier"]
 
@@ -115,18 +116,22 @@ class LocalClassifier:
         self._labels = imagenet_labels()
         self._votes = _vote_matrix(len(self._labels))
         self._detectors = Detectors(model_path.parent)
+        # Text signals (_text.py): off, with a warning, when the OCR models are absent.
+        self._text = TextReader.beside(model_path, intra_op_threads=model.intra_op_threads)
 
     def prepare(self, data: bytes) -> DecodedImage:
         """Decode *data* and run the detectors; thread-safe (a decode thread's job).
 
-        Raises the errors of :func:`decode_image`. The returned image no longer
-        carries the detectors' grayscale copy.
+        Raises the errors of :func:`decode_image`. The returned image keeps the
+        detectors' grayscale copy only for the text path (at most 640x640 bytes),
+        which decides in :meth:`infer`, with ImageNet's answer, whether to read it.
         """
         decoded = decode_image(data, self._images)
         if decoded.gray is None:  # pragma: no cover - decode_image always sets it
             return decoded
         signals = self._detectors.detect(decoded.gray, decoded.signals)
-        return replace(decoded, signals=signals, gray=None)
+        gray = decoded.gray if self._text is not None else None
+        return replace(decoded, signals=signals, gray=gray)
 
     def infer(self, batch: Sequence[DecodedImage]) -> list[Classification]:
         """Classify prepared images with one ``session.run``; thread-safe."""
@@ -146,13 +151,17 @@ class LocalClassifier:
         probs = _softmax(np.asarray(logits, dtype=np.float64))
         votes = probs @ self._votes
         return [
-            self._classify_one(p, v, item.signals)
+            self._classify_one(p, v, item.signals, item.gray)
             for p, v, item in zip(probs, votes, batch, strict=True)
         ]
 
     def classify(self, data: bytes) -> Classification:
         """:meth:`prepare` then :meth:`infer` on one image (tests, tools)."""
         return self.infer([self.prepare(data)])[0]
+
+    def text_statistics(self) -> TextStatistics | None:
+        """How often the text path ran and what it cost; ``None`` when it is off."""
+        return None if self._text is None else self._text.statistics()
 
     # --- the rules -------------------------------------------------------------------
 
@@ -161,10 +170,14 @@ class LocalClassifier:
         probs: npt.NDArray[np.float64],
         votes: npt.NDArray[np.float64],
         signals: ImageSignals,
+        gray: npt.NDArray[np.uint8] | None = None,
     ) -> Classification:
         vote = {key: float(votes[i]) for i, key in enumerate(_VOTE_KEYS)}
         website = float(probs[_WEBSITE_INDEX])
-        decision = _decide(vote, website, signals)
+        text = None
+        if self._text is not None and gray is not None:
+            text = self._text.read_if_useful(gray, signals, vote)
+        decision = _decide(vote, website, signals, text)
         top = np.argsort(-probs)[:_TOP_K]
         top5 = [
             {"index": int(i), "label": self._labels[i], "probability": round(float(probs[i]), 4)}
@@ -177,6 +190,7 @@ class LocalClassifier:
             "votes": {str(k): round(v, 4) for k, v in vote.items()},
             "detectors": {"faces": signals.faces, "people": signals.people},
             "signals": signals.as_dict(),
+            "text": text.as_dict() if text is not None else {"ran": False},
         }
         return Classification(
             category=decision.category,
@@ -189,11 +203,17 @@ class LocalClassifier:
         )
 
 
-def _decide(vote: dict[Category | Evidence, float], website: float, s: ImageSignals) -> _Decision:
+def _decide(
+    vote: dict[Category | Evidence, float],
+    website: float,
+    s: ImageSignals,
+    text: TextSignals | None = None,
+) -> _Decision:
     """The rules of the module docstring, in order."""
     idcard = s.idcard_score + _DOCUMENT_HINT * vote[Evidence.DOCUMENT] if s.card_shape else 0.0
     screen_objects = vote[Evidence.SCREEN] - website  # weighted mass of other screen classes
     screenshot = s.screenshot_score + _WEBSITE_HINT * website + _SCREEN_HINT * screen_objects
+    idcard, screenshot = text_adjusted(idcard, screenshot, s, text)  # identity words, layout
     # Both can fire (a card-shaped page element inside a screenshot): the stronger wins.
     if idcard >= IDCARD_THRESHOLD and idcard >= screenshot:
         return _Decision(Category.IDCARD, _conf(idcard), "idcard_signals")
