@@ -8,6 +8,7 @@ real photos with known face counts, and the counting rules on synthetic faces.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -44,7 +45,7 @@ from xintu.model._faces import (
     fetch_face_wheel,
 )
 from xintu.vision import decode_image
-from xintu.vision._detect import Detectors, count_people
+from xintu.vision._detect import Detectors, ImageSignals, count_people
 from xintu.vision._faces import Face, FaceDetector, _letterbox, _weighted_nms, ssd_anchors
 
 from .eval.sources import SourceUnavailable, package_image
@@ -300,16 +301,17 @@ def test_a_portrait_face_box_is_where_the_face_is(detectors: Detectors) -> None:
     assert face.score > 0.8
 
 
-def test_a_card_with_a_second_portrait_is_one_person(detectors: Detectors) -> None:
-    """A flat ID scan with a copy of the portrait on the right (as a ghost image)."""
+@pytest.mark.parametrize("scale", [0.5, 0.6])
+def test_a_card_with_a_ghost_portrait_is_one_person(detectors: Detectors, scale: float) -> None:
+    """A flat ID scan with a smaller copy of the portrait on the right (a ghost image)."""
     card = Image.open(io.BytesIO(image("file:idcard_scan_856x540.jpg"))).convert("RGB")
-    card.paste(card.crop((30, 112, 264, 406)), (600, 230))
+    portrait = card.crop((30, 112, 264, 406))
+    card.paste(portrait.resize((round(234 * scale), round(294 * scale))), (620, 250))
     buf = io.BytesIO()
     card.save(buf, "JPEG", quality=90)
     decoded = decode_image(buf.getvalue(), load_config(env={}).images)
     assert decoded.gray is not None
     signals = detectors.detect(decoded.gray, decoded.signals)
-    assert signals.faces == 2
     assert signals.people == 1
     assert signals.face_on_side
 
@@ -354,12 +356,36 @@ def test_a_faded_face_is_not_a_second_person() -> None:
     assert count_people(faces, _gray_with_patches((a, 100), (b, 20)), None) == faces[:1]
 
 
-def test_faces_on_a_card_are_one_person_but_faces_outside_count() -> None:
+def test_a_smaller_face_on_a_card_is_no_second_person_but_faces_outside_count() -> None:
     card = (0.0, 0.0, 0.6, 0.5)
-    a, b, c = (0.05, 0.1, 0.2, 0.2), (0.35, 0.1, 0.15, 0.15), (0.7, 0.6, 0.2, 0.2)
+    a, b, c = (0.05, 0.1, 0.2, 0.2), (0.35, 0.1, 0.13, 0.13), (0.7, 0.6, 0.2, 0.2)
     faces = (Face(a, 0.9, FULL), Face(b, 0.9, FULL), Face(c, 0.9, FULL))
     gray = _gray_with_patches((a, 80), (b, 80), (c, 80))
     assert count_people(faces, gray, card) == (faces[0], faces[2])
+
+
+def test_two_people_on_a_card_shaped_photo_are_no_id_photo() -> None:
+    a, b = (0.05, 0.3, 0.15, 0.25), (0.6, 0.3, 0.14, 0.24)
+    faces = (Face(a, 0.9, FULL), Face(b, 0.8, FULL))
+    card = (0.0, 0.0, 1.0, 1.0)
+    signals = ImageSignals(
+        width=1420,
+        height=1000,
+        format="JPEG",
+        exif_camera=True,
+        screen_resolution=False,
+        flat_fraction=0.1,
+        top_colours_fraction=0.1,
+        text_lines=0,
+        card_box=card,
+        detectors_run=True,
+        face_list=faces,
+        person_faces=count_people(faces, _gray_with_patches((a, 80), (b, 80)), card),
+    )
+    assert signals.people == 2
+    assert not signals.face_on_side
+    one = dataclasses.replace(signals, person_faces=faces[:1])
+    assert one.face_on_side  # the same face alone is an ID photo on the left
 
 
 def test_a_weak_short_range_only_face_is_no_person() -> None:

@@ -21,8 +21,12 @@ more) keeps only faces that are likely to be people in the photograph:
   counted face (a tiny face in the background, a printed face on a poster);
 - not faded: the face's gray-level contrast at least :data:`_PERSON_MIN_REL_CONTRAST`
   of the strongest face's (the "ghost" portrait printed faintly on identity cards);
-- one per document: all faces inside a card outline (or in a card-shaped image)
-  count as one person, the card's holder;
+- one per document: inside a card outline (or a card-shaped image) a second face
+  counts only if it is at least :data:`_CARD_SECOND_FACE_REL_HEIGHT` of the tallest
+  face on the card: an identity document's secondary ("ghost") portrait is printed
+  at most about 60 % of the main one's size, while the faces of a group photo that
+  happens to have a card's aspect (photos of about 1.4:1 are within 3 % of a
+  passport page's 1.42) are of similar sizes;
 - separated: a face whose centre lies inside a taller counted face is the same one.
 
 :attr:`ImageSignals.screenshot_score` and :attr:`ImageSignals.idcard_score` combine
@@ -184,6 +188,7 @@ _FULL_RANGE = "blazeface-full-range"
 _SHORT_ONLY_MIN_SCORE = 0.75
 _PERSON_MIN_REL_HEIGHT = 0.5
 _PERSON_MIN_REL_CONTRAST = 0.5
+_CARD_SECOND_FACE_REL_HEIGHT = 0.7
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,10 +240,16 @@ class ImageSignals:
 
     @property
     def face_on_side(self) -> bool:
-        """A face inside the card, in its left or right part, sized like an ID photo."""
+        """A face inside the card, in its left or right part, sized like an ID photo.
+
+        An identity document shows one person: with two or more people counted on
+        the "card" (a group photo that has a card's aspect) there is no ID photo.
+        """
         if self.card_box is None:
             return False
         kx, ky, kw, kh = self.card_box
+        if sum(_centre_inside(f.box, self.card_box) for f in self.person_faces) >= 2:
+            return False
         for x, y, w, h in self.face_boxes:
             cx = (x + w / 2 - kx) / kw
             cy = (y + h / 2 - ky) / kh
@@ -478,7 +489,9 @@ def count_people(faces: tuple[Face, ...], gray: _U8Array, card_box: Box | None) 
         counted.append(face)
     if card_box is not None:
         on_card = [f for f in counted if _centre_inside(f.box, card_box)]
-        counted = [f for f in counted if f not in on_card[1:]]  # the tallest stays
+        if on_card:  # sorted tallest first: the tallest stays
+            least = _CARD_SECOND_FACE_REL_HEIGHT * on_card[0].height
+            counted = [f for f in counted if f not in on_card or f.height >= least]
     return tuple(counted)
 
 
