@@ -37,6 +37,7 @@ from xintu.actors._envelope import open_reply, wait_reply
 from xintu.actors._supervisor import CrashRecord
 from xintu.errors import BadImage, ClassifierError, DeadlineExceeded, Draining, Overloaded
 from xintu.llm import LlmError, LlmUnavailable, UpstreamTimeout
+from xintu.llm._errors import CallAbandoned
 from xintu.store import CachedEntry, HitIncrement, Lru, ResultWrite
 
 from .fakes import FakeDecoded, FakeModel, FakePool, MemoryStore, fake_category
@@ -471,6 +472,12 @@ def queued_failure() -> LlmError:
     return exc
 
 
+def abandoned() -> LlmError:
+    exc = CallAbandoned("llm", "no LLM answer before the deadline")
+    exc.queued = True
+    return exc
+
+
 @pytest.mark.parametrize(
     ("error", "reason", "lane"),
     [
@@ -478,6 +485,7 @@ def queued_failure() -> LlmError:
         (LlmUnavailable("breakers open", reason="breaker_open"), "breaker_open", "inbox"),
         (LlmUnavailable("full", reason="inbox_full"), "inbox_full", "inbox"),
         (queued_failure(), "llm_failed", "priority"),
+        (abandoned(), "deadline", "priority"),  # cut short by the caller's deadline
     ],
 )
 async def test_the_chain_falls_from_the_llm_to_the_local_pool(
@@ -539,6 +547,37 @@ def test_the_chain_refuses_what_no_classifier_would_take() -> None:
     llm.takes, local.takes = False, True
     assert chain.refusal(10.0) is None  # the local pool would
     assert chain.statistics().shed_for_deadline == 1
+
+
+@pytest.mark.parametrize(
+    ("error", "healthy", "draining", "upgraded"),
+    [
+        (LlmUnavailable("no time", reason="no_time"), True, False, True),
+        (LlmUnavailable("queue", reason="queue_too_long"), True, False, True),
+        (abandoned(), True, False, True),
+        (LlmUnavailable("no time", reason="no_time"), False, False, False),  # LLM down
+        (LlmUnavailable("no time", reason="no_time"), True, True, False),  # draining
+        (LlmUnavailable("breakers open", reason="breaker_open"), True, False, False),
+        (LlmUnavailable("full", reason="inbox_full"), True, False, False),
+        (queued_failure(), True, False, False),  # the LLM failed: not for lack of time
+    ],
+)
+async def test_a_rushed_local_answer_is_queued_for_an_llm_upgrade(
+    autojump_clock: object, error: LlmError, healthy: bool, draining: bool, upgraded: bool
+) -> None:
+    """A local answer made only because the caller's deadline left the LLM no room,
+    while the LLM is healthy, is offered for re-classification at once."""
+    llm, local = FakeLlm(error), LaneRecorder()
+    llm.is_healthy = healthy
+    chain = Chain(local, llm=llm)
+    if draining:
+        chain.begin_drain()
+    request = ClassifyRequest(b"\x04photo", h(b"\x04photo"), "r")
+    with trio.fail_after(10):
+        result = await chain.classify(request, trio.current_time() + 10)
+    assert result == answer_for(b"\x04photo")
+    assert llm.offered == ([h(b"\x04photo")] if upgraded else [])
+    assert chain.statistics().upgrades_queued == (1 if upgraded else 0)
 
 
 def test_a_hit_on_a_local_answer_queues_a_recheck_while_the_llm_is_healthy() -> None:

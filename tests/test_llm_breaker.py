@@ -81,6 +81,30 @@ async def test_consecutive_failures_open_it_before_the_ratio_does(
     assert b.statistics().consecutive_failures == 0
 
 
+async def test_abandoned_calls_count_neither_way_and_opening_names_the_failure(
+    clock: trio.testing.MockClock,
+) -> None:
+    """A call cut short by its caller's deadline is no verdict: any number of them
+    leave the breaker as it was. When it opens, the log says what failed last."""
+    with capture_logs() as logs:
+        b = breaker(min_calls=4, consecutive_failures=3)
+        for _ in range(50):
+            permit = b.try_acquire()
+            assert permit is not None
+            permit.abandon()
+        s = b.statistics()
+        assert (s.state, s.successes_in_window, s.failures_in_window) == ("closed", 0, 0)
+        for _ in range(3):
+            permit = b.try_acquire()
+            assert permit is not None
+            permit.failure("unauthorized")
+        assert b.state is BreakerState.OPEN
+    opened = [e for e in logs if e["event"] == "breaker_opened"]
+    assert [(e["reason"], e["last_failure"]) for e in opened] == [
+        ("consecutive_failures", "unauthorized")
+    ]
+
+
 async def test_consecutive_failures_zero_is_off(clock: trio.testing.MockClock) -> None:
     b = breaker(min_calls=1000, consecutive_failures=0)
     for _ in range(50):

@@ -39,6 +39,7 @@ from xintu.llm import (
     UpstreamTimeout,
     llm_config_from,
 )
+from xintu.llm._errors import CallAbandoned
 
 KEY = "sk-test-SECRET-9999"
 OPENAI = "https://openai.example/v1"
@@ -506,7 +507,7 @@ async def test_slow_calls_do_not_switch_the_llm_off(clock: trio.testing.MockCloc
     with trio.fail_after(60):
         async with running(config(workers=2, timeout_s=60.0), upstream) as pool:
             err = await fails(pool, 0, within_s=10)  # runs to 10 - 1.5 s
-            assert isinstance(err, UpstreamTimeout)
+            assert isinstance(err, CallAbandoned)  # the caller's deadline, not timeout_s
             answers = [await classify(pool, n, within_s=10) for n in (1, 2, 3)]
     assert [a.category for a in answers] == ["pets"] * 3
     assert upstream.count() == 4
@@ -540,16 +541,34 @@ async def test_a_call_that_queued_too_long_is_not_made(clock: trio.testing.MockC
     assert mean_after == pytest.approx(2.2)  # 2 s, then 3 s; b's refusal not counted
 
 
-async def test_hang_times_out_within_the_deadline(clock: trio.testing.MockClock) -> None:
+async def test_hang_is_abandoned_at_the_deadline(clock: trio.testing.MockClock) -> None:
+    """The caller's deadline (less the reserve) comes before the provider's own
+    timeout: the call is abandoned, which is no verdict on the upstream."""
     upstream = Upstream(hang())
     with trio.fail_after(30):
         async with running(config(timeout_s=60.0), upstream) as pool:
             start = trio.current_time()
             err = await fails(pool, within_s=10)
             elapsed = trio.current_time() - start
-    assert isinstance(err, UpstreamTimeout)
+    assert isinstance(err, CallAbandoned)
+    assert str(err) == "openai: the caller's deadline ran out first"
     assert elapsed == pytest.approx(8.5)  # the deadline less the reserve
     assert upstream.count() == 1  # no time was left for a retry
+    p = pool.statistics().providers[0]
+    assert (p.successes, p.failures, p.abandoned, p.last_failure) == (0, 0, 1, None)
+    assert p.breaker.failures_in_window == 0
+
+
+async def test_the_providers_own_timeout_is_its_failure(clock: trio.testing.MockClock) -> None:
+    upstream = Upstream(hang())
+    with trio.fail_after(30):
+        async with running(config(timeout_s=2.0, retry_max_attempts=1), upstream) as pool:
+            err = await fails(pool, within_s=10)
+    assert isinstance(err, UpstreamTimeout)
+    p = pool.statistics().providers[0]
+    assert (p.failures, p.abandoned, p.last_failure) == (1, 0, "timeout")
+    assert p.last_failure_at is not None
+    assert p.breaker.failures_in_window == 1
 
 
 async def test_attempt_timeout_then_retry(clock: trio.testing.MockClock) -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
+from PIL import Image
 from quart.typing import TestClientProtocol as Client
 from werkzeug.datastructures import FileStorage
 
@@ -22,6 +24,7 @@ from xintu import load_config
 from xintu._config import LogConfig
 from xintu._log import configure_logging
 from xintu.http import XintuApp, create_app
+from xintu.testing.fakellm import run_fake_llm
 
 from .fakes import FakeModel
 from .test_serve import _free_port, _photo, _wait_ready
@@ -107,16 +110,136 @@ async def test_readyz_lists_its_reasons(app: XintuApp) -> None:
     body = await (await app.test_client().get("/readyz")).get_json()
     assert body == {
         "ready": True,
+        "degraded": False,
+        "reasons": [],
         "checks": {
             "draining": False,
             "actors_running": True,
             "actors_healthy": True,
             "model_loaded": True,
             "breakers": {},
+            "llm_last_failure": {},
             "writer": "ok",
             "store": "ok",
         },
     }
+
+
+@pytest.mark.parametrize("ready_without_store", [True, False])
+async def test_a_store_outage_is_degraded_or_not_ready_by_policy(
+    tmp_path: Path, ready_without_store: bool
+) -> None:
+    """server.ready_without_store (default true): a store that does not answer keeps
+    the process ready but degraded, with the reason; false: 503 as before."""
+    config = load_config(
+        env={},
+        data={"dir": str(tmp_path)},
+        server={"ready_without_store": ready_without_store},
+    )
+    app = create_app(config, model_factory=lambda _c: FakeModel())
+    async with app.test_app():
+        client = app.test_client()
+        assert (await client.get("/readyz")).status_code == 200
+        await app.store.aclose()
+        resp = await client.get("/readyz")
+        body = await resp.get_json()
+    assert resp.status_code == (200 if ready_without_store else 503)
+    assert body["ready"] is ready_without_store
+    assert body["degraded"] is True
+    assert body["checks"]["store"].startswith("unreachable")
+    assert body["reasons"][0] == f"store {body['checks']['store']}"
+
+
+async def test_a_wrong_llm_key_is_named_in_readiness_health_and_metrics(tmp_path: Path) -> None:
+    """401s open the breaker; readiness stays 200 (the local model answers) but says
+    degraded and why, and health and metrics name the failure kind."""
+    async with run_fake_llm(api_key="sk-right") as fake:
+        config = load_config(
+            env={
+                "XINTU_LLM_PROVIDERS": "fake",
+                "XINTU_LLM_FAKE_BASE_URL": fake.openai_base_url,
+                "XINTU_LLM_FAKE_API_KEY": "sk-wrong",
+                "XINTU_LLM_FAKE_MODEL": "fake-vl",
+            },
+            data={"dir": str(tmp_path)},
+            llm={"breaker_consecutive_failures": 3},
+        )
+        app = create_app(config, model_factory=lambda _c: FakeModel())
+        async with app.test_app():
+            client = app.test_client()
+            for n in range(3):
+                assert await classify(client, _photo_n(n)) == 200
+            ready = await client.get("/readyz")
+            ready_body = await ready.get_json()
+            health = await (await client.get("/api/v1/health")).get_json()
+            text = (await (await client.get("/metrics")).get_data()).decode()
+    assert fake.stats()["by_status"] == {"401": 3}
+    assert ready.status_code == 200
+    assert ready_body["ready"] is True
+    assert ready_body["degraded"] is True
+    assert ready_body["reasons"] == ["llm provider fake: breaker open, last failure: unauthorized"]
+    assert ready_body["checks"]["breakers"] == {"fake": "open"}
+    assert ready_body["checks"]["llm_last_failure"]["fake"].startswith("unauthorized at ")
+    provider = health["llm_providers"]["fake"]
+    assert (provider["state"], provider["last_error"]) == ("open", "unauthorized")
+    assert provider["last_error_at"].endswith("Z")
+    assert health["status"] == "healthy"  # the local model answers
+    assert metric(text, "xintu_llm_provider_up", provider="fake") == 0
+    assert (
+        metric(text, "xintu_llm_provider_last_failure", provider="fake", kind="unauthorized") == 1
+    )
+    assert metric(text, "xintu_llm_provider_last_failure", provider="fake", kind="timeout") == 0
+    assert metric(text, "xintu_llm_provider_last_failure_timestamp_seconds", provider="fake") > 0
+    assert metric(text, "xintu_llm_calls_total", provider="fake", outcome="failure") == 3
+
+
+async def test_a_hurried_client_is_counted_apart_and_its_answer_upgraded(tmp_path: Path) -> None:
+    """Over HTTP: X-Deadline-Ms 2000 against an upstream answering in 1 s. The call is
+    abandoned at 0.5 s (2 s less the 1.5 s reserve) and counted as such, the client
+    gets the local answer, and the LLM's answer then replaces it in the cache."""
+    async with run_fake_llm(latency_median_ms=1000) as fake:
+        config = load_config(
+            env={
+                "XINTU_LLM_PROVIDERS": "fake",
+                "XINTU_LLM_FAKE_BASE_URL": fake.openai_base_url,
+                "XINTU_LLM_FAKE_MODEL": "fake-vl",
+            },
+            data={"dir": str(tmp_path)},
+            store={"writer_flush_ms": 1},
+        )
+        app = create_app(config, model_factory=lambda _c: FakeModel())
+        async with app.test_app():
+            client = app.test_client()
+            data = _photo_n(7)
+            resp = await client.post(
+                V1,
+                files={"image": FileStorage(io.BytesIO(data), filename="p.jpg")},
+                headers={"X-Deadline-Ms": "2000"},
+            )
+            first = await resp.get_json()
+            with trio.fail_after(10):
+                while app.runtime.llm.statistics().recheck_succeeded < 1:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            again = await (
+                await client.post(
+                    V1, files={"image": FileStorage(io.BytesIO(data), filename="p.jpg")}
+                )
+            ).get_json()
+            text = (await (await client.get("/metrics")).get_data()).decode()
+    assert resp.status_code == 200
+    assert first["data"]["source"] == "local"
+    assert (again["from_cache"], again["data"]["model"]) == (True, "fake-vl")  # the LLM's
+    assert metric(text, "xintu_llm_calls_total", provider="fake", outcome="abandoned") == 1
+    assert metric(text, "xintu_llm_calls_total", provider="fake", outcome="failure") == 0
+    assert metric(text, "xintu_llm_fallbacks_total", reason="deadline") == 1
+    assert metric(text, "xintu_llm_upgrades_queued_total") == 1
+    assert metric(text, "xintu_llm_provider_up", provider="fake") == 1
+
+
+def _photo_n(n: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (32, 24), (n * 60 % 256, 30, 90)).save(out, "JPEG")
+    return out.getvalue()
 
 
 async def test_one_log_event_per_request(app: XintuApp) -> None:

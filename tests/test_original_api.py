@@ -66,7 +66,10 @@ async def test_health_says_when_an_llm_is_configured(serving: Serving) -> None:
     async with serving(llm=llm) as (_app, client):
         body = await (await client.get("/api/v1/health")).get_json()
     assert body["model_api"] == "available"
-    assert body["llm_providers"] == {"vl": "closed"}
+    # The extension: each provider's breaker state and its last error (none yet).
+    assert body["llm_providers"] == {
+        "vl": {"state": "closed", "last_error": None, "last_error_at": None}
+    }
 
 
 async def test_health_is_unhealthy_when_the_store_is_down(serving: Serving) -> None:

@@ -78,6 +78,7 @@ def _parsed(parse: Callable[..., Any]) -> Any:
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     bind: str
+    ready_without_store: bool  # no metadata: it goes before the fields with some
     workers: int = _bounded(0, 64)
     drain_delay_s: float = _bounded(0, 600)
     graceful_timeout_s: float = _bounded(0, 3600)

@@ -30,6 +30,8 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as prom_multiprocess
 
+from .llm._errors import FAILURE_KINDS
+
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "multiprocess_dir"]
 
 # Seconds; spans cache hits (sub-ms) to LLM calls (seconds).
@@ -128,8 +130,39 @@ class Metrics:
         )
         self.llm_calls = Counter(
             "xintu_llm_calls",
-            "LLM calls by provider and outcome.",
+            "LLM call attempts by provider and outcome: success, failure (the upstream's "
+            "fault, counted by its breaker), abandoned (cut short by the caller's deadline, "
+            "counted neither way).",
             ["provider", "outcome"],
+            registry=r,
+        )
+        self.llm_provider_up = Gauge(
+            "xintu_llm_provider_up",
+            "1 while the provider's circuit breaker is closed (summed over live workers).",
+            ["provider"],
+            registry=r,
+            **live,
+        )
+        self.llm_last_failure = Gauge(
+            "xintu_llm_provider_last_failure",
+            "1 for the kind of the provider's last failed call (unauthorized, forbidden, "
+            "rate_limited, server_error, rejected, timeout, connect_error, bad_answer, "
+            "other), 0 for the others (summed over live workers).",
+            ["provider", "kind"],
+            registry=r,
+            **live,
+        )
+        self.llm_last_failure_at = Gauge(
+            "xintu_llm_provider_last_failure_timestamp_seconds",
+            "Unix time of the provider's last failed call (0: none yet).",
+            ["provider"],
+            registry=r,
+            **most,
+        )
+        self.llm_upgrades = Counter(
+            "xintu_llm_upgrades_queued",
+            "Local answers made only because the caller's deadline left the LLM no room, "
+            "queued for the LLM re-classification that replaces them.",
             registry=r,
         )
         self.llm_retries = Counter(
@@ -245,6 +278,7 @@ class Metrics:
         self.batch_size.labels("last").set(lp.last_batch_size)
         self.batch_size.labels("mean").set(lp.mean_batch_size)
         self._sample_llm(stats.llm, stats.fallbacks)
+        self._advance(self.llm_upgrades, "upgrades", stats.upgrades_queued)
 
     def sample_guard(self, guard: Any) -> None:
         """Bring the guard's metrics up to date from a ``GuardStatistics``."""
@@ -280,6 +314,14 @@ class Metrics:
             self._advance(self.llm_calls.labels(p.name, "success"), f"ok:{p.name}", p.successes)
             self._advance(self.llm_calls.labels(p.name, "failure"), f"ko:{p.name}", p.failures)
             self._advance(self.llm_retries.labels(p.name), f"retry:{p.name}", p.retries)
+            self._advance(
+                self.llm_calls.labels(p.name, "abandoned"), f"abandoned:{p.name}", p.abandoned
+            )
+            self.llm_provider_up.labels(p.name).set(1 if str(p.breaker.state) == "closed" else 0)
+            for kind in FAILURE_KINDS:
+                self.llm_last_failure.labels(p.name, kind).set(1 if p.last_failure == kind else 0)
+            at = p.last_failure_at
+            self.llm_last_failure_at.labels(p.name).set(at.timestamp() if at else 0)
         for reason, total in fallbacks.items():
             self._advance(self.fallbacks.labels(reason), f"fallback:{reason}", total)
         self._advance(self.classifications.labels("llm"), "llm_done", llm.succeeded)

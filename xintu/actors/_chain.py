@@ -26,7 +26,24 @@ between the pools:
   miss across replicas);
 - a cache hit on a local answer, while some LLM provider is healthy, queues a
   low-priority LLM re-classification whose answer replaces the local one
-  (:meth:`Chain.cached_hit`).
+  (:meth:`Chain.cached_hit`);
+- a *rushed* local answer, made only because the caller's deadline left the LLM
+  no room (fallback reasons ``no_time``, ``queue_too_long`` and ``deadline``: the
+  call was cut short by the caller's deadline) while some LLM provider was
+  healthy, is marked for upgrade at once: the same re-classification is queued
+  (``LlmPool.offer_recheck``; counted in ``upgrades_queued``) and its answer
+  replaces the local one in the LRU and the store. So one hurried caller's
+  ``X-Deadline-Ms`` decides only its own answer, not the permanent one that
+  everyone sharing the photo gets from the cache.
+
+Why an upgrade, not a longer flight: the flight (:mod:`._dispatcher`) keeps its
+first caller's deadline. Stretching it to the most patient waiter's would answer
+the hurried caller 504 where it now gets a local answer in time, and an LLM call
+already under way cannot be given more time anyway. The upgrade keeps every
+caller's answer in time and makes the cached answer the LLM's, at the cost of one
+background LLM call per rushed photo (bounded and droppable: ``llm.recheck_queue``,
+run only while an LLM worker is idle; a dropped one is offered again by the next
+hit on the local answer).
 """
 
 from __future__ import annotations
@@ -42,12 +59,17 @@ import trio
 from .._types import Classification, Source
 from ..errors import Overloaded
 from ..llm import LlmError, LlmUnavailable
+from ..llm._errors import CallAbandoned
 from ..store import CachedEntry
 from ._envelope import ClassifyRequest
 
 __all__ = ["Chain", "ChainStatistics", "Classifier", "Fallback", "Primary"]
 
 log = structlog.get_logger("xintu.chain")
+
+# Fallback reasons that are the caller's deadline, not the LLM's health: the local
+# answer they lead to is rushed, and is upgraded by an LLM re-classification.
+_RUSHED = frozenset({"no_time", "queue_too_long", "deadline"})
 
 
 class Classifier(Protocol):
@@ -91,6 +113,8 @@ class ChainStatistics:
     fallbacks: Mapping[str, int]  # LLM work answered by the local pool, by reason
     # Refused at once because the local queue would outlast the request's deadline.
     shed_for_deadline: int
+    # Rushed local answers queued for an LLM re-classification that replaces them.
+    upgrades_queued: int = 0
 
 
 class Chain:
@@ -102,11 +126,14 @@ class Chain:
         self._llm = llm
         self._fallbacks: Counter[str] = Counter()
         self._shed_for_deadline = 0
+        self._upgrades_queued = 0
         self._draining = False
 
     def statistics(self) -> ChainStatistics:
         return ChainStatistics(
-            fallbacks=dict(self._fallbacks), shed_for_deadline=self._shed_for_deadline
+            fallbacks=dict(self._fallbacks),
+            shed_for_deadline=self._shed_for_deadline,
+            upgrades_queued=self._upgrades_queued,
         )
 
     def begin_drain(self) -> None:
@@ -136,22 +163,33 @@ class Chain:
     async def classify(self, request: ClassifyRequest, deadline: float) -> Classification:
         """The LLM chain first; on any LLM failure or refusal, the local model."""
         llm = self._llm_on()
-        if llm is not None:
-            try:
-                return await llm.classify(request, deadline)
-            except LlmError as exc:
-                reason = exc.reason if isinstance(exc, LlmUnavailable) else "llm_failed"
-                self._fallbacks[reason] += 1
-                log.info(
-                    "llm_fallback",
-                    reason=reason,
-                    image_hash=request.image_hash[:12],
-                    error=str(exc),
-                )
-                if exc.queued:
-                    # The caller has already waited for the LLM: its fallback goes
-                    # ahead of new work, which can still be refused at the door.
-                    return await self._local.classify_now(request)
+        if llm is None:
+            return await self._classify_local(request, deadline)
+        try:
+            return await llm.classify(request, deadline)
+        except LlmError as exc:
+            reason = _fallback_reason(exc)
+            self._fallbacks[reason] += 1
+            log.info(
+                "llm_fallback",
+                reason=reason,
+                image_hash=request.image_hash[:12],
+                error=str(exc),
+            )
+            # Decided now: whether the LLM was healthy when the caller's time ran out.
+            rushed = reason in _RUSHED and llm.healthy()
+            if exc.queued:
+                # The caller has already waited for the LLM: its fallback goes
+                # ahead of new work, which can still be refused at the door.
+                classification = await self._local.classify_now(request)
+            else:
+                classification = await self._classify_local(request, deadline)
+        if rushed and not self._draining and llm.offer_recheck(request.data, request.image_hash):
+            self._upgrades_queued += 1
+            log.info("llm_upgrade_queued", image_hash=request.image_hash[:12])
+        return classification
+
+    async def _classify_local(self, request: ClassifyRequest, deadline: float) -> Classification:
         if trio.current_time() + self._local.expected_wait_s() > deadline:
             # It would only time out in the queue: refuse now, with an honest Retry-After.
             self._shed_for_deadline += 1
@@ -174,3 +212,13 @@ class Chain:
             and llm.healthy()
         ):
             llm.offer_recheck(data, entry.image_hash)
+
+
+def _fallback_reason(exc: LlmError) -> str:
+    """The fallback's reason: the refusal's, ``deadline`` when the caller's deadline
+    cut the call short, else ``llm_failed``."""
+    if isinstance(exc, LlmUnavailable):
+        return exc.reason
+    if isinstance(exc, CallAbandoned):
+        return "deadline"
+    return "llm_failed"

@@ -13,6 +13,13 @@ Shared work outlives its callers: a caller whose deadline passes, or who
 disconnects, stops waiting, but the flight still completes, answers whoever is
 left and writes the result, so the next request is a hit.
 
+A flight classifies within its first caller's deadline, so a hurried first caller
+(a short ``X-Deadline-Ms``) may leave the LLM no room and get the local model's
+answer, which every waiter then shares. That answer is not the permanent one: the
+chain marks such a rushed answer for upgrade and the LLM's re-classification
+replaces it in the LRU and the store (:mod:`._chain`, which says why this beats
+stretching the flight to its most patient waiter).
+
 Across processes (replicas, ``--workers N``) flights coalesce through the shared
 store, with an in-flight claim per hash (:meth:`~xintu.store.Store.claim`), never a
 held connection or lock. After a store miss a flight claims the hash as

@@ -18,6 +18,16 @@ The rules between the LLM pool and the local pool (fallbacks, the priority lane,
 refusals for time, rechecks of cached local answers) are the classifier chain's
 (:mod:`._chain`).
 
+Readiness (:meth:`Runtime.readiness`, :class:`Readiness`) says what is wrong, not
+only whether: each LLM provider's breaker state and the kind of its last failure
+(``unauthorized`` for a wrong key, ``timeout``, …) and when, the store's ping and
+the writer. An LLM provider's trouble never fails readiness (the local model
+answers); it makes the process *degraded*, with a reason. A store that does not
+answer fails readiness only when ``server.ready_without_store`` is false; by
+default the process stays ready and degraded, since hits in memory and the local
+model still answer and writes wait in the writer, so a store outage does not take
+every replica out of the load balancer at once.
+
 The facade: the HTTP layer asks only this object's methods (:meth:`~Runtime.classify`,
 :meth:`~Runtime.lookup`, :meth:`~Runtime.lookup_many`, :meth:`~Runtime.name_alias`,
 :meth:`~Runtime.log_request`, :meth:`~Runtime.readiness`,
@@ -40,6 +50,7 @@ from .._config import Config
 from .._types import Classification
 from ..errors import Draining, StoreError
 from ..llm import LlmPool, LlmPoolStatistics
+from ..llm._errors import FailureKind
 from ..store import AlbumStats, Lru, RequestLogRow, ResultWrite, Store
 from ._cache import Cache, CacheStatistics
 from ._chain import Chain
@@ -49,7 +60,7 @@ from ._local_pool import LocalModel, LocalPool, LocalPoolStatistics
 from ._supervisor import CrashRecord, SupervisorStatistics
 from ._writer import Writer, WriterStatistics
 
-__all__ = ["Readiness", "Runtime", "RuntimeStatistics"]
+__all__ = ["ProviderHealth", "Readiness", "Runtime", "RuntimeStatistics"]
 
 log = structlog.get_logger("xintu.runtime")
 
@@ -67,6 +78,21 @@ class RuntimeStatistics:
     writer: WriterStatistics
     cache: CacheStatistics
     supervisor: SupervisorStatistics
+    # Rushed local answers queued for an LLM upgrade (the chain's upgrades_queued).
+    upgrades_queued: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderHealth:
+    """One LLM provider as readiness and health report it."""
+
+    state: str  # its breaker: closed / open / half_open
+    last_failure: FailureKind | None  # the kind of its last failed call, if any
+    last_failure_at: datetime | None  # when (UTC)
+
+    @property
+    def up(self) -> bool:
+        return self.state == "closed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,9 +103,16 @@ class Readiness:
     draining: bool
     actors_healthy: bool  # no crash loop (the supervisor's crash record)
     model_loaded: bool
-    breakers: Mapping[str, str]  # provider name -> closed / open / half_open
+    providers: Mapping[str, ProviderHealth]  # by provider name, in chain order
     writer_healthy: bool  # the writer's last store write succeeded
     store: str  # "ok", or "unreachable[: why]" when a ping failed or was too slow
+    # server.ready_without_store is false: a store that does not answer fails readiness.
+    store_required: bool = False
+
+    @property
+    def breakers(self) -> dict[str, str]:
+        """Provider name -> breaker state."""
+        return {name: p.state for name, p in self.providers.items()}
 
     @property
     def ready(self) -> bool:
@@ -88,8 +121,26 @@ class Readiness:
             and not self.draining
             and self.actors_healthy
             and self.model_loaded
-            and self.store == "ok"
+            and (self.store == "ok" or not self.store_required)
         )
+
+    @property
+    def reasons(self) -> list[str]:
+        """Why the process is degraded (serving, with something wrong); empty if not."""
+        reasons = []
+        if self.store != "ok":
+            reasons.append(f"store {self.store}")
+        if not self.writer_healthy:
+            reasons.append("store writes failing (held by the writer, retried)")
+        for name, p in self.providers.items():
+            if not p.up:
+                why = f", last failure: {p.last_failure}" if p.last_failure else ""
+                reasons.append(f"llm provider {name}: breaker {p.state}{why}")
+        return reasons
+
+    @property
+    def degraded(self) -> bool:
+        return bool(self.reasons)
 
 
 class Runtime:
@@ -158,6 +209,7 @@ class Runtime:
             writer=self.writer.statistics(),
             cache=self.cache.statistics(),
             supervisor=self.crashes.statistics(),
+            upgrades_queued=chain.upgrades_queued,
         )
 
     # --- lifetime ------------------------------------------------------------------
@@ -298,9 +350,13 @@ class Runtime:
             draining=self._draining,
             actors_healthy=self.crashes.healthy,
             model_loaded=self.local.model is not None,
-            breakers={p.name: str(p.breaker.state) for p in self.llm.statistics().providers},
+            providers={
+                p.name: ProviderHealth(str(p.breaker.state), p.last_failure, p.last_failure_at)
+                for p in self.llm.statistics().providers
+            },
             writer_healthy=self.writer.statistics().store_healthy,
             store=store,
+            store_required=not self.config.server.ready_without_store,
         )
 
     async def album_stats(self) -> AlbumStats:

@@ -7,6 +7,7 @@ from typing import Any
 from .._config import Config
 from .._limits import MAX_BATCH_IMAGES, MAX_CHECK_HASHES, MAX_USER_ID_CHARS
 from .._types import CATEGORIES
+from ..llm._errors import FAILURE_KINDS
 
 __all__ = ["openapi_document"]
 
@@ -199,6 +200,35 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "timestamp": {"type": "string"},
             "database": {"type": "string", "enum": ["connected", "disconnected"]},
             "model_api": {"type": "string", "enum": ["available", "not_configured"]},
+            "llm_providers": {
+                "type": "object",
+                "description": "Extension: each LLM provider's breaker state and last error.",
+                "additionalProperties": {
+                    "type": "object",
+                    "required": ["state", "last_error", "last_error_at"],
+                    "properties": {
+                        "state": {"type": "string", "enum": ["closed", "open", "half_open"]},
+                        "last_error": {
+                            "type": ["string", "null"],
+                            "enum": [*FAILURE_KINDS, None],
+                        },
+                        "last_error_at": {"type": ["string", "null"]},
+                    },
+                },
+            },
+        },
+    }
+    ready = {
+        "type": "object",
+        "required": ["ready", "degraded", "reasons", "checks"],
+        "properties": {
+            "ready": {"type": "boolean"},
+            "degraded": {
+                "type": "boolean",
+                "description": "Serving, with something wrong: see reasons",
+            },
+            "reasons": {"type": "array", "items": {"type": "string"}},
+            "checks": {"type": "object"},
         },
     }
     image_file = {"type": "string", "format": "binary", "maxLength": max_image}
@@ -326,9 +356,16 @@ def openapi_document(config: Config) -> dict[str, Any]:
             },
             "/readyz": {
                 "get": {
-                    "summary": "Ready: store reachable, model loaded, not draining",
-                    "responses": _ok({"type": "object"})
-                    | {"503": {"description": "Not ready; the body lists the checks"}}
+                    "summary": "Ready: model loaded, actors healthy, not draining (and the "
+                    "store reachable with server.ready_without_store = false); degraded "
+                    "with reasons",
+                    "responses": _ok(ready)
+                    | {
+                        "503": {
+                            "description": "Not ready; the body lists the checks",
+                            "content": {"application/json": {"schema": ready}},
+                        }
+                    }
                     | _errors(*auth),
                 }
             },

@@ -1,7 +1,16 @@
-"""Operational endpoints: liveness, readiness and the OpenAPI document."""
+"""Operational endpoints: liveness, readiness and the OpenAPI document.
+
+``/readyz`` answers 200 while the process can serve and 503 when it cannot
+(starting, draining, actors crashing, no model, and, only with
+``server.ready_without_store = false``, a store that does not answer). Its body
+says what is wrong either way: ``degraded`` with ``reasons`` (a store that does
+not answer while the process stays ready, writes failing, an LLM provider whose
+breaker is not closed, with the kind of its last failure), and every check.
+"""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import trio
@@ -36,16 +45,25 @@ async def health() -> Response:
     Xintu classifies without an LLM); ``database`` is ``connected`` or
     ``disconnected``; ``model_api`` is ``available`` when LLM providers are
     configured, else ``not_configured``. The extension ``llm_providers`` gives each
-    provider's breaker state (``closed``, ``open``, ``half_open``).
+    provider's ``state`` (its breaker: ``closed``, ``open``, ``half_open``), the kind
+    of its ``last_error`` (``unauthorized``, ``timeout``, …, or ``null``) and
+    ``last_error_at`` (ISO 8601 UTC, or ``null``).
     """
     runtime = current_xintu().runtime_if_started()
     database = "disconnected"
-    providers: dict[str, str] = {}
+    providers: dict[str, dict[str, str | None]] = {}
     loaded = False
     if runtime is not None:
         readiness = await runtime.readiness(store_timeout_s=_READY_STORE_TIMEOUT_S)
         database = "connected" if readiness.store == "ok" else "disconnected"
-        providers = dict(readiness.breakers)
+        providers = {
+            name: {
+                "state": p.state,
+                "last_error": p.last_failure,
+                "last_error_at": _iso(p.last_failure_at),
+            }
+            for name, p in readiness.providers.items()
+        }
         loaded = readiness.model_loaded and readiness.running
     healthy = database == "connected" and loaded
     return json_response(
@@ -61,22 +79,43 @@ async def health() -> Response:
 
 @ops.get("/readyz")
 async def readyz() -> Response:
-    """Ready for traffic: store reachable, model loaded, actors healthy, not draining."""
+    """Ready for traffic (see the module docstring); the body says what is wrong."""
     runtime = current_xintu().runtime_if_started()
     checks: dict[str, Any] = {}
     if runtime is None:
         checks["runtime"] = "starting"
-        return json_response({"ready": False, "checks": checks}, 503)
+        body = {"ready": False, "degraded": False, "reasons": [], "checks": checks}
+        return json_response(body, 503)
     readiness = await runtime.readiness(store_timeout_s=_READY_STORE_TIMEOUT_S)
     checks["draining"] = readiness.draining
     checks["actors_running"] = readiness.running
     checks["actors_healthy"] = readiness.actors_healthy
     checks["model_loaded"] = readiness.model_loaded
-    checks["breakers"] = dict(readiness.breakers)
+    checks["breakers"] = readiness.breakers
+    # Flat strings per provider (the album page lists checks two levels deep).
+    checks["llm_last_failure"] = {
+        name: _last_failure(p.last_failure, p.last_failure_at)
+        for name, p in readiness.providers.items()
+    }
     checks["writer"] = "ok" if readiness.writer_healthy else "retrying (store writes failing)"
     checks["store"] = readiness.store
     ready = readiness.ready
-    return json_response({"ready": ready, "checks": checks}, 200 if ready else 503)
+    body = {
+        "ready": ready,
+        "degraded": readiness.degraded,
+        "reasons": readiness.reasons,
+        "checks": checks,
+    }
+    return json_response(body, 200 if ready else 503)
+
+
+def _iso(at: datetime | None) -> str | None:
+    return at.isoformat(timespec="seconds").replace("+00:00", "Z") if at else None
+
+
+def _last_failure(kind: str | None, at: datetime | None) -> str:
+    """``none``, or the kind and when: ``unauthorized at 2025-01-02T03:04:05Z``."""
+    return f"{kind} at {_iso(at)}" if kind else "none"
 
 
 @ops.get("/metrics")

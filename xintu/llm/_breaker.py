@@ -13,7 +13,10 @@
 
 Every call asks :meth:`Breaker.try_acquire` for a :class:`Permit` and reports its
 outcome on it (``success``, ``failure``, or ``abandon`` when it ended without a
-verdict, e.g. cancelled). While open, ``try_acquire`` answers ``None`` at once: no
+verdict: cancelled, or cut short by the caller's own deadline, which says nothing
+about the upstream). ``failure(kind)`` names what went wrong (``unauthorized``,
+``timeout``, …); the ``breaker_opened`` log event carries the last one, so a wrong
+key does not open the breaker silently. While open, ``try_acquire`` answers ``None`` at once: no
 upstream call is made at all.
 
 It is a plain object, not a task with an inbox: it never waits and never does
@@ -89,13 +92,15 @@ class Permit:
             self._done = True
             self._breaker._record(self._generation, ok=True, probe=self._probe)
 
-    def failure(self) -> None:
+    def failure(self, kind: str | None = None) -> None:
+        """The upstream failed; *kind* names how (logged when the breaker opens)."""
         if not self._done:
             self._done = True
-            self._breaker._record(self._generation, ok=False, probe=self._probe)
+            self._breaker._record(self._generation, ok=False, probe=self._probe, kind=kind)
 
     def abandon(self) -> None:
-        """The call ended with no verdict on the upstream: free a probe slot, count nothing."""
+        """The call ended with no verdict on the upstream (cancelled, or the caller's
+        deadline ran out first): free a probe slot, count nothing."""
         if not self._done:
             self._done = True
             self._breaker._release(self._generation, probe=self._probe)
@@ -132,6 +137,7 @@ class Breaker:
         self._opened_total = 0
         self._rejected_total = 0
         self._last_transition_at: float | None = None
+        self._last_failure: str | None = None  # the kind of the last failure reported
 
     # --- asking --------------------------------------------------------------------
 
@@ -180,9 +186,11 @@ class Breaker:
 
     # --- outcomes (through Permit) --------------------------------------------------
 
-    def _record(self, generation: int, *, ok: bool, probe: bool) -> None:
+    def _record(self, generation: int, *, ok: bool, probe: bool, kind: str | None = None) -> None:
         if generation != self._generation:
             return  # a call from before the last transition: stale
+        if not ok:
+            self._last_failure = kind
         now = trio.current_time()
         if probe:
             self._probes -= 1
@@ -226,10 +234,17 @@ class Breaker:
     def _open(self, now: float, *, reason: str, **details: int) -> None:
         self._open_until = now + self._open_s
         self._opened_total += 1
-        self._transition(BreakerState.OPEN, now, reason=reason, open_s=self._open_s, **details)
+        self._transition(
+            BreakerState.OPEN,
+            now,
+            reason=reason,
+            open_s=self._open_s,
+            last_failure=self._last_failure,
+            **details,
+        )
 
     def _transition(
-        self, state: BreakerState, now: float, *, reason: str, **details: float
+        self, state: BreakerState, now: float, *, reason: str, **details: float | str | None
     ) -> None:
         previous = self._state
         self._state = state

@@ -8,7 +8,8 @@
         ├── ImageNotUploadable      the image could not be downscaled/re-encoded
         ├── BadAnswer               the answer is unparseable or off-schema
         └── UpstreamError           one provider failed (``provider``, ``retryable``)
-            ├── UpstreamTimeout     no answer in time (attempt timeout or deadline)  retryable
+            ├── UpstreamTimeout     no answer within the provider's timeout_s         retryable
+            │   └── CallAbandoned   the caller's deadline came first: not the upstream's fault
             ├── UpstreamUnreachable connect/read/protocol error                      retryable
             ├── UpstreamRateLimited 429, with ``retry_after_s`` if the upstream sent one  retryable
             ├── UpstreamServerError 5xx (and 408)                                    retryable
@@ -20,6 +21,13 @@ a key and shortened, is kept apart in ``UpstreamError.upstream_message`` for the
 operator's log (the pool logs it); it is never part of ``str()`` or ``repr()``.
 httpx's errors are translated at the boundary with ``raise ... from`` in
 :mod:`xintu.llm._providers`.
+
+Whose fault: an :class:`UpstreamError` (but :class:`CallAbandoned`) or a
+:class:`BadAnswer` is the upstream's: its breaker counts it, and
+:func:`failure_kind` names it for readiness, health and metrics (one of
+:data:`FAILURE_KINDS`). :class:`CallAbandoned` is the caller's (its deadline, less
+the fallback reserve, ran out before the upstream's own ``timeout_s``): the breaker
+counts it neither as a success nor as a failure.
 """
 
 from __future__ import annotations
@@ -29,7 +37,10 @@ from typing import Literal
 from ..errors import ClassifierError
 
 __all__ = [
+    "FAILURE_KINDS",
     "BadAnswer",
+    "CallAbandoned",
+    "FailureKind",
     "ImageNotUploadable",
     "LlmError",
     "LlmUnavailable",
@@ -40,6 +51,7 @@ __all__ = [
     "UpstreamServerError",
     "UpstreamTimeout",
     "UpstreamUnreachable",
+    "failure_kind",
 ]
 
 #: Why :class:`LlmUnavailable` refused a call without trying.
@@ -114,6 +126,21 @@ class UpstreamTimeout(UpstreamError):
     retryable = True
 
 
+class CallAbandoned(UpstreamTimeout):
+    """The call was cut short by the caller's deadline (less the fallback reserve)
+    before the upstream answered or reached its own ``timeout_s``.
+
+    Not the upstream's failure: its breaker counts it neither way (one hurried
+    client must not open the breaker that every client shares). It stays an
+    :class:`UpstreamTimeout` (what such a call raised before) for whoever catches
+    that, but is never retried: the deadline has passed. ``provider`` is the
+    provider whose call was cut, or ``"llm"`` when the call was still queued.
+    """
+
+    error_code = "llm_call_abandoned"
+    retryable = False
+
+
 class UpstreamUnreachable(UpstreamError):
     error_code = "llm_upstream_unreachable"
     retryable = True
@@ -132,3 +159,51 @@ class UpstreamServerError(UpstreamError):
 class UpstreamRejected(UpstreamError):
     error_code = "llm_upstream_rejected"
     retryable = False
+
+
+#: Why a provider's last call failed, as readiness, health and metrics name it:
+#: a bounded set (a metric label). ``unauthorized`` (401) and ``forbidden`` (403)
+#: mean a wrong key or account: they persist until the configuration changes.
+FailureKind = Literal[
+    "unauthorized",  # 401
+    "forbidden",  # 403
+    "rate_limited",  # 429
+    "server_error",  # 5xx, 408
+    "rejected",  # any other 4xx (a parameter or model the upstream refuses)
+    "timeout",  # no answer within the provider's own timeout_s
+    "connect_error",  # connect, read or protocol error
+    "bad_answer",  # an answer, but not a usable classification
+    "other",  # any other LlmError
+]
+FAILURE_KINDS: tuple[FailureKind, ...] = (
+    "unauthorized",
+    "forbidden",
+    "rate_limited",
+    "server_error",
+    "rejected",
+    "timeout",
+    "connect_error",
+    "bad_answer",
+    "other",
+)
+
+
+def failure_kind(exc: LlmError) -> FailureKind:
+    """The :data:`FailureKind` of an upstream's failure."""
+    if isinstance(exc, UpstreamRejected):
+        if exc.status == 401:
+            return "unauthorized"
+        if exc.status == 403:
+            return "forbidden"
+        return "rejected"
+    if isinstance(exc, UpstreamRateLimited):
+        return "rate_limited"
+    if isinstance(exc, UpstreamServerError):
+        return "server_error"
+    if isinstance(exc, UpstreamTimeout):
+        return "timeout"
+    if isinstance(exc, UpstreamUnreachable):
+        return "connect_error"
+    if isinstance(exc, BadAnswer):
+        return "bad_answer"
+    return "other"

@@ -22,15 +22,32 @@ Every call gets the request's deadline less ``fallback_reserve_s``: the LLM neve
 eats the time the local model needs. A caller never sees an upstream body; all
 failures reach it as :class:`~xintu.llm.LlmError`, which the classifier chain
 (:mod:`xintu.actors._chain`) turns into a fallback.
+
+Whose fault, for the breaker every caller shares: only the upstream's own failures
+count against it (an error answer, a bad answer, a connect error, no answer within
+its own ``timeout_s``). An attempt cut short because the *caller's* deadline less
+the reserve came first says nothing about the upstream: it ends with
+:class:`~xintu.llm._errors.CallAbandoned`, counts neither as a success nor as a
+failure (``ProviderStatistics.abandoned``; the metric
+``xintu_llm_calls_total{outcome="abandoned"}``), so five hurried clients cannot
+open the breaker of a slow but healthy upstream for everyone. Background
+rechecks have no caller: only the upstream's own timeouts bound them.
+
+Per provider the pool keeps the kind of its last failure and when
+(``ProviderStatistics.last_failure`` / ``last_failure_at``, a
+:data:`~xintu.llm._errors.FailureKind` such as ``unauthorized`` for a wrong key),
+which readiness, ``/api/v1/health`` and the metrics report.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import httpx
@@ -44,12 +61,15 @@ from ..errors import DeadlineExceeded
 from ._breaker import Breaker, BreakerState, BreakerStatistics
 from ._config import LlmConfig, ProviderConfig
 from ._errors import (
+    CallAbandoned,
+    FailureKind,
     LlmError,
     LlmUnavailable,
     UnavailableReason,
     UpstreamError,
     UpstreamRejected,
     UpstreamTimeout,
+    failure_kind,
 )
 from ._image import UploadImage, prepare_upload
 from ._parse import ParsedAnswer
@@ -78,7 +98,12 @@ _REPLY_GRACE_S = 0.05
 
 @dataclass(frozen=True, slots=True)
 class ProviderStatistics:
-    """One provider: HTTP attempts and their outcomes, its breaker and retry budget."""
+    """One provider: HTTP attempts and their outcomes, its breaker and retry budget.
+
+    ``abandoned``: attempts cut short by the caller's deadline (neither a success
+    nor a failure); ``last_failure``: the kind of the last failed attempt, and
+    ``last_failure_at`` when (UTC), ``None`` before any.
+    """
 
     name: str
     kind: str
@@ -89,6 +114,9 @@ class ProviderStatistics:
     retries: int
     breaker: BreakerStatistics
     retry_budget: RetryBudgetStatistics
+    abandoned: int = 0
+    last_failure: FailureKind | None = None
+    last_failure_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +179,17 @@ class _Provider:
         self.successes = 0
         self.failures = 0
         self.retries = 0
+        self.abandoned = 0
+        self.last_failure: FailureKind | None = None
+        self.last_failure_at: datetime | None = None
+
+    def failed(self, exc: LlmError) -> FailureKind:
+        """Count a failed attempt (the upstream's fault) and remember its kind."""
+        kind = failure_kind(exc)
+        self.failures += 1
+        self.last_failure = kind
+        self.last_failure_at = datetime.now(UTC)
+        return kind
 
     def statistics(self) -> ProviderStatistics:
         return ProviderStatistics(
@@ -163,6 +202,9 @@ class _Provider:
             retries=self.retries,
             breaker=self.breaker.statistics(),
             retry_budget=self.budget.statistics(),
+            abandoned=self.abandoned,
+            last_failure=self.last_failure,
+            last_failure_at=self.last_failure_at,
         )
 
 
@@ -293,9 +335,10 @@ class LlmPool:
             exc.queued = True
             raise
         except DeadlineExceeded:
-            timeout = UpstreamTimeout("llm", "no LLM answer before the deadline")
-            timeout.queued = True
-            raise timeout from None
+            # The caller's deadline, not an upstream's: no provider is blamed.
+            abandoned = CallAbandoned("llm", "no LLM answer before the deadline")
+            abandoned.queued = True
+            raise abandoned from None
 
     def would_take(self, deadline: float) -> bool:
         """Whether :meth:`classify` would queue work for *deadline* now (it queues none)."""
@@ -474,9 +517,9 @@ class LlmPool:
         if not self.healthy():
             self._recheck_dropped += 1
             return
-        deadline = trio.current_time() + max(p.cfg.timeout_s for p in self._providers)
         try:
-            classification = await self._run_chain(data, deadline, self._workers, check_time=False)
+            # No caller waits: only the upstream's own timeouts (which count) bound it.
+            classification = await self._run_chain(data, math.inf, self._workers, check_time=False)
         except trio.Cancelled:
             raise
         except LlmError as exc:
@@ -529,6 +572,10 @@ class LlmPool:
                 answer = await self._call_provider(p, image, deadline, lane)
             except LlmUnavailable:
                 continue  # breaker open: next provider, no call made
+            except CallAbandoned as exc:
+                last = exc  # the deadline has passed: the loop ends here
+                log.debug("llm_call_abandoned", provider=p.cfg.name)
+                continue
             except LlmError as exc:
                 last = exc
                 _log_failure(p.cfg, exc)
@@ -566,16 +613,23 @@ class LlmPool:
             p.attempts += 1
             if attempt == 1:
                 p.budget.record_call()  # retries are budgeted against calls actually made
+            own_timeout_at = trio.current_time() + p.cfg.timeout_s
             try:
-                with trio.move_on_at(min(deadline, trio.current_time() + p.cfg.timeout_s)):
+                with trio.move_on_at(min(deadline, own_timeout_at)):
                     answer = await client.attempt(image, lane=lane)
                     permit.success()
                     p.successes += 1
                     return answer
+                if deadline < own_timeout_at:
+                    # The caller's deadline came first: no verdict on the upstream.
+                    raise CallAbandoned(p.cfg.name, "the caller's deadline ran out first")
                 raise UpstreamTimeout(p.cfg.name, "no answer in time")
+            except CallAbandoned:
+                permit.abandon()
+                p.abandoned += 1
+                raise
             except LlmError as exc:
-                permit.failure()
-                p.failures += 1
+                permit.failure(p.failed(exc))
                 last = exc
             finally:
                 permit.abandon()  # cancelled or a bug: no verdict (a no-op after one)
