@@ -130,9 +130,12 @@ def test_two_faces_are_social_activities(classifier: LocalClassifier) -> None:
     assert evidence["rule"] == "people_detected"
 
 
-def test_prepare_runs_detectors_and_drops_the_gray_copy(classifier: LocalClassifier) -> None:
+def test_prepare_runs_detectors_and_keeps_gray_only_for_text(
+    classifier: LocalClassifier,
+) -> None:
     prepared = classifier.prepare(image("skimage:astronaut.png"))
-    assert prepared.gray is None
+    # The grayscale copy stays only when the text path (OCR models present) may read it.
+    assert (prepared.gray is not None) == (classifier.text_statistics() is not None)
     assert prepared.signals.detectors_run
     assert prepared.signals.faces == 1
     assert prepared.tensor.shape == (3, 224, 224)
