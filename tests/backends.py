@@ -8,7 +8,8 @@ Fixtures:
 ``store``
     An open :class:`xintu.store.Store` on ``store_url``, closed after the test.
 ``store_config``
-    A :class:`xintu.Config` on a fresh data directory with ``store.url = store_url``.
+    A :class:`xintu.Config` on a fresh data directory with ``store.url = store_url``
+    (and ``request_log_retention_days = 0``: tests write rows with old times).
 ``mysql_url``
     The URL of a fresh MySQL/MariaDB database made for this test session
     (``xintu_test_<random hex>``, dropped at the end), tables emptied per test.
@@ -196,7 +197,10 @@ def store_config(store_url: str, tmp_path: Path) -> Config:
     """Defaults on a fresh data directory, the store at ``store_url``."""
     data = tmp_path / "store-data"  # not "data": conftest's data_dir fixture makes that one
     data.mkdir(exist_ok=True)
-    return load_config(env={}, data={"dir": str(data)}, store={"url": store_url})
+    # Keep the request log forever: tests write rows with fixed (old) times.
+    return load_config(
+        env={}, data={"dir": str(data)}, store={"url": store_url, "request_log_retention_days": 0}
+    )
 
 
 @pytest.fixture
@@ -213,6 +217,7 @@ async def store(store_config: Config) -> AsyncIterator[Store]:
 @asynccontextmanager
 async def open_test_store(url: str, data_dir: Path, **store: Any) -> AsyncIterator[Store]:
     """A store on *url* with ``[store]`` overrides (``pool_size=2``...), closed after."""
+    store = {"request_log_retention_days": 0, **store}  # as store_config
     config = load_config(env={}, data={"dir": str(data_dir)}, store={"url": url, **store})
     opened = await open_store(config)
     try:

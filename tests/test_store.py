@@ -22,6 +22,7 @@ from xintu import Category, Classification, Config, Source, load_config
 from xintu.errors import ConfigError, StoreError, StoreUnavailable
 from xintu.store import (
     SHARED_SCOPE,
+    AlbumStats,
     AliasWrite,
     CachedEntry,
     HitIncrement,
@@ -36,10 +37,13 @@ from xintu.store import (
     sqlite_path,
 )
 from xintu.store._base import parse_time
+from xintu.store._dialect import SQLiteDialect
 from xintu.store._mysql import MySQLStore, TlsSettings, parse_mysql_url
 from xintu.store._pool import Pool, PoolStatistics
 from xintu.store._schema import SCHEMA_VERSION
+from xintu.store._sql import SqlStore
 from xintu.store._sqlite import SQLiteStore
+from xintu.store._stats import stats_queries
 
 from .backends import (
     TcpProxy,
@@ -869,6 +873,164 @@ async def test_retried_batches_count_hits_exactly_once(
                 assert found[h].last_hit_at == (at(max(m for _, m in mine)) if mine else None)
             for b in batches:
                 assert await store.get_request_log(b.logs[0].request_id) is not None
+
+
+# --- stats: counters kept as the store writes ---------------------------------------
+
+# What /api/v1/stats computed before the counters, by scanning the tables: the
+# counters must give the same answer.
+SCAN_QUERIES = {
+    "totals": "SELECT COUNT(*), COALESCE(SUM(from_cache), 0) FROM request_log",
+    "today": "SELECT COUNT(*), COALESCE(SUM(from_cache), 0) FROM request_log "
+    "WHERE created_at >= :day",
+    "sources": "SELECT COALESCE(source, 'none'), COUNT(*) FROM request_log GROUP BY source",
+    "cache": "SELECT category, COUNT(*), COALESCE(SUM(hit_count), 0), "
+    "COALESCE(SUM(CASE WHEN source = 'llm' THEN hit_count ELSE 0 END), 0) "
+    "FROM image_classification_cache GROUP BY category",
+}
+
+
+async def scanned_stats(store: Store, now: datetime) -> dict[str, Any]:
+    """The stats fields the counters replace, computed by scanning the tables."""
+    assert isinstance(store, SqlStore)
+    d = store._dialect
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+
+    async def op(conn: Any) -> dict[str, Any]:
+        return {
+            name: await conn.fetchall(d.named(sql), {"day": d.time(day)} if ":day" in sql else {})
+            for name, sql in SCAN_QUERIES.items()
+        }
+
+    rows = await store._run("scan", op, read_only=True)
+    return {
+        "requests_total": int(rows["totals"][0][0]),
+        "requests_from_cache_total": int(rows["totals"][0][1]),
+        "requests_today": int(rows["today"][0][0]),
+        "requests_from_cache_today": int(rows["today"][0][1]),
+        "sources": {str(s): int(n) for s, n in rows["sources"]},
+        "categories": {str(c): int(n) for c, n, _, _ in rows["cache"]},
+        "cache_hits_total": sum(int(h) for _, _, h, _ in rows["cache"]),
+        "llm_calls_saved": sum(int(s) for _, _, _, s in rows["cache"]),
+    }
+
+
+def counted_stats(stats: AlbumStats) -> dict[str, Any]:
+    return {
+        "requests_total": stats.requests_total,
+        "requests_from_cache_total": stats.requests_from_cache_total,
+        "requests_today": stats.requests_today,
+        "requests_from_cache_today": stats.requests_from_cache_today,
+        "sources": dict(stats.sources),
+        "categories": dict(stats.categories),
+        "cache_hits_total": stats.cache_hits_total,
+        "llm_calls_saved": stats.llm_calls_saved,
+    }
+
+
+async def write_history(store: Store, now: datetime) -> None:
+    """Batches that exercise every rule the counters follow."""
+    a, b, c = new_hash(), new_hash(), new_hash()
+    yesterday = now - timedelta(days=1)
+    local = clf(Source.LOCAL, Category.FOODS)
+    batches = [
+        # Two answers for one hash in one batch: local, then llm replaces it.
+        WriteBatch(
+            new_id(),
+            results=(ResultWrite(a, local, 1), ResultWrite(a, clf(Source.LLM), 1)),
+            logs=(log_row("r1", created_at=yesterday, source="llm"),),
+        ),
+        # A local answer that is hit, then replaced by an llm one: its hits move.
+        WriteBatch(
+            new_id(),
+            results=(ResultWrite(b, local, 1),),
+            hits=(HitIncrement(b, 3, now), HitIncrement(c, 5, now)),  # c: no row yet
+            logs=(log_row("r2", created_at=now, source="local", category="foods"),),
+        ),
+        WriteBatch(
+            new_id(),
+            results=(ResultWrite(b, clf(Source.LLM, Category.SCREENSHOT), 1),),
+            hits=(HitIncrement(b, 2, now), HitIncrement(a, 4, now)),
+            logs=(
+                log_row("r3", created_at=now, source="cache", from_cache=True),
+                log_row("r4", created_at=now, source=None, category=None),
+            ),
+        ),
+        # An llm answer is never replaced; a repeated request id is not logged again.
+        WriteBatch(
+            new_id(),
+            results=(ResultWrite(a, local, 1), ResultWrite(c, local, 1)),
+            hits=(HitIncrement(c, 1, now),),
+            logs=(log_row("r3", created_at=now, from_cache=True), log_row("r5", created_at=now)),
+        ),
+    ]
+    for batch in batches:
+        assert await store.apply(batch)
+    assert not await store.apply(batches[0])  # a replayed batch counts nothing
+
+
+async def test_stats_counters_give_what_the_scans_gave(store: Store) -> None:
+    now = datetime.now(UTC)
+    with trio.fail_after(TEST_TIMEOUT_S):
+        await write_history(store, now)
+        stats = await store.album_stats(now)
+        assert counted_stats(stats) == await scanned_stats(store, now)
+        assert counted_stats(stats) == {
+            "requests_total": 5,
+            "requests_from_cache_total": 1,
+            "requests_today": 4,
+            "requests_from_cache_today": 1,
+            "sources": {"llm": 2, "local": 1, "cache": 1, "none": 1},
+            "categories": {"pets": 1, "screenshot": 1, "foods": 1},
+            "cache_hits_total": 10,
+            "llm_calls_saved": 9,  # a: 4, b: 3 moved + 2; c is local
+        }
+
+
+async def test_the_migration_fills_the_counters_from_the_rows(
+    own_store_url: str, tmp_path: Path
+) -> None:
+    """A database of schema version 3 (no counters) gets them filled on opening."""
+    now = datetime.now(UTC)
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(own_store_url, tmp_path) as store:
+            await write_history(store, now)
+            expected = counted_stats(await store.album_stats(now))
+        # Back to version 3: the counters never existed.
+        statements = ["DROP TABLE stats_requests", "DROP TABLE stats_cache",
+                      "UPDATE schema_version SET version = 3"]  # fmt: skip
+        if own_store_url.startswith("sqlite"):
+            with sqlite3.connect(sqlite_path(own_store_url)) as conn:
+                for sql in statements:
+                    conn.execute(sql)
+            conn.close()
+        else:
+            for sql in statements:
+                await mysql_execute(own_store_url, sql)
+        async with open_test_store(own_store_url, tmp_path) as store:
+            assert counted_stats(await store.album_stats(now)) == expected
+
+
+async def test_stats_scan_no_table_that_grows(tmp_path: Path) -> None:
+    """SQLite's plans for the stats queries: only the counters are scanned; the
+    request log is read through its created_at index (the latency window)."""
+    path = tmp_path / "plans.sqlite3"
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(f"sqlite:///{path}", tmp_path):
+            pass
+    d = SQLiteDialect()
+    plans: dict[str, str] = {}
+    with sqlite3.connect(path) as conn:
+        for name, (sql, params) in stats_queries(
+            datetime.now(UTC), encode_time=d.time, encode_date=d.date
+        ).items():
+            rows = conn.execute("EXPLAIN QUERY PLAN " + d.named(sql), params).fetchall()
+            plans[name] = " | ".join(str(r[-1]) for r in rows)
+    conn.close()
+    for name, plan in plans.items():
+        assert "SCAN request_log" not in plan, (name, plan)
+        assert "SCAN image_classification_cache" not in plan, (name, plan)
+    assert "USING INDEX idx_log_created_at" in plans["latency"]
 
 
 # --- URLs and opening ------------------------------------------------------------

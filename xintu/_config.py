@@ -106,6 +106,7 @@ class StoreConfig:
     writer_batch: int = _bounded(1, 100_000)
     writer_flush_ms: int = _bounded(0, 60_000)
     writer_inbox: int = _bounded(1)
+    request_log_retention_days: int = _bounded(0, 36_500)
 
 
 @dataclass(frozen=True, slots=True)

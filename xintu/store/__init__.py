@@ -89,13 +89,16 @@ async def open_store(config: Config) -> Store:
     scheme = url.partition("://")[0].lower() if "://" in url else ""
     if scheme == "sqlite":
         return await SQLiteStore.open(
-            sqlite_path(url), query_timeout_s=config.store.query_timeout_s
+            sqlite_path(url),
+            query_timeout_s=config.store.query_timeout_s,
+            request_log_retention_days=config.store.request_log_retention_days,
         )
     if scheme in ("mysql", "mariadb"):
         return await MySQLStore.open(
             parse_mysql_url(url),
             pool_size=config.store.pool_size,
             query_timeout_s=config.store.query_timeout_s,
+            request_log_retention_days=config.store.request_log_retention_days,
         )
     raise ConfigError(
         "store.url",

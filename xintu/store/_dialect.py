@@ -10,6 +10,7 @@ differently:
 parameters             ``:name``                    ``%(name)s`` (trio-mysql's pyformat)
 a list of values       ``(:h0, :h1, ...)``          ``%(h)s`` bound to a tuple
 timestamps             fixed-width UTC text         naive UTC ``datetime`` (DATETIME(6))
+days                   ``'YYYY-MM-DD'`` text        ``date`` (DATE)
 upsert                 ``ON CONFLICT ... DO UPDATE  ``ON DUPLICATE KEY UPDATE c =
                        ... WHERE``                  IF(cond, new, c)``
 insert unless present  ``ON CONFLICT DO NOTHING``   ``ON DUPLICATE KEY UPDATE k = k``
@@ -37,7 +38,7 @@ import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from ._base import naive_utc, time_text
@@ -84,6 +85,20 @@ class Dialect:
         """*value* (aware) as this dialect stores a timestamp."""
         return naive_utc(value)
 
+    def date(self, value: date) -> Any:
+        """*value* as this dialect stores a day."""
+        return value
+
+    def day(self, column: str) -> str:
+        """SQL for the UTC day of the timestamp *column*, as :meth:`date` stores it."""
+        return f"CAST({column} AS DATE)"
+
+    def delete_oldest(self, table: str, column: str, limit: int) -> str:
+        """Delete at most *limit* rows of *table* whose *column* is below ``:cutoff``."""
+        return self.named(
+            f"DELETE FROM {table} WHERE {column} < :cutoff ORDER BY {column} LIMIT {int(limit)}"
+        )
+
     def in_list(self, name: str, values: Sequence[Any]) -> tuple[str, dict[str, Any]]:
         """``(:name0, :name1, ...)`` for *values*, and the parameters it binds."""
         marks = [f"{name}{i}" for i in range(len(values))]
@@ -125,6 +140,19 @@ class SQLiteDialect(Dialect):
     def time(self, value: datetime) -> Any:
         return time_text(value)
 
+    def date(self, value: date) -> Any:
+        return value.isoformat()
+
+    def day(self, column: str) -> str:
+        return f"substr({column}, 1, 10)"  # the date part of the fixed-width text
+
+    def delete_oldest(self, table: str, column: str, limit: int) -> str:
+        # DELETE ... LIMIT needs a compile-time option; a rowid subquery does not.
+        return (
+            f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} "
+            f"WHERE {column} < :cutoff ORDER BY {column} LIMIT {int(limit)})"
+        )
+
 
 _NAMED = re.compile(r"(?<![\w:]):([A-Za-z_]\w*)")
 
@@ -143,6 +171,9 @@ class MySQLDialect(Dialect):
 
     def named(self, sql: str) -> str:
         return _pyformat(sql)
+
+    def day(self, column: str) -> str:
+        return f"DATE({column})"
 
     def in_list(self, name: str, values: Sequence[Any]) -> tuple[str, dict[str, Any]]:
         # trio-mysql writes a tuple as a parenthesised list of literals.

@@ -66,8 +66,15 @@ from ._base import Counters, naive_utc
 from ._dialect import MySQLDialect
 from ._layout import read_mysql_layout
 from ._pool import Pool, PoolStatistics
-from ._schema import ADDED_COLUMNS, INDEXES, SCHEMA_VERSION, SCHEMA_VERSION_TABLE, TABLES
-from ._sql import FITTED_TABLES, Connection, Op, Run, SqlStore
+from ._schema import (
+    ADDED_COLUMNS,
+    INDEXES,
+    SCHEMA_VERSION,
+    SCHEMA_VERSION_TABLE,
+    STATS_VERSION,
+    TABLES,
+)
+from ._sql import FITTED_TABLES, Connection, Op, Run, SqlStore, fill_stats
 
 __all__ = [
     "MySQLConnection",
@@ -539,8 +546,19 @@ class MySQLStore(SqlStore):
     backend = "mysql"
     prune_interval_s = PRUNE_INTERVAL_S
 
-    def __init__(self, settings: MySQLSettings, *, pool_size: int, query_timeout_s: float) -> None:
-        super().__init__(MySQLDialect(), query_timeout_s=query_timeout_s)
+    def __init__(
+        self,
+        settings: MySQLSettings,
+        *,
+        pool_size: int,
+        query_timeout_s: float,
+        request_log_retention_days: int = 0,
+    ) -> None:
+        super().__init__(
+            MySQLDialect(),
+            query_timeout_s=query_timeout_s,
+            request_log_retention_days=request_log_retention_days,
+        )
         self._settings = settings
         # Built once (it reads the CA file): every pooled connection shares it.
         self._tls_context = None if settings.tls is None else settings.tls.context()
@@ -548,10 +566,20 @@ class MySQLStore(SqlStore):
 
     @classmethod
     async def open(
-        cls, settings: MySQLSettings, *, pool_size: int, query_timeout_s: float
+        cls,
+        settings: MySQLSettings,
+        *,
+        pool_size: int,
+        query_timeout_s: float,
+        request_log_retention_days: int = 0,
     ) -> MySQLStore:
         """Connect and migrate the schema; ``StoreUnavailable`` if unreachable."""
-        store = cls(settings, pool_size=pool_size, query_timeout_s=query_timeout_s)
+        store = cls(
+            settings,
+            pool_size=pool_size,
+            query_timeout_s=query_timeout_s,
+            request_log_retention_days=request_log_retention_days,
+        )
         ok = False
         try:
             await store._migrate()
@@ -654,6 +682,8 @@ class MySQLStore(SqlStore):
                     if not await _index_exists(conn, index.table, index.name, index.columns):
                         await conn.execute(index.create())
                 await _key_request_ids(conn)
+                if version < STATS_VERSION:
+                    await fill_stats(conn, self._dialect)
                 await conn.execute(
                     "INSERT INTO schema_version (id, version, updated_at) VALUES (1, %s, %s) "
                     "ON DUPLICATE KEY UPDATE version = %s, updated_at = %s",

@@ -18,6 +18,17 @@ Tables (DESIGN §5):
   foreign key (a write must not fail on it): an alias whose entry is missing is
   simply never found. Nothing deletes cache entries today; code that does must
   delete the entry's aliases in the same transaction (``idx_alias_image_hash``).
+- ``stats_requests`` and ``stats_cache``: the counters ``/api/v1/stats`` reads
+  instead of scanning the tables (added in version 4). ``stats_requests`` counts
+  ``request_log`` rows per UTC day, category (``''`` for none) and source
+  (``'none'`` for none): ``requests`` and the sum of ``from_cache``; it is not
+  pruned with the log, so totals count every request ever logged.
+  ``stats_cache`` counts ``image_classification_cache`` rows (``entries``) and the
+  sum of their ``hit_count`` (``hits``) per category and source (``''`` for none).
+  :meth:`._sql.SqlStore.apply` keeps both in the transaction that writes the rows;
+  the migration to version 4 fills them from the rows already there. Rows written
+  by anything else (the original system, a process of an older version during a
+  rolling upgrade) are not counted.
 - ``schema_version``: one row, the version this module's tables describe.
 
 Migration is additive and idempotent: tables are created if missing (so a version 1
@@ -42,6 +53,7 @@ __all__ = [
     "LIMITS",
     "SCHEMA_VERSION",
     "SCHEMA_VERSION_TABLE",
+    "STATS_VERSION",
     "TABLES",
     "AddedColumn",
     "Index",
@@ -49,8 +61,10 @@ __all__ = [
 ]
 
 # 1: cache, request log, idempotency keys, applied batches; 2: + inflight_claims;
-# 3: + image_hash_aliases.
-SCHEMA_VERSION = 3
+# 3: + image_hash_aliases; 4: + stats_requests, stats_cache (filled on migration).
+SCHEMA_VERSION = 4
+# The version that added the stats counters: a database below it gets them filled.
+STATS_VERSION = 4
 
 # Longest value (in characters) of each bounded column; the store clips free text to
 # these so that one over-long field cannot make a whole batch fail forever.
@@ -259,6 +273,40 @@ ALIASES_TABLE = Table(
         PRIMARY KEY (scope, alias_hash)""",
 )
 
+STATS_REQUESTS_TABLE = Table(
+    "stats_requests",
+    mysql="""
+        day DATE NOT NULL,
+        category VARCHAR(64) NOT NULL,
+        source VARCHAR(16) NOT NULL,
+        requests BIGINT NOT NULL DEFAULT 0,
+        from_cache BIGINT NOT NULL DEFAULT 0,
+        PRIMARY KEY (day, category, source)""",
+    sqlite="""
+        day TEXT NOT NULL,
+        category TEXT NOT NULL,
+        source TEXT NOT NULL,
+        requests INTEGER NOT NULL DEFAULT 0,
+        from_cache INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (day, category, source)""",
+)
+
+STATS_CACHE_TABLE = Table(
+    "stats_cache",
+    mysql="""
+        category VARCHAR(64) NOT NULL,
+        source VARCHAR(16) NOT NULL,
+        entries BIGINT NOT NULL DEFAULT 0,
+        hits BIGINT NOT NULL DEFAULT 0,
+        PRIMARY KEY (category, source)""",
+    sqlite="""
+        category TEXT NOT NULL,
+        source TEXT NOT NULL,
+        entries INTEGER NOT NULL DEFAULT 0,
+        hits INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (category, source)""",
+)
+
 # Created in this order; schema_version first so that its row can be read at once.
 TABLES: tuple[Table, ...] = (
     SCHEMA_VERSION_TABLE,
@@ -268,6 +316,8 @@ TABLES: tuple[Table, ...] = (
     APPLIED_BATCHES_TABLE,
     INFLIGHT_CLAIMS_TABLE,
     ALIASES_TABLE,
+    STATS_REQUESTS_TABLE,
+    STATS_CACHE_TABLE,
 )
 
 # The tables that hold data (everything but schema_version).

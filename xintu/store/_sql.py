@@ -16,8 +16,17 @@ How the operations keep their promises:
   id in ``applied_batches`` (a batch seen before is rolled back and answered
   ``False``), then writes results (the first answer wins, except that an ``llm``
   answer replaces a ``local`` one), deletes those hashes' in-flight claims, adds
-  hits, request-log rows and aliases (after the results: an alias may name one).
-  Rows are written in key order, so concurrent writers lock rows in one order.
+  hits, request-log rows and aliases (after the results: an alias may name one),
+  and last adds what it changed to the stats counters (:mod:`._stats`). To know
+  what changed it first reads, with the dialect's row lock, the cache rows of the
+  hashes it writes and the request ids it logs, and applies the store's rules to
+  them (:class:`_Counted`). Rows are written in key order, so concurrent writers
+  lock rows in one order (cache rows, then log rows, then counters).
+- Pruning (after an apply, every ``prune_interval_s``) deletes old applied batches,
+  expired idempotency keys, lapsed claims and, past ``request_log_retention_days``,
+  old ``request_log`` rows: in chunks of :data:`LOG_PRUNE_CHUNK`, each its own
+  statement, for at most :data:`LOG_PRUNE_BUDGET_S` a time; a backlog (the first
+  prune of a large old log) is worked off every :data:`LOG_PRUNE_AGAIN_S`.
 - :meth:`SqlStore.claim` runs statements that each commit on their own, so no
   lock outlives a statement: a conditional ``UPDATE`` takes over an expired claim
   (or renews the owner's own), else an insert takes a free one; if the key exists
@@ -33,8 +42,8 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import structlog
@@ -67,9 +76,24 @@ from ._base import (
 from ._dialect import Dialect, Ref, Upsert
 from ._layout import EMPTY_LAYOUT, Layout
 from ._pool import PoolStatistics
-from ._stats import AlbumStats, assemble_stats, stats_queries
+from ._stats import (
+    AlbumStats,
+    CacheKey,
+    RequestKey,
+    assemble_stats,
+    backfill_statements,
+    stats_queries,
+)
 
-__all__ = ["BATCH_RETENTION", "CLAIM_RETENTION", "Connection", "Op", "Run", "SqlStore"]
+__all__ = [
+    "BATCH_RETENTION",
+    "CLAIM_RETENTION",
+    "Connection",
+    "Op",
+    "Run",
+    "SqlStore",
+    "fill_stats",
+]
 
 T = TypeVar("T")
 
@@ -80,6 +104,11 @@ _log = structlog.get_logger("xintu.store")
 # expiry: a margin for clock skew between processes.
 BATCH_RETENTION = timedelta(days=1)
 CLAIM_RETENTION = timedelta(minutes=1)
+# request_log retention: rows deleted per statement, seconds of deleting per prune,
+# and how soon a prune that left old rows behind runs again.
+LOG_PRUNE_CHUNK = 5000
+LOG_PRUNE_BUDGET_S = 2.0
+LOG_PRUNE_AGAIN_S = 30.0
 
 
 class Connection(Protocol):
@@ -196,6 +225,80 @@ _ALIAS = Upsert(
 )
 
 
+def _always(old: Ref, new: Ref) -> str:
+    return "1 = 1"
+
+
+def _add(column: str) -> Callable[[Ref, Ref], str]:
+    def expr(old: Ref, new: Ref) -> str:
+        return f"{old(column)} + {new(column)}"
+
+    return expr
+
+
+# The stats counters (see _stats): each write adds to them.
+_STATS_REQUESTS = Upsert(
+    "stats_requests",
+    ("day", "category", "source", "requests", "from_cache"),
+    ("day", "category", "source"),
+    {"requests": _add("requests"), "from_cache": _add("from_cache")},
+    _always,
+)
+_STATS_CACHE = Upsert(
+    "stats_cache",
+    ("category", "source", "entries", "hits"),
+    ("category", "source"),
+    {"entries": _add("entries"), "hits": _add("hits")},
+    _always,
+)
+
+
+@dataclass(slots=True)
+class _Counted:
+    """What one batch adds to the stats counters, worked out from the rows it
+    locked before writing (``cache``: hash -> (category, source, hit_count) of the
+    stored rows) by the same rules the statements follow."""
+
+    cache: dict[str, tuple[str, str | None, int | None]]
+    # Request ids of the batch that request_log holds already (not logged again).
+    logged_before: set[str] = field(default_factory=set)
+    requests: dict[RequestKey, list[int]] = field(default_factory=dict)
+    cached: dict[CacheKey, list[int]] = field(default_factory=dict)
+
+    def _cache(self, category: str, source: str | None, entries: int, hits: int) -> None:
+        counts = self.cached.setdefault((category, source or ""), [0, 0])
+        counts[0] += entries
+        counts[1] += hits
+
+    def result(self, image_hash: str, category: str, source: str) -> None:
+        old = self.cache.get(image_hash)
+        if old is None:
+            self.cache[image_hash] = (category, source, 0)
+            self._cache(category, source, 1, 0)
+        elif old[1] == "local" and source == "llm":  # _llm_replaces_local
+            hits = old[2] or 0
+            self._cache(old[0], old[1], -1, -hits)
+            self._cache(category, source, 1, hits)
+            self.cache[image_hash] = (category, source, old[2])
+
+    def hit(self, image_hash: str, count: int) -> None:
+        row = self.cache.get(image_hash)
+        if row is not None and row[2] is not None:  # NULL + n stays NULL (legacy rows)
+            self.cache[image_hash] = (row[0], row[1], row[2] + count)
+            self._cache(row[0], row[1], 0, count)
+
+    def logged(self, day: date, category: str | None, source: str | None, from_cache: int) -> None:
+        counts = self.requests.setdefault((day, category or "", source or "none"), [0, 0])
+        counts[0] += 1
+        counts[1] += from_cache
+
+
+async def fill_stats(conn: Connection, dialect: Dialect) -> None:
+    """Fill the stats counters from the tables' rows (the migration that adds them)."""
+    for sql in backfill_statements(dialect.day):
+        await conn.execute(dialect.named(sql))
+
+
 _HIT = (
     f"UPDATE {_CACHE} SET hit_count = hit_count + :count, "
     "last_hit_at = CASE WHEN last_hit_at IS NULL OR last_hit_at < :at THEN :at "
@@ -295,9 +398,16 @@ class SqlStore(Store):
     # How often a store deletes old applied batches, idempotency keys and claims.
     prune_interval_s: ClassVar[float]
 
-    def __init__(self, dialect: Dialect, *, query_timeout_s: float) -> None:
+    def __init__(
+        self, dialect: Dialect, *, query_timeout_s: float, request_log_retention_days: int = 0
+    ) -> None:
+        if request_log_retention_days < 0:
+            raise ValueError(f"negative retention {request_log_retention_days!r}")
         self._dialect = dialect
         self._timeout_s = query_timeout_s
+        self._log_retention = (
+            timedelta(days=request_log_retention_days) if request_log_retention_days else None
+        )
         self._counters = Counters()
         self._last_prune = -math.inf
         self._set_layout(EMPTY_LAYOUT)
@@ -318,6 +428,9 @@ class SqlStore(Store):
         self._idem_complete_sql = d.named(_IDEM_COMPLETE)
         self._idem_release_sql = d.named(_IDEM_RELEASE)
         self._prune_sql = {name: d.named(sql) for name, sql in _PRUNE.items()}
+        self._prune_log_sql = d.delete_oldest("request_log", "created_at", LOG_PRUNE_CHUNK)
+        self._stats_requests_sql = d.upsert(_STATS_REQUESTS)
+        self._stats_cache_sql = d.upsert(_STATS_CACHE)
 
     def _set_layout(self, layout: Layout) -> None:
         """Fit what is written to *layout* (the columns the tables really have)."""
@@ -407,7 +520,7 @@ class SqlStore(Store):
 
     async def album_stats(self, now: datetime) -> AlbumStats:
         d = self._dialect
-        queries = stats_queries(now, encode_time=d.time)
+        queries = stats_queries(now, encode_time=d.time, encode_date=d.date)
 
         async def op(conn: Connection) -> dict[str, Sequence[Sequence[Any]]]:
             return {
@@ -447,6 +560,7 @@ class SqlStore(Store):
         if not await conn.insert_new(self._batch_sql, {"batch_id": p.batch_id, "at": now}):
             await conn.rollback()
             return False
+        counted = await self._lock_counted(conn, p)
         if p.results:
             rows = []
             for r in p.results:
@@ -470,6 +584,7 @@ class SqlStore(Store):
                 # Never hit yet: NULL, or (NOT NULL in the original) the time it was made.
                 row["last_hit_at"] = layout.fit(_CACHE, "last_hit_at", None, now=created)
                 rows.append(row)
+                counted.result(r.image_hash, row["category"], row["source"])
             await conn.executemany(self._upsert_sql, rows)
             # The answers are visible once this commits: their claims go with it.
             claimed = sorted({r.image_hash for r in p.results})
@@ -478,6 +593,8 @@ class SqlStore(Store):
                 await conn.execute(
                     d.named(f"DELETE FROM inflight_claims WHERE image_hash IN {in_hashes}"), params
                 )
+        for h in p.hits:
+            counted.hit(h.image_hash, h.count)
         if p.hits:
             await conn.executemany(
                 self._hit_sql,
@@ -493,6 +610,13 @@ class SqlStore(Store):
                 values["created_at"] = d.time(log.created_at)
                 fitted = layout.fit_row("request_log", values, now=now)
                 log_rows.append({name: fitted[name] for name in self._log_names})
+                if log.request_id not in counted.logged_before:
+                    counted.logged(
+                        to_utc(log.created_at).date(),
+                        fitted["category"],
+                        fitted["source"],
+                        int(fitted["from_cache"] or 0),
+                    )
             await conn.executemany(self._log_sql, log_rows)
         if p.aliases:  # after the results: an alias may name one of this batch
             await conn.executemany(
@@ -507,8 +631,62 @@ class SqlStore(Store):
                     for a in p.aliases
                 ],
             )
+        # Last: every writer's transactions meet on these few rows.
+        if counted.requests:
+            await conn.executemany(
+                self._stats_requests_sql,
+                [
+                    {
+                        "day": d.date(day),
+                        "category": category,
+                        "source": source,
+                        "requests": n,
+                        "from_cache": from_cache,
+                    }
+                    for (day, category, source), (n, from_cache) in sorted(counted.requests.items())
+                ],
+            )
+        changed = {k: v for k, v in sorted(counted.cached.items()) if v != [0, 0]}
+        if changed:
+            await conn.executemany(
+                self._stats_cache_sql,
+                [
+                    {"category": category, "source": source, "entries": n, "hits": hits}
+                    for (category, source), (n, hits) in changed.items()
+                ],
+            )
         await conn.commit()
         return True
+
+    async def _lock_counted(self, conn: Connection, p: PreparedBatch) -> _Counted:
+        """Read (and lock, in key order) the cache rows *p* writes to and the request
+        ids it logs that exist already: what the stats counters need."""
+        d = self._dialect
+        hashes = sorted({r.image_hash for r in p.results} | {h.image_hash for h in p.hits})
+        cache: dict[str, tuple[str, str | None, int | None]] = {}
+        for i in range(0, len(hashes), d.max_in_list):
+            in_hashes, params = d.in_list("h", hashes[i : i + d.max_in_list])
+            sql = (
+                f"SELECT image_hash, category, source, hit_count FROM {_CACHE} "
+                f"WHERE image_hash IN {in_hashes}" + d.lock_rows
+            )
+            for image_hash, category, source, hit_count in await conn.fetchall(
+                d.named(sql), params
+            ):
+                cache[str(image_hash)] = (
+                    str(category),
+                    None if source is None else str(source),
+                    None if hit_count is None else int(hit_count),
+                )
+        counted = _Counted(cache)
+        ids = [clip(log.request_id, "request_id") for log in p.logs]
+        for i in range(0, len(ids), d.max_in_list):
+            in_ids, params = d.in_list("r", ids[i : i + d.max_in_list])
+            sql = f"SELECT request_id FROM request_log WHERE request_id IN {in_ids}"
+            counted.logged_before.update(
+                str(row[0]) for row in await conn.fetchall(d.named(sql), params)
+            )
+        return counted
 
     async def _maybe_prune(self) -> None:
         now_s = trio.current_time()
@@ -516,6 +694,9 @@ class SqlStore(Store):
             return
         self._last_prune = now_s
         now = datetime.now(UTC)
+        if self._log_retention is not None and not await self._prune_log(now - self._log_retention):
+            # Old rows left behind: come back soon rather than a whole interval later.
+            self._last_prune = now_s - self.prune_interval_s + LOG_PRUNE_AGAIN_S
         params = {
             "cutoff": self._dialect.time(now - BATCH_RETENTION),
             "lapsed": self._dialect.time(now - CLAIM_RETENTION),
@@ -537,6 +718,30 @@ class SqlStore(Store):
                     idempotency_keys=deleted["keys"],
                     claims=deleted["claims"],
                 )
+
+    async def _prune_log(self, cutoff: datetime) -> bool:
+        """Delete ``request_log`` rows older than *cutoff*, a chunk a statement, for
+        at most :data:`LOG_PRUNE_BUDGET_S`; ``True`` if none is left."""
+        params = {"cutoff": self._dialect.time(cutoff)}
+
+        async def op(conn: Connection) -> int:
+            return await conn.execute(self._prune_log_sql, params)
+
+        deleted, done = 0, False
+        until = trio.current_time() + LOG_PRUNE_BUDGET_S
+        try:
+            while trio.current_time() < until:
+                n = await self._run("prune_request_log", op)
+                deleted += n
+                if n < LOG_PRUNE_CHUNK:
+                    done = True
+                    break
+        except StoreError as exc:
+            _log.warning("store_prune_failed", backend=self.backend, error=str(exc))
+            done = True  # not a backlog: try again at the next interval
+        if deleted:
+            _log.info("store_pruned", backend=self.backend, request_log=deleted, done=done)
+        return done
 
     # --- in-flight claims ---------------------------------------------------------
 

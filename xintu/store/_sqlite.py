@@ -44,8 +44,15 @@ from ..errors import StoreError, StoreRejected, StoreUnavailable
 from ._base import Counters, time_text
 from ._dialect import SQLiteDialect
 from ._pool import PoolStatistics
-from ._schema import ADDED_COLUMNS, INDEXES, SCHEMA_VERSION, SCHEMA_VERSION_TABLE, TABLES
-from ._sql import Connection, Op, Run, SqlStore
+from ._schema import (
+    ADDED_COLUMNS,
+    INDEXES,
+    SCHEMA_VERSION,
+    SCHEMA_VERSION_TABLE,
+    STATS_VERSION,
+    TABLES,
+)
+from ._sql import Connection, Op, Run, SqlStore, fill_stats
 
 __all__ = ["SQLiteStore"]
 
@@ -176,8 +183,14 @@ class SQLiteStore(SqlStore):
     backend = "sqlite"
     prune_interval_s = PRUNE_INTERVAL_S
 
-    def __init__(self, path: Path, *, query_timeout_s: float) -> None:
-        super().__init__(SQLiteDialect(), query_timeout_s=query_timeout_s)
+    def __init__(
+        self, path: Path, *, query_timeout_s: float, request_log_retention_days: int = 0
+    ) -> None:
+        super().__init__(
+            SQLiteDialect(),
+            query_timeout_s=query_timeout_s,
+            request_log_retention_days=request_log_retention_days,
+        )
         self._path = path
         self._writer = _Lane("write")
         self._reader = _Lane("read")
@@ -185,9 +198,15 @@ class SQLiteStore(SqlStore):
         self._closed = False
 
     @classmethod
-    async def open(cls, path: Path, *, query_timeout_s: float) -> SQLiteStore:
+    async def open(
+        cls, path: Path, *, query_timeout_s: float, request_log_retention_days: int = 0
+    ) -> SQLiteStore:
         """Open (creating the file and its directory) and migrate the schema."""
-        store = cls(path, query_timeout_s=query_timeout_s)
+        store = cls(
+            path,
+            query_timeout_s=query_timeout_s,
+            request_log_retention_days=request_log_retention_days,
+        )
         ok = False
         try:
             await store._open()
@@ -298,6 +317,8 @@ class SQLiteStore(SqlStore):
                     )
             for index in INDEXES:
                 await conn.execute(index.create(if_not_exists=True))
+            if version < STATS_VERSION:
+                await fill_stats(conn, self._dialect)
             await conn.execute(
                 "INSERT INTO schema_version (id, version, updated_at) VALUES (1, ?, ?) "
                 "ON CONFLICT (id) DO UPDATE SET version = excluded.version, "

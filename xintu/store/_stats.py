@@ -2,21 +2,40 @@
 
 The queries are shared by every backend (written with ``:name`` parameters; the
 dialect spells them and encodes the times); the shared store runs
-:func:`stats_queries` and hands the rows to :func:`assemble_stats`. Every query
-is bounded: totals use ``COUNT`` on indexed ranges, latencies read at most
-:data:`LATENCY_SAMPLE` recent rows.
+:func:`stats_queries` and hands the rows to :func:`assemble_stats`. No query
+grows with the tables: totals, today's counts, sources, categories and hits are
+read from the counters the store keeps as it writes (``stats_requests`` and
+``stats_cache``, :mod:`._schema`; a few rows per day), and latencies read at
+most :data:`LATENCY_SAMPLE` recent rows of ``request_log`` through its
+``created_at`` index. The answer is the one the full scans of ``request_log``
+and ``image_classification_cache`` gave (:func:`backfill_statements` are those
+scans, run once when the counters are created), except that requests pruned
+from the log by its retention still count.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import numpy as np
 
-__all__ = ["LATENCY_SAMPLE", "AlbumStats", "assemble_stats", "stats_queries"]
+__all__ = [
+    "LATENCY_SAMPLE",
+    "AlbumStats",
+    "CacheKey",
+    "RequestKey",
+    "assemble_stats",
+    "backfill_statements",
+    "stats_queries",
+]
+
+# A stats_requests row's key: (UTC day, category or "", source or "none").
+RequestKey = tuple[date, str, str]
+# A stats_cache row's key: (category, source or "").
+CacheKey = tuple[str, str]
 
 # Most request_log rows read for the latency percentiles.
 LATENCY_SAMPLE = 20_000
@@ -68,26 +87,33 @@ class AlbumStats:
 
 
 def stats_queries(
-    now: datetime, *, encode_time: Callable[[datetime], Any]
+    now: datetime,
+    *,
+    encode_time: Callable[[datetime], Any],
+    encode_date: Callable[[date], Any],
 ) -> dict[str, tuple[str, dict[str, Any]]]:
     """Name → (SQL with ``:name`` parameters, parameters) for one stats computation."""
-    day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    today = now.astimezone(UTC).date()
     window = now - LATENCY_WINDOW
     return {
-        "totals": ("SELECT COUNT(*), COALESCE(SUM(from_cache), 0) FROM request_log", {}),
+        "totals": (
+            "SELECT COALESCE(SUM(requests), 0), COALESCE(SUM(from_cache), 0) FROM stats_requests",
+            {},
+        ),
         "today": (
-            "SELECT COUNT(*), COALESCE(SUM(from_cache), 0) FROM request_log "
-            "WHERE created_at >= :day",
-            {"day": encode_time(day)},
+            "SELECT COALESCE(SUM(requests), 0), COALESCE(SUM(from_cache), 0) "
+            "FROM stats_requests WHERE day >= :day",
+            {"day": encode_date(today)},
         ),
         "sources": (
-            "SELECT COALESCE(source, 'none'), COUNT(*) FROM request_log GROUP BY source",
+            "SELECT source, SUM(requests) FROM stats_requests GROUP BY source "
+            "HAVING SUM(requests) > 0",
             {},
         ),
         "cache": (
-            "SELECT category, COUNT(*), COALESCE(SUM(hit_count), 0), "
-            "COALESCE(SUM(CASE WHEN source = 'llm' THEN hit_count ELSE 0 END), 0) "
-            "FROM image_classification_cache GROUP BY category",
+            "SELECT category, SUM(entries), SUM(hits), "
+            "SUM(CASE WHEN source = 'llm' THEN hits ELSE 0 END) "
+            "FROM stats_cache GROUP BY category HAVING SUM(entries) > 0",
             {},
         ),
         "latency": (
@@ -96,6 +122,21 @@ def stats_queries(
             {"since": encode_time(window)},
         ),
     }
+
+
+def backfill_statements(day: Callable[[str], str]) -> tuple[str, ...]:
+    """Fill the counters from the rows already in the tables (one full scan of each);
+    *day* is the dialect's SQL for a timestamp column's UTC day."""
+    return (
+        "DELETE FROM stats_requests",
+        "DELETE FROM stats_cache",
+        "INSERT INTO stats_requests (day, category, source, requests, from_cache) "
+        f"SELECT {day('created_at')}, COALESCE(category, ''), COALESCE(source, 'none'), "
+        "COUNT(*), COALESCE(SUM(from_cache), 0) FROM request_log GROUP BY 1, 2, 3",
+        "INSERT INTO stats_cache (category, source, entries, hits) "
+        "SELECT category, COALESCE(source, ''), COUNT(*), COALESCE(SUM(hit_count), 0) "
+        "FROM image_classification_cache GROUP BY 1, 2",
+    )
 
 
 def assemble_stats(now: datetime, rows: Mapping[str, Sequence[Sequence[Any]]]) -> AlbumStats:
