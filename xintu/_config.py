@@ -107,6 +107,7 @@ class StoreConfig:
     writer_flush_ms: int = _bounded(0, 60_000)
     writer_inbox: int = _bounded(1)
     request_log_retention_days: int = _bounded(0, 36_500)
+    read_error_budget: int = _bounded(0, 1_000_000)
 
 
 @dataclass(frozen=True, slots=True)

@@ -161,7 +161,12 @@ class Runtime:
             flush_ms=config.store.writer_flush_ms,
             journal_dir=config.data_dir / "journal",
         )
-        self.cache = Cache(store, Lru(config.store.lru_size), self.writer)
+        self.cache = Cache(
+            store,
+            Lru(config.store.lru_size),
+            self.writer,
+            read_error_budget=config.store.read_error_budget,
+        )
         self.local = LocalPool(
             model,
             inbox_size=config.model.inbox_size,
