@@ -245,6 +245,8 @@ def full_config(
         },
         # Much traffic from one address: keep the rate limiter out of the way.
         ratelimit={"rate_per_s": 0.0},
+        # A store outage fails readiness here, so that its reason is rendered too.
+        server={"ready_without_store": False},
         log={"level": "debug", "format": log_format},
         llm={
             "retry_max_attempts": 3,
