@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from .._context import Bench
 from .._report import Outcome
-from . import bookkeeping, burst, coalescing, hits, local, outage, scale
+from . import bookkeeping, burst, coalescing, growth, hits, local, outage, scale
 
 __all__ = ["SCENARIOS", "Scenario"]
 
@@ -27,4 +27,5 @@ SCENARIOS: dict[str, tuple[Scenario, str]] = {
     "coalescing": (coalescing.run, "many concurrent requests over a few new photos"),
     "scale": (scale.run, "the hits scenario with --workers 1 and --workers 2"),
     "bookkeeping": (bookkeeping.run, "batch-check-cache x100 at max: hits exact, no writer drops"),
+    "growth": (growth.run, "stats at BENCH_GROWTH_ROWS log rows (opt-in; bulk-loaded SQLite)"),
 }
