@@ -56,12 +56,13 @@ async def test_old_request_log_rows_are_pruned_and_still_counted(
 
 
 def test_retention_is_a_checked_setting() -> None:
-    assert load_config(env={}).store.request_log_retention_days == 90
+    # Kept by default: a database taken over from the original keeps its log.
+    assert load_config(env={}).store.request_log_retention_days == 0
     assert (
         load_config(
-            env={"XINTU_STORE_REQUEST_LOG_RETENTION_DAYS": "0"}
+            env={"XINTU_STORE_REQUEST_LOG_RETENTION_DAYS": "90"}
         ).store.request_log_retention_days
-        == 0
+        == 90
     )
     with pytest.raises(ConfigError) as info:
         load_config(env={"XINTU_STORE_REQUEST_LOG_RETENTION_DAYS": "-1"})
