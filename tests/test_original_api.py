@@ -209,6 +209,9 @@ async def test_metric_labels_take_no_method_string_from_the_client(serving: Serv
         text = await (await client.get("/metrics")).get_data(as_text=True)
     assert "BREW" not in text
     assert 'method="other"' in text
+    # Store read errors are exported by how they were answered (none here).
+    assert 'xintu_cache_store_read_errors_total{answered="miss"} 0.0' in text
+    assert 'xintu_cache_store_read_errors_total{answered="refused"} 0.0' in text
 
 
 async def test_cache_checks_leave_the_evidence_out_unless_asked(serving: Serving) -> None:

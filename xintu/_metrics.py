@@ -74,6 +74,13 @@ class Metrics:
         self.cache_lookups = Counter(
             "xintu_cache_lookups", "Cache lookups by result.", ["result"], registry=r
         )
+        self.cache_read_errors = Counter(
+            "xintu_cache_store_read_errors",
+            "Hashes whose store read failed, by how they were answered: as a miss "
+            "(within store.read_error_budget: re-classified) or refused (503).",
+            ["answered"],
+            registry=r,
+        )
         self.classifications = Counter(
             "xintu_classifications",
             "Classifications made (cache misses) by classifier.",
@@ -262,6 +269,12 @@ class Metrics:
         self.lru_entries.set(c.lru_size)
         self._advance(self.cache_lookups.labels("hit"), "hit", c.lru_hits + c.store_hits)
         self._advance(self.cache_lookups.labels("miss"), "miss", c.misses)
+        self._advance(
+            self.cache_read_errors.labels("miss"), "read_error_miss", c.store_error_misses
+        )
+        self._advance(
+            self.cache_read_errors.labels("refused"), "read_error_refused", c.store_error_refusals
+        )
         self._advance(self.shed.labels("overloaded"), "shed", d.refused)
         self._advance(self.shed.labels("deadline"), "shed_deadline", stats.shed_for_deadline)
         self._advance(self.coalesced_replicas, "waited_hits", d.waited_hits)
