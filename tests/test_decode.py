@@ -25,6 +25,14 @@ from xintu import Config, load_config
 from xintu._config import ImagesConfig
 from xintu.errors import BadImage, ClientError, PayloadTooLarge, TooManyPixels, UnsupportedFormat
 from xintu.vision import DecodedImage, decode_image
+from xintu.vision._decode import (
+    RESIZE_SHORTER,
+    WORK_LONG_SIDE,
+    classifier_tensor,
+    decode_safely,
+    detector_gray,
+    draft_request,
+)
 
 ACCEPTED = "JPEG, PNG, WEBP, GIF, BMP, TIFF, MPO, HEIF, AVIF"
 
@@ -255,9 +263,65 @@ def test_large_jpeg_takes_the_draft_path(images: ImagesConfig) -> None:
     arr = rng.integers(0, 255, (3000, 4000, 3), dtype=np.uint8)
     decoded = decode_image(encode(Image.fromarray(arr), "JPEG", quality=70), images)
     assert (decoded.width, decoded.height) == (4000, 3000)
-    assert decoded.decoded_size == (1000, 750)  # 1/4 scale: both sides still >= 640
+    assert decoded.decoded_size == (1000, 750)  # 1/4: longest side >= 640, shorter >= 256
     assert decoded.gray is not None
     assert decoded.gray.shape == (480, 640)
+
+
+@pytest.mark.parametrize(
+    ("size", "decoded_size", "gray_shape"),
+    [
+        ((1920, 1080), (960, 540), (360, 640)),  # 1/2; asking 640 of both sides kept 1/1
+        ((4000, 2250), (1000, 563), (360, 640)),  # 1/4; it kept 1/2
+        ((2250, 4000), (563, 1000), (640, 360)),  # portrait: the same by the longest side
+        ((6000, 4000), (750, 500), (427, 640)),  # 1/8; it kept 1/4
+        ((5200, 300), (5200, 300), (37, 640)),  # a panorama: its shorter side (< 512) decides
+        ((800, 200), (800, 200), (160, 640)),  # under 2x the working size: full size
+    ],
+)
+def test_jpeg_draft_decodes_at_what_the_models_need(
+    images: ImagesConfig,
+    size: tuple[int, int],
+    decoded_size: tuple[int, int],
+    gray_shape: tuple[int, int],
+) -> None:
+    """The working image keeps its longest side >= WORK_LONG_SIDE (640, the
+    detectors') and its shorter side >= 256 (the classifier's resize) where the
+    photo has them, and is no larger than that allows."""
+    data = encode(solid("RGB", (120, 140, 160), size), "JPEG", quality=80)
+    decoded = decode_image(data, images)
+    assert (decoded.width, decoded.height) == size
+    assert decoded.decoded_size == decoded_size
+    assert decoded.gray is not None
+    assert decoded.gray.shape == gray_shape
+    np.testing.assert_allclose(centre(decoded), (120, 140, 160), atol=3)
+
+
+def test_draft_request_in_the_images_orientation() -> None:
+    assert draft_request((4000, 3000)) == (WORK_LONG_SIDE, RESIZE_SHORTER)
+    assert draft_request((3000, 4000)) == (RESIZE_SHORTER, WORK_LONG_SIDE)
+    assert draft_request((300, 200)) == (300, 200)  # never more than the image
+    assert draft_request((4000, 3000), 320, 128) == (320, 128)
+
+
+def test_safe_decode_keeps_the_limits_and_gives_the_working_image(
+    images: ImagesConfig,
+) -> None:
+    """decode_safely is the limits and one decode; each model's preprocessing
+    (classifier_tensor, detector_gray) starts from its working image."""
+    data = encode(solid("RGB", (10, 200, 30), (4000, 3000)), "JPEG", quality=80)
+    safe = decode_safely(data, images)
+    assert (safe.width, safe.height, safe.format) == (4000, 3000, "JPEG")
+    assert safe.rgb.mode == "RGB"
+    assert safe.rgb.size == safe.decoded_size == (1000, 750)
+    small = decode_safely(data, images, long_side=320, short_side=128)
+    assert small.rgb.size == (500, 375)  # 1/8
+    assert classifier_tensor(safe.rgb).shape == (3, 224, 224)
+    assert detector_gray(safe.rgb).shape == (480, 640)
+    assert detector_gray(safe.rgb, 200).shape == (150, 200)
+    tight = dataclasses.replace(images, max_pixels=4000 * 3000 - 1)
+    with pytest.raises(TooManyPixels):
+        decode_safely(data, tight)
 
 
 def test_png_is_decoded_at_full_size(images: ImagesConfig) -> None:

@@ -1,18 +1,32 @@
 """Bytes in, model tensor and detector image out: one Pillow decode per upload.
 
-:func:`decode_image` is the only place where untrusted image bytes meet Pillow. It
-checks, in this order, and before any pixel is decoded:
+Two steps, kept apart:
+
+- the safe decode, :func:`decode_safely`: every limit on untrusted bytes, then one
+  decode to an upright RGB *working image* (:class:`SafeImage`), no larger than the
+  models need;
+- per-model preprocessing of that working image: :func:`classifier_tensor`
+  (EfficientNet-Lite0's resize, crop and normalisation) and :func:`detector_gray`
+  (the detectors' grayscale image, longest side :data:`DETECT_MAX_SIDE`).
+
+:func:`decode_image` runs both and the pixel statistics; it is what the classifier
+calls. :func:`decode_safely` is the only place where untrusted image bytes meet
+Pillow. It checks, in this order, and before any pixel is decoded:
 
 1. the byte count (:class:`~xintu.errors.PayloadTooLarge`, 413),
 2. that the bytes are an image at all (:class:`~xintu.errors.BadImage`, 400),
 3. that the format is accepted (:class:`~xintu.errors.UnsupportedFormat`, 415),
 4. the pixel count from the header (:class:`~xintu.errors.TooManyPixels`, 413).
 
-Then it decodes once, at reduced scale for large JPEGs (draft mode: a 12 MP photo
-decodes at 1/4 scale), applies the EXIF orientation, converts every mode to RGB
-(alpha composited on white, 16-bit and float images scaled, not clipped), and
-produces from that one image both the classifier's normalised 224x224 tensor and a
-larger grayscale copy for the detectors (longest side :data:`DETECT_MAX_SIDE`).
+Then it decodes once, applies the EXIF orientation and converts every mode to RGB
+(alpha composited on white, 16-bit and float images scaled, not clipped). JPEGs
+decode at reduced scale (Pillow's draft mode: libjpeg scales by 1/2, 1/4 or 1/8
+inside the IDCT): the smallest scale whose longest side stays at least the working
+size (:data:`WORK_LONG_SIDE`, what the detectors read) and whose shorter side stays
+at least :data:`RESIZE_SHORTER` (what the classifier's resize needs); see
+:func:`draft_request`. A 4000x3000 photo decodes at 1000x750, a 4000x2250 one at
+1000x563, a 1920x1080 one at 960x540. Entropy decoding still reads every byte, so a
+12 MP JPEG costs ~20 ms even so (~60 ms at full size).
 
 Pillow's own decompression-bomb guard stays on: its
 :class:`~PIL.Image.DecompressionBombWarning` is turned into an error once per
@@ -47,15 +61,26 @@ __all__ = [
     "CROP_SIZE",
     "DETECT_MAX_SIDE",
     "RESIZE_SHORTER",
+    "WORK_LONG_SIDE",
     "DecodedImage",
+    "SafeImage",
+    "classifier_tensor",
     "decode_image",
+    "decode_safely",
+    "detector_gray",
+    "draft_request",
 ]
 
 #: The classifier's preprocessing: shorter side to 256 (bilinear), centre crop 224.
 RESIZE_SHORTER = 256
 CROP_SIZE = 224
-#: Longest side of the grayscale image the detectors see.
+#: Longest side of the grayscale image the detectors (faces, text, card outline)
+#: see. The working image is decoded with its longest side at least this.
 DETECT_MAX_SIDE = 640
+#: Least longest side of the decoded working image (JPEG draft mode stops above it).
+#: Lowering it below 500 lets a 12 MP 4:3 JPEG decode at 1/8 instead of 1/4 (~4 ms
+#: less), at the price of a smaller detector image.
+WORK_LONG_SIDE = DETECT_MAX_SIDE
 #: Longest side of the RGB thumbnail used for colour statistics (nearest-neighbour,
 #: so that flat UI colours survive exactly).
 STATS_MAX_SIDE = 256
@@ -94,6 +119,24 @@ class DecodedImage:
     signals: ImageSignals
     decoded_size: tuple[int, int] = (0, 0)
     gray: _U8Array | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class SafeImage:
+    """An upload that passed every limit, decoded once (:func:`decode_safely`).
+
+    ``rgb`` is the upright 8-bit RGB working image: the full image, or for a JPEG a
+    1/2, 1/4 or 1/8 scale of it (:func:`draft_request`). ``width``/``height`` are the
+    full-size dimensions after EXIF orientation, ``decoded_size`` the size Pillow
+    decoded (before orientation), ``exif_camera`` whether camera EXIF is present.
+    """
+
+    rgb: Image.Image
+    width: int
+    height: int
+    format: str
+    exif_camera: bool
+    decoded_size: tuple[int, int]
 
 
 _setup_lock = threading.Lock()
@@ -259,8 +302,9 @@ def _scale_to_u8(arr: npt.NDArray[np.generic]) -> _U8Array:
     return out
 
 
-def _tensor(rgb: Image.Image) -> _FloatArray:
-    """Shorter side to 256 (bilinear), centre crop 224, (x - 127) / 128, CHW float32.
+def classifier_tensor(rgb: Image.Image) -> _FloatArray:
+    """EfficientNet-Lite0's input from an RGB image: shorter side to 256 (bilinear),
+    centre crop 224, ``(x - 127) / 128``, CHW float32, C-contiguous.
 
     Resizing only the crop's source box gives the same pixels as resizing the
     whole image and then cropping, for a fraction of the work.
@@ -277,9 +321,39 @@ def _tensor(rgb: Image.Image) -> _FloatArray:
         (top + CROP_SIZE) * h / rh,
     )
     crop = rgb.resize((CROP_SIZE, CROP_SIZE), Image.Resampling.BILINEAR, box=box)
-    arr = np.asarray(crop, dtype=np.float32)
-    chw: _FloatArray = np.ascontiguousarray(((arr - 127.0) / 128.0).transpose(2, 0, 1))
+    hwc: _U8Array = np.asarray(crop, dtype=np.uint8)
+    # One pass into the CHW output; * (1/128) equals / 128 exactly (a power of two).
+    chw: _FloatArray = np.empty((3, CROP_SIZE, CROP_SIZE), dtype=np.float32)
+    np.subtract(hwc.transpose(2, 0, 1), np.float32(127.0), out=chw, dtype=np.float32)
+    chw *= np.float32(1.0 / 128.0)
     return chw
+
+
+def detector_gray(rgb: Image.Image, max_side: int = DETECT_MAX_SIDE) -> _U8Array:
+    """The detectors' uint8 grayscale image: *rgb* with its longest side at most
+    *max_side* (bilinear, Pillow's antialiasing)."""
+    gray_img = rgb.convert("L")
+    size = _fit(gray_img.size, max_side)
+    if size != gray_img.size:
+        gray_img = gray_img.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    gray: _U8Array = np.asarray(gray_img, dtype=np.uint8)
+    return gray
+
+
+def draft_request(
+    size: tuple[int, int], long_side: int = WORK_LONG_SIDE, short_side: int = RESIZE_SHORTER
+) -> tuple[int, int]:
+    """The size to ask of ``Image.draft`` for an image of *size* (width, height).
+
+    Pillow's JPEG draft picks the largest of 1/8, 1/4, 1/2 with each side still at
+    least the requested one; asking for (long, short) in the image's orientation
+    keeps the longest side >= *long_side* and the shorter >= *short_side*, and no
+    more (asking *long_side* of both sides would keep the shorter side at it too).
+    """
+    w, h = size
+    if w >= h:
+        return max(1, min(long_side, w)), max(1, min(short_side, h))
+    return max(1, min(short_side, w)), max(1, min(long_side, h))
 
 
 def _fit(size: tuple[int, int], max_side: int) -> tuple[int, int]:
@@ -290,8 +364,18 @@ def _fit(size: tuple[int, int], max_side: int) -> tuple[int, int]:
     return max(1, round(w * s)), max(1, round(h * s))
 
 
-def decode_image(data: bytes, images: ImagesConfig) -> DecodedImage:
-    """Decode and preprocess one upload; thread-safe, CPU-bound (run it in a thread).
+def decode_safely(
+    data: bytes,
+    images: ImagesConfig,
+    *,
+    long_side: int = WORK_LONG_SIDE,
+    short_side: int = RESIZE_SHORTER,
+) -> SafeImage:
+    """Check *data* against every limit, then decode it once to an upright RGB image.
+
+    JPEGs decode at the smallest draft scale that keeps the longest side >=
+    *long_side* and the shorter side >= *short_side* (see :func:`draft_request`);
+    other formats at full size. Thread-safe, CPU-bound (run it in a thread).
 
     Raises :class:`PayloadTooLarge`, :class:`BadImage`, :class:`UnsupportedFormat`
     or :class:`TooManyPixels` (see the module docstring); each message is safe to
@@ -313,44 +397,59 @@ def decode_image(data: bytes, images: ImagesConfig) -> DecodedImage:
     if width * height > images.max_pixels:
         raise _too_many_pixels(width, height, images.max_pixels)
     orientation, exif_camera = _exif_info(img)
-    rgb = _decode_rgb(img, fmt, orientation, images.max_pixels)
+    draft = draft_request((width, height), long_side, short_side)
+    rgb = _decode_rgb(img, fmt, orientation, images.max_pixels, draft)
     decoded_size = img.size
     if orientation in (5, 6, 7, 8):
         width, height = height, width
-    tensor = _tensor(rgb)
-    gray_img = rgb.convert("L")
-    dsize = _fit(gray_img.size, DETECT_MAX_SIDE)
-    if dsize != gray_img.size:
-        gray_img = gray_img.resize(dsize, Image.Resampling.BILINEAR, reducing_gap=2.0)
-    gray: _U8Array = np.asarray(gray_img, dtype=np.uint8)
+    return SafeImage(
+        rgb=rgb,
+        width=width,
+        height=height,
+        format=fmt,
+        exif_camera=exif_camera,
+        decoded_size=decoded_size,
+    )
+
+
+def decode_image(data: bytes, images: ImagesConfig) -> DecodedImage:
+    """Decode and preprocess one upload; thread-safe, CPU-bound (run it in a thread).
+
+    :func:`decode_safely`, then :func:`classifier_tensor`, :func:`detector_gray` and
+    the pixel statistics. Raises the errors of :func:`decode_safely`.
+    """
+    safe = decode_safely(data, images)
+    rgb = safe.rgb
+    tensor = classifier_tensor(rgb)
+    gray = detector_gray(rgb, DETECT_MAX_SIDE)
     ssize = _fit(rgb.size, STATS_MAX_SIDE)
     small = rgb.resize(ssize, Image.Resampling.NEAREST) if ssize != rgb.size else rgb
     signals = measure_pixels(
         np.asarray(small, dtype=np.uint8),
         gray,
-        width=width,
-        height=height,
-        image_format=fmt,
-        exif_camera=exif_camera,
+        width=safe.width,
+        height=safe.height,
+        image_format=safe.format,
+        exif_camera=safe.exif_camera,
     )
     return DecodedImage(
         tensor=tensor,
-        width=width,
-        height=height,
-        format=fmt,
+        width=safe.width,
+        height=safe.height,
+        format=safe.format,
         signals=signals,
-        decoded_size=decoded_size,
+        decoded_size=safe.decoded_size,
         gray=gray,
     )
 
 
-def _decode_rgb(img: Image.Image, fmt: str, orientation: int, max_pixels: int) -> Image.Image:
-    """Decode the first frame (at reduced scale for big JPEGs) to an upright RGB copy."""
+def _decode_rgb(
+    img: Image.Image, fmt: str, orientation: int, max_pixels: int, draft: tuple[int, int]
+) -> Image.Image:
+    """Decode the first frame (JPEGs at the *draft* scale) to an upright RGB copy."""
     try:
         if fmt in ("JPEG", "MPO"):
-            # Decode at 1/2, 1/4 or 1/8 scale while both sides stay >= the
-            # detector size (which is larger than the classifier's 256).
-            img.draft("RGB", (DETECT_MAX_SIDE, DETECT_MAX_SIDE))
+            img.draft("RGB", draft)
         img.load()
         frame: Image.Image = img
         if orientation != 1:
