@@ -56,7 +56,7 @@ def test_config_show_redacts_and_names_origins(
     out = capsys.readouterr().out
     assert "hunter2" not in out
     assert 'url = "mysql://app:***@db:3306/xintu"  # env' in out
-    assert "max_batch = 8  # default" in out
+    assert "max_batch = 1  # default" in out
 
 
 def test_bad_configuration_stops_with_the_key(

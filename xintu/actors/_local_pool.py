@@ -8,6 +8,18 @@
               batch channel ──▶ inference runners (M threads under a CapacityLimiter)
                                  gather ≤ max_batch or max_wait_ms, one session.run
 
+Batching: one runner gathers at a time (the others wait their turn), so a backlog of
+prepared images becomes full batches instead of being split between runners. After
+its first image, a runner waits up to ``max_wait_ms`` for more, but only while more
+are on the way (jobs queued in the inbox, being prepared, or prepared and waiting):
+a lone job is never held back. Batches form when inference is the bottleneck (a
+backlog of prepared images builds up). When preparation is (decoding and detectors
+take longer than a session run, as on a CPU), images reach the runners one at a
+time, a ``max_wait_ms`` shorter than a preparation closes every batch at one, and
+that is right: a bigger batch could not be served sooner, since the runners are
+idle, waiting for preparation. On a CPU a session run costs the same per image at
+any batch size, so ``model.max_batch`` defaults to 1 (BENCHMARKS.md, "Local path").
+
 It is a :class:`~xintu.actors.Classifier` (the chain's fallback): :meth:`LocalPool.classify`
 puts an envelope (:mod:`._envelope`: the request and its reply channel of buffer 1)
 into the inbox with ``send_nowait`` (a full inbox is :class:`~xintu.errors.Overloaded`
@@ -116,8 +128,15 @@ class LocalPool:
         )
         self._decode_limiter = trio.CapacityLimiter(decode_threads)
         self._infer_limiter = trio.CapacityLimiter(inference_threads)
+        # One runner gathers at a time: runners do not split a backlog between them.
+        self._gather_lock = trio.Lock()
         self._max_queued = inbox_size
         self._decoding = 0
+        # Jobs admitted whose image has not reached the batch channel yet (queued or
+        # being prepared): changed with no checkpoint between it and the hand-over.
+        self._unprepared = 0
+        # The gathering runner parks here; woken by every image handed over or failed.
+        self._progress = trio.lowlevel.ParkingLot()
         self._inferring = 0
         self._completed = 0
         self._failed = 0
@@ -176,6 +195,7 @@ class LocalPool:
             send.close()
             receive.close()
             raise Draining("the service is shutting down") from None
+        self._unprepared += 1
         return await wait_reply(receive, math.inf)
 
     async def classify_now(self, request: ClassifyRequest) -> Classification:
@@ -190,6 +210,7 @@ class LocalPool:
             raise ClassifierError("the local classifier is not running")
         self._urgent += 1
         self._decoding += 1
+        self._unprepared += 1
         try:
             # Not timed: its wait for a thread is not a preparation time.
             decoded = await trio.to_thread.run_sync(
@@ -202,6 +223,8 @@ class LocalPool:
             raise _as_error(exc) from exc
         finally:
             self._decoding -= 1
+            self._unprepared -= 1
+            self._progress.unpark_all()
         send, receive = open_reply(Classification)
         try:
             await self._urgent_send.send((decoded, Envelope(request, math.inf, send)))
@@ -268,24 +291,50 @@ class LocalPool:
                 continue
             finally:
                 self._decoding -= 1
+                self._unprepared -= 1
+                self._progress.unpark_all()
             await batch_send.send((decoded, job))
 
     async def _infer_loop(self) -> None:
-        receive = self._batch_receive
         while True:
-            try:
-                first = await receive.receive()
-            except (trio.EndOfChannel, trio.ClosedResourceError):
+            async with self._gather_lock:
+                batch = await self._gather()
+            if not batch:
                 return
-            batch = [first]
-            if len(batch) < self._max_batch:
-                with trio.move_on_after(self._max_wait_s):
-                    while len(batch) < self._max_batch:
-                        try:
-                            batch.append(await receive.receive())
-                        except (trio.EndOfChannel, trio.ClosedResourceError):
-                            break
             await self._infer(batch)
+
+    async def _gather(self) -> list[tuple[object, _Job]]:
+        """The next batch: one image, then more up to ``max_batch`` while more are on
+        the way, for at most ``max_wait_ms`` after the first; [] once the channel ends.
+
+        "On the way" is ``_unprepared``: it drops with no checkpoint before the image
+        is in the channel (Trio's ``send`` does not yield first), and every image
+        handed over or failed wakes the gathering runner to look again.
+        """
+        receive = self._batch_receive
+        try:
+            batch = [await receive.receive()]
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            return []
+        deadline = trio.current_time() + self._max_wait_s
+        while len(batch) < self._max_batch:
+            try:
+                batch.append(receive.receive_nowait())
+                continue
+            except trio.WouldBlock:
+                pass
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            if self._unprepared <= 0 or trio.current_time() >= deadline:
+                break
+            try:
+                with trio.move_on_at(deadline):
+                    await self._progress.park()
+            except trio.Cancelled:
+                for _, job in batch:
+                    send_reply(job.reply, outcome.Error(ClassifierError("shutting down")))
+                raise
+        return batch
 
     async def _infer(self, batch: list[tuple[object, _Job]]) -> None:
         self._inferring += len(batch)
