@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["bare_onnxruntime", "classifier_path", "decode_cost", "throughput"]
+__all__ = ["bare_onnxruntime", "classifier_path", "decode_cost", "pool_throughput", "throughput"]
 
 
 def throughput(unit: Callable[[int], int], *, threads: int, seconds: float) -> float:
@@ -69,15 +69,60 @@ def classifier_path(
 
 
 def decode_cost(fn: Callable[[bytes], Any], data: bytes, *, repeats: int) -> dict[str, float]:
-    """Median and min milliseconds of ``fn(data)`` over *repeats* runs (after one warm-up)."""
+    """Median, P90 and min milliseconds of ``fn(data)`` over *repeats* runs (after one
+    warm-up)."""
     fn(data)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn(data)
         times.append((time.perf_counter() - t0) * 1000.0)
+    ordered = sorted(times)
     return {
         "median_ms": round(statistics.median(times), 2),
+        "p90_ms": round(ordered[round(0.9 * (len(ordered) - 1))], 2),
         "min_ms": round(min(times), 2),
         "repeats": repeats,
     }
+
+
+def pool_throughput(
+    model: Any,
+    photos: Sequence[bytes],
+    *,
+    decode_threads: int,
+    inference_threads: int,
+    max_batch: int,
+    max_wait_ms: int,
+) -> dict[str, float]:
+    """Images/s of a :class:`~xintu.actors.LocalPool` around *model*, every photo
+    queued at once (a backlog: what batching is for), with its mean batch size."""
+    import trio
+
+    from xintu.actors import ClassifyRequest, LocalPool
+
+    async def main() -> dict[str, float]:
+        pool = LocalPool(
+            model,
+            inbox_size=len(photos) + 1,
+            decode_threads=decode_threads,
+            inference_threads=inference_threads,
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+        )
+        start = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pool.run)
+            async with trio.open_nursery() as callers:
+                for i, data in enumerate(photos):
+                    request = ClassifyRequest(data, f"{i:064x}", "bench")
+                    callers.start_soon(pool.classify, request, trio.current_time() + 600)
+            pool.close()
+        stats = pool.statistics()
+        return {
+            "img_s": round(len(photos) / (time.perf_counter() - start), 1),
+            "runs": stats.batches,
+            "mean_batch": round(stats.mean_batch_size, 2),
+        }
+
+    return trio.run(main)

@@ -7,7 +7,10 @@ and thread count, measured in the same run:
    thread, at batch 1 on ``model.inference_threads`` threads, and at
    ``model.max_batch`` on those threads; decode + preprocess milliseconds for a
    640x480 and a 12-megapixel JPEG (``decode_image`` alone, and ``prepare``, which
-   adds the face/people detectors);
+   adds the face/people detectors), median and P90; the local pool itself
+   (``LocalPool``, ``model.decode_threads`` + ``model.inference_threads``) with a
+   backlog of queued photos at ``max_batch`` 1 and 8, alternated, for what batching
+   gives on this machine;
 2. the service: ``POST /api/v1/classify`` on distinct photos (every one a miss), a
    closed loop for the maximum images/s and its P99, then an open loop at 70 % of
    it for the latency a client sees below saturation.
@@ -15,13 +18,14 @@ and thread count, measured in the same run:
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Any
 
 import numpy as np
 
 from .._context import Bench, missing_service
-from .._inproc import bare_onnxruntime, classifier_path, decode_cost
+from .._inproc import bare_onnxruntime, classifier_path, decode_cost, pool_throughput
 from .._loadgen import poisson_schedule
 from .._photos import single_photo
 from .._report import Check, Outcome, Row
@@ -47,9 +51,10 @@ def _in_process(bench: Bench, config: Any) -> dict[str, Any]:
     m = config.model
     secs = bench.dur(2.5, 0.6)
     threads = m.inference_threads
-    shapes = [(1, 1), (threads, 1), (threads, m.max_batch)]
+    # Batch 8 whatever the config: the comparison that says whether batching pays.
+    shapes = [(1, 1), (threads, 1), (threads, 8)]
     if bench.settings.quick:
-        shapes = [(1, 1), (threads, m.max_batch)]
+        shapes = [(threads, 1), (threads, 8)]
     classifier = LocalClassifier(config.model, config.images, path)
     photos = bench.photos(64, "inproc")
     out: dict[str, Any] = {"intra_op_threads": m.intra_op_threads, "runs": []}
@@ -73,7 +78,38 @@ def _in_process(bench: Bench, config: Any) -> dict[str, Any]:
         "640x480": decode_cost(classifier.prepare, small, repeats=small_n),
         "12MP": decode_cost(classifier.prepare, large, repeats=large_n),
     }
+    out["pool"] = _pool_batching(bench, classifier, m)
     return out
+
+
+def _pool_batching(bench: Bench, classifier: Any, m: Any) -> dict[str, Any]:
+    """The pool at max_batch 1 and 8 on one backlog size, alternated (1, 8, 8, 1, ...):
+    the ratio of the pairs is what to read on a busy machine."""
+    photos = bench.photos(int(bench.dur(48, 16)), "pool")
+    runs: dict[int, list[dict[str, float]]] = {1: [], 8: []}
+    order = (1, 8, 8, 1) * (2 if not bench.settings.quick else 1)
+    for max_batch in order:
+        runs[max_batch].append(
+            pool_throughput(
+                classifier,
+                photos,
+                decode_threads=m.decode_threads,
+                inference_threads=m.inference_threads,
+                max_batch=max_batch,
+                max_wait_ms=m.max_wait_ms,
+            )
+        )
+    ratios = [b8["img_s"] / b1["img_s"] for b1, b8 in zip(runs[1], runs[8], strict=True)]
+    return {
+        "photos": len(photos),
+        "max_wait_ms": m.max_wait_ms,
+        "runs": {str(k): v for k, v in runs.items()},
+        "median_img_s": {str(k): statistics.median(r["img_s"] for r in v) for k, v in runs.items()},
+        "mean_batch": {
+            str(k): statistics.median(r["mean_batch"] for r in v) for k, v in runs.items()
+        },
+        "ratio_8_to_1": round(statistics.median(ratios), 3),
+    }
 
 
 def _service(bench: Bench, in_process: float) -> dict[str, Any]:
@@ -143,12 +179,36 @@ def run(bench: Bench) -> Outcome:
                     f"{what} {size} JPEG",
                     cost["median_ms"],
                     "ms",
-                    note=f"median of {cost['repeats']}, min {cost['min_ms']} ms, "
+                    note=f"median of {cost['repeats']}, P90 {cost['p90_ms']} ms, "
+                    f"min {cost['min_ms']} ms, "
                     f"{inproc['jpeg_bytes'][size] // 1024} KiB",
                 )
             )
+    pool = inproc["pool"]
+    for mb in ("1", "8"):
+        out.rows.append(
+            Row(
+                f"local pool, backlog of {pool['photos']} photos, max_batch {mb}",
+                pool["median_img_s"][mb],
+                "img/s",
+                "max_batch 1" if mb == "8" else "",
+                pool["median_img_s"]["1"] if mb == "8" else None,
+                f"{thr} inference + {config.model.decode_threads} decode threads, "
+                f"intra_op_threads={intra}, max_wait_ms={pool['max_wait_ms']}; "
+                f"mean batch {pool['mean_batch'][mb]}"
+                + (
+                    f"; median ratio of alternated pairs {pool['ratio_8_to_1']}"
+                    if mb == "8"
+                    else ""
+                ),
+            )
+        )
     best = max(inproc["runs"], key=lambda r: r["ort_img_s"])
-    pipeline = next(r for r in inproc["runs"] if r["batch"] > 1)
+    # The shape the service runs (its threads and max_batch), else the nearest.
+    pipeline = min(
+        inproc["runs"],
+        key=lambda r: (r["threads"] != thr, abs(r["batch"] - config.model.max_batch)),
+    )
     if (why := missing_service()) is not None:
         out.rows.append(Row("service: POST /classify (misses)", None, "", note=f"skipped: {why}"))
         out.seconds = time.monotonic() - t0
