@@ -17,6 +17,7 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from xintu import Category, Classification, Config, Source, load_config
 from xintu.errors import ConfigError, StoreError, StoreUnavailable
@@ -767,17 +768,7 @@ async def test_an_older_database_gains_the_new_tables(
             *(["DROP TABLE inflight_claims"] if version == 1 else []),
             f"UPDATE schema_version SET version = {version}",
         )
-        if store_url.startswith("sqlite"):
-            conn = sqlite3.connect(sqlite_path(store_url))
-            try:
-                for sql in downgrade:
-                    conn.execute(sql)
-                conn.commit()
-            finally:
-                conn.close()
-        else:
-            for sql in downgrade:
-                await mysql_execute(store_url, sql)
+        await change_schema(store_url, *downgrade)
         async with open_test_store(store_url, tmp_path / "b") as s:
             assert (await entry_of(s, h)).classification == clf()
             other = new_hash()
@@ -787,17 +778,7 @@ async def test_an_older_database_gains_the_new_tables(
             await name(s, AliasWrite("key:a", alias, h))
             assert await target_of(s, alias, "key:a") == h
             assert s.statistics().server_warnings == 0
-        if store_url.startswith("sqlite"):
-            conn = sqlite3.connect(sqlite_path(store_url))
-            try:
-                version = conn.execute("SELECT version FROM schema_version").fetchall()
-            finally:
-                conn.close()
-        else:
-            version = [
-                tuple(r)
-                for r in await mysql_execute(store_url, "SELECT version FROM schema_version")
-            ]
+        version = await sql_rows(store_url, "SELECT version FROM schema_version")
         assert version == [(SCHEMA_VERSION,)]
 
 
@@ -999,16 +980,90 @@ async def test_the_migration_fills_the_counters_from_the_rows(
         # Back to version 3: the counters never existed.
         statements = ["DROP TABLE stats_requests", "DROP TABLE stats_cache",
                       "UPDATE schema_version SET version = 3"]  # fmt: skip
-        if own_store_url.startswith("sqlite"):
-            with sqlite3.connect(sqlite_path(own_store_url)) as conn:
-                for sql in statements:
-                    conn.execute(sql)
-            conn.close()
-        else:
-            for sql in statements:
-                await mysql_execute(own_store_url, sql)
+        await change_schema(own_store_url, *statements)
         async with open_test_store(own_store_url, tmp_path) as store:
             assert counted_stats(await store.album_stats(now)) == expected
+
+
+async def change_schema(url: str, *statements: str) -> None:
+    """Run *statements* on the store's database, around the store."""
+    if url.startswith("sqlite"):
+        with sqlite3.connect(sqlite_path(url)) as conn:
+            for sql in statements:
+                conn.execute(sql)
+        conn.close()
+    else:
+        for sql in statements:
+            await mysql_execute(url, sql)
+
+
+async def indexes_of(url: str) -> list[tuple[str, str, str]]:
+    """Every (table, index, column) of the store's database."""
+    if url.startswith("sqlite"):
+        sql = (
+            "SELECT m.tbl_name, il.name, ii.name FROM sqlite_master AS m, "
+            "pragma_index_list(m.name) AS il, pragma_index_info(il.name) AS ii "
+            "WHERE m.type = 'table'"
+        )
+    else:
+        sql = (
+            "SELECT table_name, index_name, column_name FROM information_schema.statistics "
+            "WHERE table_schema = DATABASE()"
+        )
+    return sorted((str(t), str(i), str(c)) for t, i, c in await sql_rows(url, sql))
+
+
+async def test_the_migration_logs_once_and_runs_again_harmlessly(
+    own_store_url: str, tmp_path: Path
+) -> None:
+    """Both backends log store_migrated when they migrate, and only then; a database
+    migrated already, told it is older, gains no table, column or index twice."""
+    backend = "sqlite" if own_store_url.startswith("sqlite") else "mysql"
+    with trio.fail_after(TEST_TIMEOUT_S):
+        with capture_logs() as logs:
+            async with open_test_store(own_store_url, tmp_path):
+                pass
+        migrated = [e for e in logs if e["event"] == "store_migrated"]
+        assert migrated == [
+            {
+                "event": "store_migrated",
+                "log_level": "info",
+                "backend": backend,
+                "version": SCHEMA_VERSION,
+                "from_version": 0,
+            }
+        ]
+        indexes = await indexes_of(own_store_url)
+        assert ("request_log", "idx_log_created_at", "created_at") in indexes
+        with capture_logs() as logs:
+            async with open_test_store(own_store_url, tmp_path):
+                pass
+        assert [e for e in logs if e["event"] == "store_migrated"] == []
+        await change_schema(own_store_url, "UPDATE schema_version SET version = 1")
+        with capture_logs() as logs:
+            async with open_test_store(own_store_url, tmp_path) as store:
+                assert store.statistics().server_warnings == 0
+        assert [e["from_version"] for e in logs if e["event"] == "store_migrated"] == [1]
+        assert await indexes_of(own_store_url) == indexes
+        assert await sql_rows(own_store_url, "SELECT version FROM schema_version") == [
+            (SCHEMA_VERSION,)
+        ]
+
+
+async def test_a_newer_schema_is_refused(own_store_url: str, tmp_path: Path) -> None:
+    backend = "sqlite" if own_store_url.startswith("sqlite") else "mysql"
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(own_store_url, tmp_path):
+            pass
+        await change_schema(own_store_url, "UPDATE schema_version SET version = 99")
+        with pytest.raises(StoreError) as info:
+            async with open_test_store(own_store_url, tmp_path):
+                pass
+        assert str(info.value) == (
+            f"{backend} store: schema version 99 is newer than this Xintu's "
+            f"({SCHEMA_VERSION}); upgrade Xintu"
+        )
+        assert await sql_rows(own_store_url, "SELECT version FROM schema_version") == [(99,)]
 
 
 async def test_stats_scan_no_table_that_grows(tmp_path: Path) -> None:
@@ -1150,23 +1205,6 @@ async def test_sqlite_file_is_wal_in_created_directories(tmp_path: Path) -> None
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     conn.close()
-
-
-async def test_sqlite_refuses_a_newer_schema(tmp_path: Path) -> None:
-    path = tmp_path / "x.sqlite3"
-    with trio.fail_after(TEST_TIMEOUT_S):
-        async with open_test_store(f"sqlite:///{path}", tmp_path):
-            pass
-        with sqlite3.connect(path) as conn:
-            conn.execute("UPDATE schema_version SET version = 99")
-        conn.close()
-        with pytest.raises(StoreError) as info:
-            async with open_test_store(f"sqlite:///{path}", tmp_path):
-                pass
-        assert str(info.value) == (
-            "sqlite store: schema version 99 is newer than this Xintu's "
-            f"({SCHEMA_VERSION}); upgrade Xintu"
-        )
 
 
 async def test_sqlite_unusable_path_is_unavailable(tmp_path: Path) -> None:

@@ -16,20 +16,25 @@ upsert                 ``ON CONFLICT ... DO UPDATE  ``ON DUPLICATE KEY UPDATE c 
 insert unless present  ``ON CONFLICT DO NOTHING``   ``ON DUPLICATE KEY UPDATE k = k``
 locking read           (the write lock is taken     ``SELECT ... FOR UPDATE``
                        by ``BEGIN IMMEDIATE``)
+tables, column types   ``Table.sqlite`` (_schema)   ``Table.mysql`` (_schema)
+what exists            ``sqlite_master`` and        ``information_schema``
+                       ``pragma_*`` functions
 =====================  ===========================  ====================================
 
 A dialect is SQL text and value encoding only: it runs nothing. What a backend
 does with connections (SQLite's writer and reader connections in threads, the
 MySQL pool, ``BEGIN IMMEDIATE``, inserting a row unless its key exists, error
-translation) is its module's, behind :class:`._sql.Connection`.
+translation) is its module's, behind :class:`._sql.Connection`; the schema
+migration (:mod:`._migrate`) is shared, over the dialect's schema SQL.
 
 Adding a dialect (PostgreSQL, say): subclass :class:`Dialect` here (the defaults
 are the standard ``ON CONFLICT`` forms PostgreSQL shares with SQLite, so it would
 override little more than :meth:`Dialect.named`, :meth:`Dialect.time` and
-:attr:`Dialect.lock_rows`), then write one backend module with a connection that
-satisfies :class:`._sql.Connection` and a :class:`._sql.SqlStore` subclass that
-runs operations on it and creates the schema, and name its URL scheme in
-:func:`xintu.store.open_store`.
+:attr:`Dialect.lock_rows`, and give the schema SQL: the tables' definitions in
+:mod:`._schema` and the three queries of what exists), then write one backend
+module with a connection that satisfies :class:`._sql.Connection` and a
+:class:`._sql.SqlStore` subclass that runs operations (the migration among them)
+on it, and name its URL scheme in :func:`xintu.store.open_store`.
 """
 
 from __future__ import annotations
@@ -39,9 +44,10 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from ._base import naive_utc, time_text
+from ._schema import AddedColumn, Table
 
 __all__ = ["Dialect", "Expr", "MySQLDialect", "Ref", "SQLiteDialect", "Upsert"]
 
@@ -76,6 +82,20 @@ class Dialect:
     max_in_list = 500
     # Appended to a SELECT that must lock the rows it reads until the transaction ends.
     lock_rows = ""
+    # What exists, for the migration (:mod:`._migrate`), with ``:name`` parameters: how
+    # many tables named ``:table``; how many columns ``:column`` of ``:table``; each
+    # (index name, column name) of the indexes of ``:table``, index by index, in order.
+    table_exists_sql: ClassVar[str]
+    column_exists_sql: ClassVar[str]
+    index_columns_sql: ClassVar[str]
+
+    def create_table(self, table: Table) -> str:
+        """``CREATE TABLE IF NOT EXISTS`` *table*."""
+        raise NotImplementedError
+
+    def column_type(self, column: AddedColumn) -> str:
+        """The type (and nullability) of *column* in ``ALTER TABLE ... ADD COLUMN``."""
+        raise NotImplementedError
 
     def named(self, sql: str) -> str:
         """*sql*, written with ``:name`` parameters, in this dialect's parameter style."""
@@ -136,6 +156,18 @@ class SQLiteDialect(Dialect):
     name = "sqlite"
     # Below SQLite's historical 999-variable limit.
     max_in_list = 400
+    table_exists_sql = "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = :table"
+    column_exists_sql = "SELECT COUNT(*) FROM pragma_table_info(:table) WHERE name = :column"
+    index_columns_sql = (
+        "SELECT il.name, ii.name FROM pragma_index_list(:table) AS il, "
+        "pragma_index_info(il.name) AS ii ORDER BY il.name, ii.seqno"
+    )
+
+    def create_table(self, table: Table) -> str:
+        return table.sqlite_create()
+
+    def column_type(self, column: AddedColumn) -> str:
+        return column.sqlite
 
     def time(self, value: datetime) -> Any:
         return time_text(value)
@@ -168,6 +200,24 @@ class MySQLDialect(Dialect):
     name = "mysql"
     max_in_list = 500
     lock_rows = " FOR UPDATE"
+    table_exists_sql = (
+        "SELECT COUNT(*) FROM information_schema.tables "
+        "WHERE table_schema = DATABASE() AND table_name = :table"
+    )
+    column_exists_sql = (
+        "SELECT COUNT(*) FROM information_schema.columns "
+        "WHERE table_schema = DATABASE() AND table_name = :table AND column_name = :column"
+    )
+    index_columns_sql = (
+        "SELECT index_name, column_name FROM information_schema.statistics "
+        "WHERE table_schema = DATABASE() AND table_name = :table ORDER BY index_name, seq_in_index"
+    )
+
+    def create_table(self, table: Table) -> str:
+        return table.mysql_create()
+
+    def column_type(self, column: AddedColumn) -> str:
+        return column.mysql
 
     def named(self, sql: str) -> str:
         return _pyformat(sql)

@@ -26,7 +26,7 @@ what the store then cannot write is the writer's to set aside (``StoreRejected``
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -106,7 +106,7 @@ EMPTY_LAYOUT = Layout({})
 
 
 class _Fetcher(Protocol):
-    async def fetchall(self, sql: str, args: Any = None) -> tuple[tuple[Any, ...], ...]: ...
+    async def fetchall(self, sql: str, args: Any = None) -> Sequence[Sequence[Any]]: ...
 
 
 _COLUMNS_SQL = """

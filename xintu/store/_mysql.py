@@ -49,7 +49,6 @@ import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
@@ -62,19 +61,12 @@ import trio_mysql.cursors
 
 from .._redact import redact_url
 from ..errors import ConfigError, StoreError, StoreRejected, StoreUnavailable
-from ._base import Counters, naive_utc
-from ._dialect import MySQLDialect
+from ._base import Counters
+from ._dialect import Dialect, MySQLDialect
 from ._layout import read_mysql_layout
+from ._migrate import MIGRATION_TIMEOUT_S, Migration
 from ._pool import Pool, PoolStatistics
-from ._schema import (
-    ADDED_COLUMNS,
-    INDEXES,
-    SCHEMA_VERSION,
-    SCHEMA_VERSION_TABLE,
-    STATS_VERSION,
-    TABLES,
-)
-from ._sql import FITTED_TABLES, Connection, Op, Run, SqlStore, fill_stats
+from ._sql import FITTED_TABLES, Connection, Op, Run, SqlStore
 
 __all__ = [
     "MySQLConnection",
@@ -91,7 +83,6 @@ _log = structlog.get_logger("xintu.store")
 
 # How often old applied batches, idempotency keys and lapsed claims are deleted.
 PRUNE_INTERVAL_S = 600.0
-MIGRATION_TIMEOUT_S = 300.0
 
 # Error codes meaning "this connection is gone": the operation may run again on a
 # fresh one. 2006 gone away, 2013 lost during query, 2055 lost (system error),
@@ -580,13 +571,7 @@ class MySQLStore(SqlStore):
             query_timeout_s=query_timeout_s,
             request_log_retention_days=request_log_retention_days,
         )
-        ok = False
-        try:
-            await store._migrate()
-            ok = True
-        finally:
-            if not ok:
-                await store.aclose()
+        await store._open_or_close()
         return store
 
     @property
@@ -651,46 +636,11 @@ class MySQLStore(SqlStore):
 
     # --- schema ------------------------------------------------------------------
 
-    async def _migrate(self) -> None:
-        lock_name = f"xintu.schema.{self._settings.database}"
+    async def _open(self) -> None:
+        migration = _MySQLMigration(self._dialect, self._settings.database)
 
         async def op(conn: Connection) -> None:
-            assert isinstance(conn, MySQLConnection)  # the pool's
-            # Replicas starting together take turns; the lock dies with the connection.
-            (got,) = (await conn.fetchall("SELECT GET_LOCK(%s, %s)", (lock_name, 60)))[0]
-            if got != 1:
-                raise StoreUnavailable(f"mysql store: could not take the schema lock {lock_name}")
-            if not await _table_exists(conn, SCHEMA_VERSION_TABLE.name):
-                await conn.execute(SCHEMA_VERSION_TABLE.mysql_create())
-            rows = await conn.fetchall("SELECT version FROM schema_version WHERE id = 1")
-            version = int(rows[0][0]) if rows else 0
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"mysql store: schema version {version} is newer than this Xintu's "
-                    f"({SCHEMA_VERSION}); upgrade Xintu"
-                )
-            if version < SCHEMA_VERSION:
-                for table in TABLES:
-                    if not await _table_exists(conn, table.name):
-                        await conn.execute(table.mysql_create())
-                for col in ADDED_COLUMNS:
-                    if not await _column_exists(conn, col.table, col.name):
-                        await conn.execute(
-                            f"ALTER TABLE {col.table} ADD COLUMN {col.name} {col.mysql}"
-                        )
-                for index in INDEXES:
-                    if not await _index_exists(conn, index.table, index.name, index.columns):
-                        await conn.execute(index.create())
-                await _key_request_ids(conn)
-                if version < STATS_VERSION:
-                    await fill_stats(conn, self._dialect)
-                await conn.execute(
-                    "INSERT INTO schema_version (id, version, updated_at) VALUES (1, %s, %s) "
-                    "ON DUPLICATE KEY UPDATE version = %s, updated_at = %s",
-                    (SCHEMA_VERSION, _now(), SCHEMA_VERSION, _now()),
-                )
-                _log.info("store_migrated", backend=self.backend, version=SCHEMA_VERSION)
-            await conn.fetchall("SELECT RELEASE_LOCK(%s)", (lock_name,))
+            await migration.run(conn)
             # The columns the tables really have: what is written is fitted to them.
             self._set_layout(await read_mysql_layout(conn, FITTED_TABLES))
 
@@ -705,58 +655,37 @@ class MySQLStore(SqlStore):
         return self._pool.statistics()
 
 
-def _now() -> datetime:
-    return naive_utc(datetime.now(UTC))
+class _MySQLMigration(Migration):
+    """The shared migration (:mod:`._migrate`) under a named lock, with what the
+    original system's database needs."""
 
+    def __init__(self, dialect: Dialect, database: str) -> None:
+        super().__init__(dialect)
+        self._lock_name = f"xintu.schema.{database}"
 
-async def _table_exists(conn: MySQLConnection, table: str) -> bool:
-    rows = await conn.fetchall(
-        "SELECT COUNT(*) FROM information_schema.tables "
-        "WHERE table_schema = DATABASE() AND table_name = %s",
-        (table,),
-    )
-    return bool(rows[0][0])
+    async def lock(self, conn: Connection) -> None:
+        # DDL commits on its own, so no transaction: replicas starting together take
+        # turns on a named lock, which dies with the connection if the migration fails.
+        (got,) = (await conn.fetchall("SELECT GET_LOCK(%s, %s)", (self._lock_name, 60)))[0]
+        if got != 1:
+            raise StoreUnavailable(f"mysql store: could not take the schema lock {self._lock_name}")
 
+    async def unlock(self, conn: Connection) -> None:
+        await conn.fetchall("SELECT RELEASE_LOCK(%s)", (self._lock_name,))
 
-async def _column_exists(conn: MySQLConnection, table: str, column: str) -> bool:
-    rows = await conn.fetchall(
-        "SELECT COUNT(*) FROM information_schema.columns "
-        "WHERE table_schema = DATABASE() AND table_name = %s AND column_name = %s",
-        (table, column),
-    )
-    return bool(rows[0][0])
-
-
-async def _index_exists(
-    conn: MySQLConnection, table: str, index: str, columns: tuple[str, ...]
-) -> bool:
-    """Whether *table* has the index *index*, or another that starts with *columns*
-    (the original's tables have their own names for some of Xintu's indexes)."""
-    rows = await conn.fetchall(
-        "SELECT index_name, column_name FROM information_schema.statistics "
-        "WHERE table_schema = DATABASE() AND table_name = %s ORDER BY index_name, seq_in_index",
-        (table,),
-    )
-    indexes: dict[str, list[str]] = {}
-    for name, column in rows:
-        indexes.setdefault(str(name), []).append(str(column).lower())
-    if index in indexes:
-        return True
-    wanted = [c.lower() for c in columns]
-    return any(cols[: len(wanted)] == wanted for cols in indexes.values())
-
-
-async def _key_request_ids(conn: MySQLConnection) -> None:
-    """Give ``request_log`` a unique key on ``request_id`` if it has no index on it
-    (the original's has none): a retried row is then written once, and
-    ``get_request_log`` is an index read. Rows that already repeat a request id get
-    a plain index instead."""
-    if await _index_exists(conn, "request_log", "uk_request_id", ("request_id",)):
-        return
-    try:
-        await conn.execute("ALTER TABLE request_log ADD UNIQUE KEY uk_request_id (request_id)")
-    except trio_mysql.IntegrityError as exc:
-        if _code(exc) != _DUPLICATE_KEY:
-            raise
-        _log.warning("store_request_ids_repeat", table="request_log", index="idx_log_request_id")
-        await conn.execute("CREATE INDEX idx_log_request_id ON request_log (request_id)")
+    async def fit_original(self, conn: Connection) -> None:
+        """Give ``request_log`` a unique key on ``request_id`` if it has no index on it
+        (the original's has none): a retried row is then written once, and
+        ``get_request_log`` is an index read. Rows that already repeat a request id
+        get a plain index instead."""
+        if await self.has_index(conn, "request_log", "uk_request_id", ("request_id",)):
+            return
+        try:
+            await conn.execute("ALTER TABLE request_log ADD UNIQUE KEY uk_request_id (request_id)")
+        except trio_mysql.IntegrityError as exc:
+            if _code(exc) != _DUPLICATE_KEY:
+                raise
+            _log.warning(
+                "store_request_ids_repeat", table="request_log", index="idx_log_request_id"
+            )
+            await conn.execute("CREATE INDEX idx_log_request_id ON request_log (request_id)")

@@ -31,14 +31,14 @@ Tables (DESIGN §5):
   rolling upgrade) are not counted.
 - ``schema_version``: one row, the version this module's tables describe.
 
-Migration is additive and idempotent: tables are created if missing (so a version 1
-database gains ``inflight_claims``), and a table left by the original system gets the
-columns and indexes it lacks (an index is not added twice where the original has one
-on the same columns under another name; the original's ``request_log`` gains a unique
-key on ``request_id``, or a plain index if its rows already repeat one). Its
-columns are never changed: the MySQL store fits what it writes to them
-(:mod:`._layout`). A database whose
-version is newer than :data:`SCHEMA_VERSION` is refused. Timestamps are UTC:
+Migration (:mod:`._migrate`) is additive and idempotent: tables are created if
+missing (so a version 1 database gains ``inflight_claims``), and a table left by the
+original system gets the columns and indexes it lacks (an index is not added twice
+where the original has one on the same columns under another name; the original's
+``request_log`` gains a unique key on ``request_id``, or a plain index if its rows
+already repeat one). Its columns are never changed: the MySQL store fits what it
+writes to them (:mod:`._layout`). A database whose version is newer than
+:data:`SCHEMA_VERSION` is refused. Timestamps are UTC:
 ``DATETIME(6)`` on MySQL, fixed-width text (``YYYY-MM-DD HH:MM:SS.ffffff``) on SQLite.
 """
 
@@ -122,9 +122,8 @@ class Index:
     name: str
     columns: tuple[str, ...]
 
-    def create(self, *, if_not_exists: bool = False) -> str:
-        guard = "IF NOT EXISTS " if if_not_exists else ""
-        return f"CREATE INDEX {guard}{self.name} ON {self.table} ({', '.join(self.columns)})"
+    def create(self) -> str:
+        return f"CREATE INDEX {self.name} ON {self.table} ({', '.join(self.columns)})"
 
 
 _HASH_MYSQL = "CHAR(64) CHARACTER SET ascii COLLATE ascii_bin"

@@ -6,9 +6,10 @@ log, album stats and pruning are written here once, as operations on a
 :class:`~._dialect.Dialect`. A backend (:mod:`._sqlite`, :mod:`._mysql`)
 subclasses :class:`SqlStore` and supplies how an operation runs
 (:meth:`SqlStore._session`: which connection, in which thread, bounded how, retried
-when, its errors translated into :class:`~xintu.errors.StoreError`), the schema
-migration, and the columns its tables really have (:attr:`SqlStore._layout`,
-what every written row is fitted to; empty for a schema Xintu made).
+when, its errors translated into :class:`~xintu.errors.StoreError`), runs the
+schema migration (:mod:`._migrate`, shared too, with the backend's schema lock),
+and says the columns its tables really have (:attr:`SqlStore._layout`, what
+every written row is fitted to; empty for a schema Xintu made).
 
 How the operations keep their promises:
 
@@ -81,7 +82,6 @@ from ._stats import (
     CacheKey,
     RequestKey,
     assemble_stats,
-    backfill_statements,
     stats_queries,
 )
 
@@ -92,7 +92,6 @@ __all__ = [
     "Op",
     "Run",
     "SqlStore",
-    "fill_stats",
 ]
 
 T = TypeVar("T")
@@ -293,12 +292,6 @@ class _Counted:
         counts[1] += from_cache
 
 
-async def fill_stats(conn: Connection, dialect: Dialect) -> None:
-    """Fill the stats counters from the tables' rows (the migration that adds them)."""
-    for sql in backfill_statements(dialect.day):
-        await conn.execute(dialect.named(sql))
-
-
 _HIT = (
     f"UPDATE {_CACHE} SET hit_count = hit_count + :count, "
     "last_hit_at = CASE WHEN last_hit_at IS NULL OR last_hit_at < :at THEN :at "
@@ -391,8 +384,8 @@ class SqlStore(Store):
     """The :class:`~._base.Store` operations, over a backend's connections.
 
     A subclass sets :attr:`backend` and :attr:`prune_interval_s`, passes its
-    dialect, and implements :meth:`_session`, :meth:`_pool_statistics` and
-    :meth:`aclose`.
+    dialect, and implements :meth:`_open`, :meth:`_session`,
+    :meth:`_pool_statistics` and :meth:`aclose`.
     """
 
     # How often a store deletes old applied batches, idempotency keys and claims.
@@ -440,6 +433,20 @@ class SqlStore(Store):
         self._log_sql = self._dialect.insert_ignore("request_log", names, ("request_id",))
 
     # --- what a backend provides -------------------------------------------------
+
+    @abc.abstractmethod
+    async def _open(self) -> None:
+        """Connect and migrate the schema (:mod:`._migrate`)."""
+
+    async def _open_or_close(self) -> None:
+        """:meth:`_open`, closing the store again if that fails."""
+        ok = False
+        try:
+            await self._open()
+            ok = True
+        finally:
+            if not ok:
+                await self.aclose()
 
     @abc.abstractmethod
     async def _session(self, op: Op[T], run: Run) -> T:

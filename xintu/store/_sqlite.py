@@ -33,7 +33,6 @@ import math
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,18 +40,11 @@ import structlog
 import trio
 
 from ..errors import StoreError, StoreRejected, StoreUnavailable
-from ._base import Counters, time_text
+from ._base import Counters
 from ._dialect import SQLiteDialect
+from ._migrate import MIGRATION_TIMEOUT_S, Migration
 from ._pool import PoolStatistics
-from ._schema import (
-    ADDED_COLUMNS,
-    INDEXES,
-    SCHEMA_VERSION,
-    SCHEMA_VERSION_TABLE,
-    STATS_VERSION,
-    TABLES,
-)
-from ._sql import Connection, Op, Run, SqlStore, fill_stats
+from ._sql import Op, Run, SqlStore
 
 __all__ = ["SQLiteStore"]
 
@@ -64,8 +56,6 @@ _log = structlog.get_logger("xintu.store")
 _PROGRESS_EVERY = 10_000
 # How often old applied batches, idempotency keys and lapsed claims are deleted.
 PRUNE_INTERVAL_S = 3600.0
-# Schema migration may build indexes on a large table: it gets longer than a query.
-MIGRATION_TIMEOUT_S = 300.0
 
 # Error names (``sqlite3.Error.sqlite_errorname``) that mean "cannot use the file now".
 _UNAVAILABLE = (
@@ -207,13 +197,7 @@ class SQLiteStore(SqlStore):
             query_timeout_s=query_timeout_s,
             request_log_retention_days=request_log_retention_days,
         )
-        ok = False
-        try:
-            await store._open()
-            ok = True
-        finally:
-            if not ok:
-                await store.aclose()
+        await store._open_or_close()
         return store
 
     @property
@@ -254,7 +238,10 @@ class SQLiteStore(SqlStore):
         w = self._writer
         w.conn = await trio.to_thread.run_sync(self._connect_sync, w, limiter=w.threads)
         self._connections_opened += 1
-        await self._run("migrate", self._migrate, timeout_s=MIGRATION_TIMEOUT_S)
+        # Under the default schema lock: one BEGIN IMMEDIATE transaction, rolled back
+        # if it fails.
+        migration = Migration(self._dialect)
+        await self._run("migrate", migration.run, timeout_s=MIGRATION_TIMEOUT_S)
         # After the migration: the reader sees the tables it reads.
         r = self._reader
         r.conn = await trio.to_thread.run_sync(self._connect_sync, r, limiter=r.threads)
@@ -293,39 +280,6 @@ class SQLiteStore(SqlStore):
             return result
         finally:
             lane.lock.release()
-
-    # --- schema ------------------------------------------------------------------
-
-    async def _migrate(self, conn: Connection) -> None:
-        await conn.begin()
-        await conn.execute(SCHEMA_VERSION_TABLE.sqlite_create())
-        rows = await conn.fetchall("SELECT version FROM schema_version WHERE id = 1")
-        version = int(rows[0][0]) if rows else 0
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"sqlite store: schema version {version} is newer than this Xintu's "
-                f"({SCHEMA_VERSION}); upgrade Xintu"
-            )
-        if version < SCHEMA_VERSION:
-            for table in TABLES:
-                await conn.execute(table.sqlite_create())
-            for col in ADDED_COLUMNS:
-                have = {r[1] for r in await conn.fetchall(f"PRAGMA table_info({col.table})")}
-                if col.name not in have:
-                    await conn.execute(
-                        f"ALTER TABLE {col.table} ADD COLUMN {col.name} {col.sqlite}"
-                    )
-            for index in INDEXES:
-                await conn.execute(index.create(if_not_exists=True))
-            if version < STATS_VERSION:
-                await fill_stats(conn, self._dialect)
-            await conn.execute(
-                "INSERT INTO schema_version (id, version, updated_at) VALUES (1, ?, ?) "
-                "ON CONFLICT (id) DO UPDATE SET version = excluded.version, "
-                "updated_at = excluded.updated_at",
-                (SCHEMA_VERSION, time_text(datetime.now(UTC))),
-            )
-        await conn.commit()
 
     # --- lifetime ----------------------------------------------------------------
 
