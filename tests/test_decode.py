@@ -28,6 +28,7 @@ from xintu.vision import DecodedImage, decode_image
 from xintu.vision._decode import (
     RESIZE_SHORTER,
     WORK_LONG_SIDE,
+    WORK_SHORT_SIDE,
     classifier_tensor,
     decode_safely,
     detector_gray,
@@ -269,14 +270,15 @@ def test_large_jpeg_takes_the_draft_path(images: ImagesConfig) -> None:
 
 
 @pytest.mark.parametrize(
-    ("size", "decoded_size", "gray_shape"),
+    ("size", "decoded_size", "gray_shape", "classifier_only"),
     [
-        ((1920, 1080), (960, 540), (360, 640)),  # 1/2; asking 640 of both sides kept 1/1
-        ((4000, 2250), (1000, 563), (360, 640)),  # 1/4; it kept 1/2
-        ((2250, 4000), (563, 1000), (640, 360)),  # portrait: the same by the longest side
-        ((6000, 4000), (750, 500), (427, 640)),  # 1/8; it kept 1/4
-        ((5200, 300), (5200, 300), (37, 640)),  # a panorama: its shorter side (< 512) decides
-        ((800, 200), (800, 200), (160, 640)),  # under 2x the working size: full size
+        ((4000, 3000), (1000, 750), (480, 640), (1000, 750)),  # 1/4 either way
+        ((1920, 1080), (1920, 1080), (360, 640), (960, 540)),
+        ((4000, 2250), (2000, 1125), (360, 640), (1000, 563)),
+        ((2250, 4000), (1125, 2000), (640, 360), (563, 1000)),  # portrait: the same
+        ((6000, 4000), (1500, 1000), (427, 640), (750, 500)),
+        ((5200, 300), (5200, 300), (37, 640), (5200, 300)),  # its shorter side decides
+        ((800, 200), (800, 200), (160, 640), (800, 200)),  # under 2x: full size
     ],
 )
 def test_jpeg_draft_decodes_at_what_the_models_need(
@@ -284,10 +286,11 @@ def test_jpeg_draft_decodes_at_what_the_models_need(
     size: tuple[int, int],
     decoded_size: tuple[int, int],
     gray_shape: tuple[int, int],
+    classifier_only: tuple[int, int],
 ) -> None:
-    """The working image keeps its longest side >= WORK_LONG_SIDE (640, the
-    detectors') and its shorter side >= 256 (the classifier's resize) where the
-    photo has them, and is no larger than that allows."""
+    """The working image keeps both sides >= 640 where the photo has them (what the
+    detectors were tuned on), and is no larger than that allows; asked only for the
+    classifier's shorter side of 256 it is smaller still."""
     data = encode(solid("RGB", (120, 140, 160), size), "JPEG", quality=80)
     decoded = decode_image(data, images)
     assert (decoded.width, decoded.height) == size
@@ -295,11 +298,21 @@ def test_jpeg_draft_decodes_at_what_the_models_need(
     assert decoded.gray is not None
     assert decoded.gray.shape == gray_shape
     np.testing.assert_allclose(centre(decoded), (120, 140, 160), atol=3)
+    small = decode_safely(data, images, short_side=RESIZE_SHORTER)
+    assert small.decoded_size == small.rgb.size == classifier_only
+    assert min(small.rgb.size) >= min(RESIZE_SHORTER, *size)
+    np.testing.assert_allclose(centre_of(classifier_tensor(small.rgb)), (120, 140, 160), atol=3)
+
+
+def centre_of(tensor: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+    px: npt.NDArray[np.float64] = tensor[:, 112, 112].astype(np.float64) * 128.0 + 127.0
+    return px
 
 
 def test_draft_request_in_the_images_orientation() -> None:
-    assert draft_request((4000, 3000)) == (WORK_LONG_SIDE, RESIZE_SHORTER)
-    assert draft_request((3000, 4000)) == (RESIZE_SHORTER, WORK_LONG_SIDE)
+    assert draft_request((4000, 3000)) == (WORK_LONG_SIDE, WORK_SHORT_SIDE)
+    assert draft_request((4000, 3000), short_side=RESIZE_SHORTER) == (640, 256)
+    assert draft_request((3000, 4000), short_side=RESIZE_SHORTER) == (256, 640)
     assert draft_request((300, 200)) == (300, 200)  # never more than the image
     assert draft_request((4000, 3000), 320, 128) == (320, 128)
 

@@ -21,12 +21,18 @@ Pillow. It checks, in this order, and before any pixel is decoded:
 Then it decodes once, applies the EXIF orientation and converts every mode to RGB
 (alpha composited on white, 16-bit and float images scaled, not clipped). JPEGs
 decode at reduced scale (Pillow's draft mode: libjpeg scales by 1/2, 1/4 or 1/8
-inside the IDCT): the smallest scale whose longest side stays at least the working
-size (:data:`WORK_LONG_SIDE`, what the detectors read) and whose shorter side stays
-at least :data:`RESIZE_SHORTER` (what the classifier's resize needs); see
-:func:`draft_request`. A 4000x3000 photo decodes at 1000x750, a 4000x2250 one at
-1000x563, a 1920x1080 one at 960x540. Entropy decoding still reads every byte, so a
-12 MP JPEG costs ~20 ms even so (~60 ms at full size).
+inside the IDCT): the smallest scale whose longest side stays at least
+:data:`WORK_LONG_SIDE` and whose shorter side stays at least :data:`WORK_SHORT_SIDE`
+(see :func:`draft_request`); a 4000x3000 photo decodes at 1000x750. Entropy decoding
+still reads every byte, so a 12 MP JPEG costs ~20 ms even so (~60 ms at full size).
+
+The classifier alone needs only a shorter side of :data:`RESIZE_SHORTER` (256);
+the detectors were tuned on working images whose *both* sides are >= 640, and
+asking 256 of the shorter side (half the CPU for a 1920x1080 JPEG, decoded at
+960x540 instead of full size) changes their input enough to lose a face in a 16:9
+group photo (``zidane.jpg``: 2 faces -> 1). So :data:`WORK_SHORT_SIDE` stays 640
+until the detectors are checked on the smaller image; ``decode_safely(...,
+short_side=RESIZE_SHORTER)`` gives it.
 
 Pillow's own decompression-bomb guard stays on: its
 :class:`~PIL.Image.DecompressionBombWarning` is turned into an error once per
@@ -62,6 +68,7 @@ __all__ = [
     "DETECT_MAX_SIDE",
     "RESIZE_SHORTER",
     "WORK_LONG_SIDE",
+    "WORK_SHORT_SIDE",
     "DecodedImage",
     "SafeImage",
     "classifier_tensor",
@@ -77,10 +84,12 @@ CROP_SIZE = 224
 #: Longest side of the grayscale image the detectors (faces, text, card outline)
 #: see. The working image is decoded with its longest side at least this.
 DETECT_MAX_SIDE = 640
-#: Least longest side of the decoded working image (JPEG draft mode stops above it).
-#: Lowering it below 500 lets a 12 MP 4:3 JPEG decode at 1/8 instead of 1/4 (~4 ms
-#: less), at the price of a smaller detector image.
+#: Least longest and least shorter side of the decoded working image (JPEG draft
+#: mode stops above them). Below 500 and 375, a 12 MP 4:3 JPEG would decode at 1/8
+#: instead of 1/4 (~4 ms less), at the price of a smaller detector image; the
+#: shorter side could be RESIZE_SHORTER for the classifier alone (module docstring).
 WORK_LONG_SIDE = DETECT_MAX_SIDE
+WORK_SHORT_SIDE = DETECT_MAX_SIDE
 #: Longest side of the RGB thumbnail used for colour statistics (nearest-neighbour,
 #: so that flat UI colours survive exactly).
 STATS_MAX_SIDE = 256
@@ -341,14 +350,14 @@ def detector_gray(rgb: Image.Image, max_side: int = DETECT_MAX_SIDE) -> _U8Array
 
 
 def draft_request(
-    size: tuple[int, int], long_side: int = WORK_LONG_SIDE, short_side: int = RESIZE_SHORTER
+    size: tuple[int, int], long_side: int = WORK_LONG_SIDE, short_side: int = WORK_SHORT_SIDE
 ) -> tuple[int, int]:
     """The size to ask of ``Image.draft`` for an image of *size* (width, height).
 
     Pillow's JPEG draft picks the largest of 1/8, 1/4, 1/2 with each side still at
     least the requested one; asking for (long, short) in the image's orientation
     keeps the longest side >= *long_side* and the shorter >= *short_side*, and no
-    more (asking *long_side* of both sides would keep the shorter side at it too).
+    more. A side the image does not have is asked as it is (no scaling).
     """
     w, h = size
     if w >= h:
@@ -369,7 +378,7 @@ def decode_safely(
     images: ImagesConfig,
     *,
     long_side: int = WORK_LONG_SIDE,
-    short_side: int = RESIZE_SHORTER,
+    short_side: int = WORK_SHORT_SIDE,
 ) -> SafeImage:
     """Check *data* against every limit, then decode it once to an upright RGB image.
 
