@@ -7,11 +7,13 @@ backend module each, with the same tables (:mod:`._schema`):
 
 - SQLite, embedded, in a file under the data directory (``sqlite:///abs/path``;
   :mod:`._sqlite`: a writer and a read-only reader connection, in threads);
-- MySQL / MariaDB, shared by all replicas (``mysql://user:pass@host:port/db``;
-  :mod:`._mysql`: trio-mysql and a bounded connection pool, :mod:`._pool`), also
-  in place on the original system's database (:mod:`._layout`).
+- MySQL / MariaDB, shared by all replicas (``mysql://user:pass@host:port/db``,
+  :mod:`._mysql_settings`; :mod:`._mysql`: a bounded pool, :mod:`._pool`, of
+  trio-mysql connections, :mod:`._mysql_conn`), also in place on the original
+  system's database (:mod:`._layout`).
 
-A new backend is a dialect and one module; :mod:`._dialect` says how.
+Both create and migrate the schema the same way (:mod:`._migrate`). A new backend
+is a dialect and one module; :mod:`._dialect` says how.
 
 :func:`open_store` picks the backend from ``config.store_url``, connects and
 creates or migrates the schema. An in-process :class:`Lru` sits in front of it.
