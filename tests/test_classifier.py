@@ -100,6 +100,22 @@ def test_classification_fields(classifier: LocalClassifier) -> None:
     assert result.confidence == pytest.approx(evidence["votes"]["pets"], abs=1e-3)
 
 
+def test_descriptions_in_chinese_as_the_original(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """``llm.description_language = "zh"`` (the default) reaches the local answers too:
+    the original's album app shows the description, in Chinese, at most 30 characters."""
+    data_dir = tmp_path_factory.mktemp("model-data-zh")
+    config = load_config(env={}, data={"dir": str(data_dir)})
+    assert config.llm.description_language == "zh"
+    zh = LocalClassifier(
+        config.model, config.images, ensure_model(data_dir), description_language="zh"
+    )
+    cat = zh.classify(image("skimage:chelsea.png"))
+    astronaut = zh.classify(image("skimage:astronaut.png"))
+    assert cat.description == "宠物萌照（本地识别）"  # noqa: RUF001
+    assert astronaut.description == "单人照片，1张人脸（本地识别）"  # noqa: RUF001
+    assert all(len(r.description or "") <= 30 for r in (cat, astronaut))
+
+
 def test_confidence_follows_the_model(classifier: LocalClassifier) -> None:
     cat = classifier.classify(image("skimage:chelsea.png"))
     coffee = classifier.classify(image("skimage:coffee.png"))

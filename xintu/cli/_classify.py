@@ -571,7 +571,12 @@ async def _local(
         from ..model import ensure_model
         from ..vision import LocalClassifier
 
-        return LocalClassifier(config.model, config.images, ensure_model(config.data_dir))
+        return LocalClassifier(
+            config.model,
+            config.images,
+            ensure_model(config.data_dir),
+            description_language=config.llm.description_language,
+        )
 
     if classifier is None:
         classifier = await trio.to_thread.run_sync(load)

@@ -41,7 +41,12 @@ def _default_model(config: Config) -> LocalModel[Any]:
     from ..vision import LocalClassifier
 
     path = ensure_model(config.data_dir)
-    return LocalClassifier(config.model, config.images, path)
+    return LocalClassifier(
+        config.model,
+        config.images,
+        path,
+        description_language=config.llm.description_language,
+    )
 
 
 class XintuApp(QuartTrio):

@@ -103,10 +103,21 @@ class LocalClassifier:
 
     model_name: str
 
-    def __init__(self, model: ModelConfig, images: ImagesConfig, model_path: Path) -> None:
+    def __init__(
+        self,
+        model: ModelConfig,
+        images: ImagesConfig,
+        model_path: Path,
+        *,
+        description_language: str = "en",
+    ) -> None:
         """Open the ONNX session at *model_path* and the face detectors beside it
-        (:func:`xintu.model.ensure_model` puts them there); raises :class:`ModelError`."""
+        (:func:`xintu.model.ensure_model` puts them there); raises :class:`ModelError`.
+
+        *description_language* (``llm.description_language``: ``"zh"`` or ``"en"``)
+        is the language of the answers' ``description``, as the LLM's."""
         self.model_name = MODEL_NAME
+        self._language = description_language
         self._images = images
         self._session = create_session(model_path, intra_op_threads=model.intra_op_threads)
         inputs = {i.name: i for i in self._session.get_inputs()}
@@ -197,7 +208,11 @@ class LocalClassifier:
             confidence=decision.confidence,
             source=Source.LOCAL,
             model=self.model_name,
-            description=_describe(self._labels[int(top[0])], float(probs[top[0]]), signals),
+            description=(
+                _describe_zh(decision.category, signals)
+                if self._language == "zh"
+                else _describe(self._labels[int(top[0])], float(probs[top[0]]), signals)
+            ),
             provider=None,
             local_inference_result=evidence,
         )
@@ -269,6 +284,32 @@ def _softmax(logits: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     exp = np.exp(shifted)
     out: npt.NDArray[np.float64] = exp / exp.sum(axis=1, keepdims=True)
     return out
+
+
+# The album categories as the original backend's prompt names them.
+_CATEGORY_ZH: dict[Category, str] = {
+    Category.SOCIAL_ACTIVITIES: "社交活动",
+    Category.PETS: "宠物萌照",
+    Category.SINGLE_PERSON: "单人照片",
+    Category.FOODS: "美食记录",
+    Category.TRAVEL_SCENERY: "旅行风景",
+    Category.SCREENSHOT: "手机截图",
+    Category.IDCARD: "证件照",
+    Category.OTHER: "其它",
+}
+
+
+def _describe_zh(category: Category, s: ImageSignals) -> str:
+    """A short Chinese description (at most 30 characters, as the original asked
+    of its LLM): the category's name, the faces counted, and that the local model
+    said it ("本地识别"). There are no Chinese ImageNet labels offline; the English
+    top-5 stays in ``local_inference_result``."""
+    parts = [_CATEGORY_ZH[category]]
+    if s.people >= 2:
+        parts.append(f"{s.people}人")
+    elif s.faces:
+        parts.append(f"{s.faces}张人脸")
+    return "，".join(parts) + "（本地识别）"  # noqa: RUF001 (Chinese punctuation)
 
 
 def _describe(label: str, probability: float, s: ImageSignals) -> str:
