@@ -435,6 +435,23 @@ class FakeLlm(FakePool):
         self.enabled = True
         self.is_healthy = True
         self.offered: list[str] = []
+        self.hedge_s: float | None = None
+        self.admit_by: list[float | None] = []
+
+    async def classify(  # type: ignore[override]
+        self, request: ClassifyRequest, deadline: float, *, admit_by: float | None = None
+    ) -> Classification:
+        self.admit_by.append(admit_by)
+        return await super().classify(request, deadline)
+
+    def would_take(  # type: ignore[override]
+        self, deadline: float, *, admit_by: float | None = None
+    ) -> bool:
+        self.admit_by.append(admit_by)
+        return super().would_take(deadline)
+
+    def hedge_after_s(self) -> float | None:
+        return self.hedge_s
 
     async def answer(self, data: bytes, image_hash: str, deadline: float) -> Classification:
         await trio.lowlevel.checkpoint()
@@ -532,6 +549,29 @@ async def test_the_chain_sheds_work_the_local_pool_cannot_answer_in_time(
     assert info.value.retry_after_s == 5.0
     assert local.lanes == []
     assert chain.statistics() == ChainStatistics({"breaker_open": 1}, shed_for_deadline=1)
+
+
+async def test_admission_aims_at_the_latency_target(autojump_clock: object) -> None:
+    """Both pools are asked about the target (3 s from now), not the 10 s deadline,
+    and never about more than the deadline; local work expected in 4 s is refused at
+    once although the deadline would allow it."""
+    llm, local = FakeLlm(LlmUnavailable("off", reason="breaker_open")), LaneRecorder()
+    llm.takes = local.takes = False
+    chain = Chain(local, llm=llm, latency_target_s=3.0)
+    now = trio.current_time()
+    assert chain.refusal(now + 10) is not None
+    assert chain.refusal(now + 2) is not None
+    assert local.asked == [now + 3, now + 2]
+    assert llm.admit_by == [now + 3, now + 2]
+    local.wait_s = 4.0
+    request = ClassifyRequest(b"\x05photo", h(b"\x05photo"), "r")
+    with pytest.raises(Overloaded) as info:
+        await chain.classify(request, now + 10)
+    assert str(info.value) == "the local classifier cannot answer before the deadline"
+    assert local.lanes == []
+    local.wait_s = 2.5
+    assert (await chain.classify(request, now + 10)).source is Source.LOCAL
+    assert chain.statistics().shed_for_deadline == 3
 
 
 def test_the_chain_refuses_what_no_classifier_would_take() -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import io
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from quart import Response
 from werkzeug.datastructures import FileStorage
 
@@ -123,3 +126,130 @@ async def test_a_batch_under_overload_says_when_to_retry(tmp_path: Path) -> None
     assert refused.status_code == 503
     assert (await refused.get_json())["error_code"] == "overloaded"
     assert int(refused.headers["Retry-After"]) >= 1
+
+
+# --- refusals from the headers (issue 14) ----------------------------------------------
+
+
+class BlockingModel(FakeModel):
+    """Preparation waits for ``release``: the local pool stays saturated until then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def prepare(self, data: bytes) -> FakeDecoded:
+        self.release.wait(30)
+        return super().prepare(data)
+
+
+@pytest.fixture
+def idle_clock() -> trio.testing.MockClock:
+    """Jumps once everything has been idle for 50 ms of real time: the store's
+    threads finish first, while a blocked model's thread lets the clock run."""
+    return trio.testing.MockClock(autojump_threshold=0.05)
+
+
+@pytest.mark.parametrize(
+    ("path", "field"), [("/api/v1/classify", "image"), ("/api/v1/classify/batch", "images")]
+)
+async def test_an_upload_is_refused_from_its_headers_before_its_body_is_read(
+    idle_clock: trio.testing.MockClock, tmp_path: Path, path: str, field: str
+) -> None:
+    """With the local pool saturated (one photo being prepared, one queued, an inbox
+    of one, no LLM) an upload is refused 503 while most of its body has not even
+    been sent: its headers were enough. Retry-After says when to come back, and
+    ``Connection: close`` that the unread body ends the connection. check-cache is
+    never refused so: a miss is answered at once."""
+    config = load_config(
+        env={},
+        data={"dir": str(tmp_path)},
+        model={"decode_threads": 1, "inference_threads": 1, "inbox_size": 1},
+    )
+    model = BlockingModel()
+    app = create_app(config, model_factory=lambda _c: model)
+    body, headers = multipart([(field, "new.jpg", b"new photo " * 2000)])
+    try:
+        async with app.test_app():
+            client = app.test_client()
+            local = app.runtime.local
+            async with trio.open_nursery() as nursery:
+                for name in (b"busy", b"queued"):
+                    nursery.start_soon(
+                        functools.partial(
+                            client.post,
+                            "/api/v1/classify",
+                            files={"image": FileStorage(io.BytesIO(name), filename="p")},
+                        )
+                    )
+                for _ in range(500):  # until one is being prepared and one is queued
+                    if (local.statistics().decoding, local.statistics().queued) == (1, 1):
+                        break
+                    await trio.sleep(0.01)
+                assert (local.statistics().decoding, local.statistics().queued) == (1, 1)
+                started = trio.current_time()
+                connection = client.request(
+                    path,
+                    method="POST",
+                    headers=headers | {"Content-Length": str(len(body))},
+                )
+                async with connection:
+                    await connection.send(body[:100])  # the rest is never sent
+                    with trio.fail_after(1):
+                        refused = await connection.as_response()
+                took = trio.current_time() - started
+                check = await client.post(
+                    "/api/v1/classify/check-cache", json={"image_hash": "a" * 64}
+                )
+                model.release.set()
+            stats = app.runtime.statistics()
+    finally:
+        model.release.set()
+    assert refused.status_code == 503
+    assert (await refused.get_json())["error_code"] == "overloaded"
+    assert refused.headers["Retry-After"] == "1"
+    assert refused.headers["Connection"] == "close"
+    assert took < 0.1  # the work it refuses has not ended at all
+    assert b"new photo" not in b"".join(model.prepared)
+    assert stats.shed_for_deadline >= 1
+    assert check.status_code == 200
+    assert (await check.get_json())["cached"] is False
+
+
+async def test_admission_aims_at_the_latency_target_not_the_deadline(tmp_path: Path) -> None:
+    """A 10 s deadline with a 0.35 s latency target: as with a 0.35 s deadline,
+    about three photos at 100 ms each are taken, the rest refused at once (503),
+    where the deadline alone would have queued all twelve."""
+    config = load_config(
+        env={},
+        data={"dir": str(tmp_path)},
+        server={"request_deadline_s": 10.0, "latency_target_s": 0.35},
+        model={"decode_threads": 1, "inference_threads": 1},
+    )
+    app = create_app(config, model_factory=lambda _c: SlowModel())
+    statuses: list[int] = []
+    retry_after: list[str | None] = []
+    async with app.test_app():
+        client = app.test_client()
+        resp = await client.post(
+            "/api/v1/classify", files={"image": FileStorage(io.BytesIO(b"warm"), filename="w")}
+        )
+        assert resp.status_code == 200  # the pool has measured its service time
+
+        async def one(i: int) -> None:
+            r = await client.post(
+                "/api/v1/classify",
+                files={"image": FileStorage(io.BytesIO(f"t{i}".encode()), filename="p")},
+            )
+            statuses.append(r.status_code)
+            if r.status_code == 503:
+                retry_after.append(r.headers.get("Retry-After"))
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                for i in range(12):
+                    nursery.start_soon(one, i)
+    assert 504 not in statuses, statuses
+    assert statuses.count(200) >= 2
+    assert statuses.count(503) >= 6
+    assert all(r is not None and int(r) >= 1 for r in retry_after)

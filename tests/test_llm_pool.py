@@ -541,6 +541,30 @@ async def test_a_call_that_queued_too_long_is_not_made(clock: trio.testing.MockC
     assert mean_after == pytest.approx(2.2)  # 2 s, then 3 s; b's refusal not counted
 
 
+async def test_the_queue_is_held_against_the_latency_target(
+    clock: trio.testing.MockClock,
+) -> None:
+    """With its one worker busy, a call expected in 4 s (one 2 s call ahead, then
+    its own) fits a 10 s deadline but not an answer wanted within 3 s (admit_by):
+    refused at once as queue_too_long, no call made."""
+    upstream = Upstream().then("openai.example", slow_ok(2.0), slow_ok(2.0))
+    with trio.fail_after(30):
+        async with running(config(workers=1), upstream) as pool:
+            await classify(pool, 0)  # measures 2 s per call
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(classify, pool, 1)
+                await trio.testing.wait_all_tasks_blocked()
+                now = trio.current_time()
+                assert pool.would_take(now + 10)
+                assert not pool.would_take(now + 10, admit_by=now + 3)
+                data, h = photo(2)
+                with pytest.raises(LlmUnavailable) as info:
+                    await pool.classify(ClassifyRequest(data, h, "r"), now + 10, admit_by=now + 3)
+    assert info.value.reason == "queue_too_long"
+    assert upstream.count() == 2
+    assert pool.statistics().refused_queue_too_long == 1
+
+
 async def test_hang_is_abandoned_at_the_deadline(clock: trio.testing.MockClock) -> None:
     """The caller's deadline (less the reserve) comes before the provider's own
     timeout: the call is abandoned, which is no verdict on the upstream."""

@@ -85,6 +85,7 @@ class ServerConfig:
     max_body_bytes: int = _bounded(1024)
     max_json_bytes: int = _bounded(1024, 16 * 1024 * 1024)
     request_deadline_s: float = _bounded(0.05, 3600)
+    latency_target_s: float = _bounded(0.01, 3600)
     keep_alive_s: float = _bounded(0, 3600)
     max_connections: int = _bounded(1, 1_000_000)
     listen_backlog: int = _bounded(1, 65_535)

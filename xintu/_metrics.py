@@ -172,6 +172,22 @@ class Metrics:
             "queued for the LLM re-classification that replaces them.",
             registry=r,
         )
+        self.llm_hedges = Counter(
+            "xintu_llm_hedges",
+            "Hedged LLM calls: started (the call ran past the hedge budget and the local "
+            "model was started beside it), local_won / llm_won (which answered the "
+            "caller), skipped (past the budget, but the local pool could not answer in "
+            "time), replaced (an LLM answer after the local one replaced it).",
+            ["outcome"],
+            registry=r,
+        )
+        self.llm_hedge_after = Gauge(
+            "xintu_llm_hedge_after_seconds",
+            "How long an LLM call runs now before the local model is started beside "
+            "it (the recent P95 call time within llm.hedge_min_s..hedge_after_s; 0: off).",
+            registry=r,
+            **most,
+        )
         self.llm_retries = Counter(
             "xintu_llm_retries", "LLM call retries by provider.", ["provider"], registry=r
         )
@@ -292,6 +308,9 @@ class Metrics:
         self.batch_size.labels("mean").set(lp.mean_batch_size)
         self._sample_llm(stats.llm, stats.fallbacks)
         self._advance(self.llm_upgrades, "upgrades", stats.upgrades_queued)
+        self.llm_hedge_after.set(stats.llm.hedge_after_s or 0.0)
+        for hedge_outcome, total in stats.hedges.items():
+            self._advance(self.llm_hedges.labels(hedge_outcome), f"hedge:{hedge_outcome}", total)
 
     def sample_guard(self, guard: Any) -> None:
         """Bring the guard's metrics up to date from a ``GuardStatistics``."""

@@ -19,11 +19,26 @@ between the pools:
 - work the LLM pool had queued, and that then failed or ran out of time, takes the
   local pool's priority lane: the caller has already waited, and only new work is
   refused at the door;
-- work the local pool could not answer before its deadline (its queue's expected
-  wait) is refused at once with :class:`~xintu.errors.Overloaded`
-  (``shed_for_deadline``), and so is a miss that no classifier could take before
-  its deadline (:meth:`Chain.refusal`, asked by the dispatcher before it claims the
-  miss across replicas);
+- admission aims at a latency target (``server.latency_target_s``), not at the
+  deadline: new work is taken only by a classifier expected to answer it by
+  ``min(deadline, now + target)`` (*admit_by*). Work the local pool could not
+  answer by then (its queue's expected wait) is refused at once with
+  :class:`~xintu.errors.Overloaded` (``shed_for_deadline``), and so is a miss that
+  no classifier could take by then (:meth:`Chain.refusal`, asked by the HTTP layer
+  before it reads an upload and by the dispatcher before it claims a miss across
+  replicas). Admitted work still has the whole deadline to run;
+- a *hedge*: an LLM call that has not answered within the LLM pool's hedge budget
+  (:meth:`~xintu.llm.LlmPool.hedge_after_s`: its recent P95 call time, clamped by
+  ``llm.hedge_min_s`` and ``llm.hedge_after_s``) gets the local model started
+  beside it, if the local pool can answer before the deadline; the caller gets
+  whichever answers first (the LLM's if both are ready at once). An LLM answer
+  that comes after the local one was given replaces it (``on_late``: the runtime
+  replaces it in the LRU and the store, as a recheck's). So no caller waits for a
+  hung upstream's timeout, only for the budget plus the local model. The two
+  calls run as tasks of the chain's own nursery (:meth:`Chain.run`), so the
+  caller's wait can end (or be cancelled) while the LLM call carries on; an LLM
+  failure after the hedge started leaves the caller to the local answer, a local
+  failure to the LLM's;
 - a cache hit on a local answer, while some LLM provider is healthy, queues a
   low-priority LLM re-classification whose answer replaces the local one
   (:meth:`Chain.cached_hit`);
@@ -48,11 +63,14 @@ hit on the local answer).
 
 from __future__ import annotations
 
+import functools
+import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+import outcome
 import structlog
 import trio
 
@@ -63,13 +81,20 @@ from ..llm._errors import CallAbandoned
 from ..store import CachedEntry
 from ._envelope import ClassifyRequest
 
-__all__ = ["Chain", "ChainStatistics", "Classifier", "Fallback", "Primary"]
+__all__ = ["Chain", "ChainStatistics", "Classifier", "Fallback", "LateAnswer", "Primary"]
 
 log = structlog.get_logger("xintu.chain")
 
 # Fallback reasons that are the caller's deadline, not the LLM's health: the local
 # answer they lead to is rushed, and is upgraded by an LLM re-classification.
 _RUSHED = frozenset({"no_time", "queue_too_long", "deadline"})
+
+#: ``on_late(image_hash, classification)``: an LLM answer that came after a hedge's
+#: local answer was given; the runtime replaces the cached local answer with it.
+LateAnswer = Callable[[str, Classification], Awaitable[None]]
+
+# What a hedge's two calls report: which one ("llm" or "local") and its outcome.
+_Report = tuple[str, outcome.Outcome[Classification]]
 
 
 class Classifier(Protocol):
@@ -88,14 +113,25 @@ class Classifier(Protocol):
         ...
 
 
-class Primary(Classifier, Protocol):
-    """The classifier asked first (the LLM pool): it may be switched off, and it
-    re-classifies cached local answers in the background."""
+class Primary(Protocol):
+    """The classifier asked first (the LLM pool): it may be switched off, it admits
+    against a wanted-by time as well as the deadline, tells how long a call may run
+    before it is hedged, and re-classifies cached local answers in the background."""
 
     @property
     def enabled(self) -> bool: ...
 
+    async def classify(
+        self, request: ClassifyRequest, deadline: float, *, admit_by: float | None = None
+    ) -> Classification: ...
+
+    def would_take(self, deadline: float, *, admit_by: float | None = None) -> bool: ...
+
+    def statistics(self) -> object: ...
+
     def healthy(self) -> bool: ...
+
+    def hedge_after_s(self) -> float | None: ...
 
     def offer_recheck(self, data: bytes, image_hash: str) -> bool: ...
 
@@ -111,30 +147,79 @@ class Fallback(Classifier, Protocol):
 @dataclass(frozen=True, slots=True)
 class ChainStatistics:
     fallbacks: Mapping[str, int]  # LLM work answered by the local pool, by reason
-    # Refused at once because the local queue would outlast the request's deadline.
+    # Refused at once because no classifier was expected to answer by the target.
     shed_for_deadline: int
     # Rushed local answers queued for an LLM re-classification that replaces them.
     upgrades_queued: int = 0
+    # Hedges: LLM calls past the budget that got the local model started beside
+    # them, and which answered the caller; skipped: past the budget, but the local
+    # pool could not have answered before the deadline; replaced: the LLM's late
+    # answer replaced the local one given.
+    hedges_started: int = 0
+    hedges_local_won: int = 0
+    hedges_llm_won: int = 0
+    hedges_skipped: int = 0
+    hedges_replaced: int = 0
 
 
 class Chain:
     """The LLM pool (*llm*; ``None``: local only) and the *local* pool as one
-    :class:`Classifier`; see the module docstring."""
+    :class:`Classifier`; see the module docstring.
 
-    def __init__(self, local: Fallback, *, llm: Primary | None = None) -> None:
+    *latency_target_s*: admission's aim (``server.latency_target_s``; default none:
+    the deadline). *on_late*: where an LLM answer that lost a hedge goes. Hedging
+    needs :meth:`run` (the chain's nursery); a chain that is not running never hedges.
+    """
+
+    def __init__(
+        self,
+        local: Fallback,
+        *,
+        llm: Primary | None = None,
+        latency_target_s: float = math.inf,
+        on_late: LateAnswer | None = None,
+    ) -> None:
+        if not latency_target_s > 0:
+            raise ValueError(f"latency_target_s must be > 0, got {latency_target_s!r}")
         self._local = local
         self._llm = llm
+        self._latency_target_s = latency_target_s
+        self._on_late = on_late
         self._fallbacks: Counter[str] = Counter()
         self._shed_for_deadline = 0
         self._upgrades_queued = 0
+        self._hedges: Counter[str] = Counter()
         self._draining = False
+        self._nursery: trio.Nursery | None = None
+        self._closed = trio.Event()
 
     def statistics(self) -> ChainStatistics:
         return ChainStatistics(
             fallbacks=dict(self._fallbacks),
             shed_for_deadline=self._shed_for_deadline,
             upgrades_queued=self._upgrades_queued,
+            hedges_started=self._hedges["started"],
+            hedges_local_won=self._hedges["local_won"],
+            hedges_llm_won=self._hedges["llm_won"],
+            hedges_skipped=self._hedges["skipped"],
+            hedges_replaced=self._hedges["replaced"],
         )
+
+    # --- lifetime -----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the nursery of hedged calls until :meth:`close`, then let them finish
+        (each is bounded by its request's deadline)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await self._closed.wait()
+            self._nursery = None
+
+    def close(self) -> None:
+        """Hedge no more; :meth:`run` returns once the hedged calls under way end."""
+        self._draining = True
+        self._closed.set()
 
     def begin_drain(self) -> None:
         """Queue no more background re-classifications."""
@@ -143,15 +228,26 @@ class Chain:
     def _llm_on(self) -> Primary | None:
         return self._llm if self._llm is not None and self._llm.enabled else None
 
+    def admit_by(self, deadline: float) -> float:
+        """When work for *deadline* admitted now should be answered: the latency
+        target from now, never later than the deadline."""
+        if math.isinf(self._latency_target_s):
+            return deadline
+        return min(deadline, trio.current_time() + self._latency_target_s)
+
     # --- the classifier ---------------------------------------------------------------
 
     def would_take(self, deadline: float) -> bool:
+        admit_by = self.admit_by(deadline)
         llm = self._llm_on()
-        return (llm is not None and llm.would_take(deadline)) or self._local.would_take(deadline)
+        return (
+            llm is not None and llm.would_take(deadline, admit_by=admit_by)
+        ) or self._local.would_take(admit_by)
 
     def refusal(self, deadline: float) -> Overloaded | None:
-        """A refusal when no classifier would take work for *deadline* now (the
-        dispatcher asks after a store miss, before it claims it), else ``None``."""
+        """A refusal when no classifier would answer work for *deadline* by the
+        latency target (:meth:`admit_by`), else ``None``. Asked by the HTTP layer
+        before it reads an upload, and by the dispatcher after a store miss."""
         if self.would_take(deadline):
             return None
         self._shed_for_deadline += 1
@@ -161,43 +257,151 @@ class Chain:
         )
 
     async def classify(self, request: ClassifyRequest, deadline: float) -> Classification:
-        """The LLM chain first; on any LLM failure or refusal, the local model."""
+        """The LLM chain first (hedged by the local model when it is slow); on any
+        LLM failure or refusal, the local model."""
+        admit_by = self.admit_by(deadline)
         llm = self._llm_on()
         if llm is None:
-            return await self._classify_local(request, deadline)
+            return await self._classify_local(request, deadline, admit_by)
+        hedge_s = llm.hedge_after_s()
         try:
-            return await llm.classify(request, deadline)
+            if hedge_s is None or self._nursery is None:
+                return await llm.classify(request, deadline, admit_by=admit_by)
+            return await self._hedged(llm, request, deadline, admit_by, hedge_s, self._nursery)
         except LlmError as exc:
-            reason = _fallback_reason(exc)
-            self._fallbacks[reason] += 1
-            log.info(
-                "llm_fallback",
-                reason=reason,
-                image_hash=request.image_hash[:12],
-                error=str(exc),
-            )
-            # Decided now: whether the LLM was healthy when the caller's time ran out.
-            rushed = reason in _RUSHED and llm.healthy()
+            rushed = self._fell_back(llm, request, exc)
             if exc.queued:
                 # The caller has already waited for the LLM: its fallback goes
                 # ahead of new work, which can still be refused at the door.
                 classification = await self._local.classify_now(request)
             else:
-                classification = await self._classify_local(request, deadline)
+                classification = await self._classify_local(request, deadline, admit_by)
         if rushed and not self._draining and llm.offer_recheck(request.data, request.image_hash):
             self._upgrades_queued += 1
             log.info("llm_upgrade_queued", image_hash=request.image_hash[:12])
         return classification
 
-    async def _classify_local(self, request: ClassifyRequest, deadline: float) -> Classification:
-        if trio.current_time() + self._local.expected_wait_s() > deadline:
-            # It would only time out in the queue: refuse now, with an honest Retry-After.
+    def _fell_back(self, llm: Primary, request: ClassifyRequest, exc: LlmError) -> bool:
+        """Count and log a fallback; whether its local answer is a rushed one (the
+        LLM was healthy when the caller's time ran out)."""
+        reason = _fallback_reason(exc)
+        self._fallbacks[reason] += 1
+        log.info(
+            "llm_fallback",
+            reason=reason,
+            image_hash=request.image_hash[:12],
+            error=str(exc),
+        )
+        return reason in _RUSHED and llm.healthy()
+
+    async def _classify_local(
+        self, request: ClassifyRequest, deadline: float, admit_by: float
+    ) -> Classification:
+        if trio.current_time() + self._local.expected_wait_s() > admit_by:
+            # It would only answer late, or time out in the queue: refuse now, with
+            # an honest Retry-After.
             self._shed_for_deadline += 1
             raise Overloaded(
                 "the local classifier cannot answer before the deadline",
                 retry_after_s=self._local.expected_wait_s(),
             )
         return await self._local.classify(request, deadline)
+
+    # --- hedging ------------------------------------------------------------------------
+
+    async def _hedged(
+        self,
+        llm: Primary,
+        request: ClassifyRequest,
+        deadline: float,
+        admit_by: float,
+        hedge_s: float,
+        nursery: trio.Nursery,
+    ) -> Classification:
+        """The LLM call, with the local model started beside it after *hedge_s*.
+
+        Raises the LLM's error when it fails before the hedge starts (the caller
+        falls back as without hedging). The calls run in the chain's *nursery*, so
+        leaving this wait (an answer, a cancellation) leaves them running: a local
+        answer that lost is dropped, an LLM answer that lost replaces it (``on_late``).
+        """
+        send, receive = trio.open_memory_channel[_Report](2)
+        with receive:
+            with send:
+                ask_llm = functools.partial(llm.classify, request, deadline, admit_by=admit_by)
+                nursery.start_soon(self._report, "llm", ask_llm, request, send.clone())
+                with trio.move_on_after(hedge_s):
+                    _, first = await receive.receive()
+                    return first.unwrap()  # before the budget: as without a hedge
+                if not self._local.would_take(deadline):
+                    self._hedges["skipped"] += 1
+                    send.close()
+                    _, first = await receive.receive()
+                    return first.unwrap()
+                self._hedges["started"] += 1
+                log.info("llm_hedged", image_hash=request.image_hash[:12], after_s=hedge_s)
+                ask_local = functools.partial(self._local.classify, request, deadline)
+                nursery.start_soon(self._report, "local", ask_local, request, send.clone())
+            failed: dict[str, BaseException] = {}
+            while len(failed) < 2:
+                name, result = await receive.receive()
+                if name == "local" and isinstance(result, outcome.Value):
+                    # Both ready at once: the LLM's answer is the better one.
+                    try:
+                        other, llm_result = receive.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        pass
+                    else:
+                        if isinstance(llm_result, outcome.Value):
+                            name, result = other, llm_result
+                if isinstance(result, outcome.Value):
+                    self._hedges[f"{name}_won"] += 1
+                    answer: Classification = result.unwrap()
+                    return answer
+                assert isinstance(result, outcome.Error)
+                failed[name] = result.error
+                if name == "llm" and isinstance(result.error, LlmError):
+                    self._fell_back(llm, request, result.error)  # the local call answers
+        # Both failed: the local model's error is the answer (a bad image, overload).
+        raise failed["local"]
+
+    async def _report(
+        self,
+        name: str,
+        call: Callable[[], Awaitable[Classification]],
+        request: ClassifyRequest,
+        send: trio.MemorySendChannel[_Report],
+    ) -> None:
+        """Run one of a hedge's calls and report its outcome; an LLM answer that
+        nobody waits for any more replaces the local one given."""
+        with send:
+            try:
+                result: outcome.Outcome[Classification] = outcome.Value(await call())
+            except trio.Cancelled:
+                raise
+            except Exception as exc:  # reported to the waiting caller, which raises it
+                result = outcome.Error(exc)
+            try:
+                send.send_nowait((name, result))
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the caller has its answer (or has left)
+        if name == "llm" and isinstance(result, outcome.Value):
+            await self._late(request.image_hash, result.unwrap())
+
+    async def _late(self, image_hash: str, classification: Classification) -> None:
+        """An LLM answer after the local one was given: it replaces the local one."""
+        if self._on_late is None or classification.source is not Source.LLM:
+            return
+        try:
+            await self._on_late(image_hash, classification)
+        except trio.Cancelled:
+            raise
+        except Exception as exc:
+            log.warning("llm_late_answer_failed", image_hash=image_hash[:12], error=repr(exc))
+            return
+        self._hedges["replaced"] += 1
+        log.info("llm_late_answer_replaced", image_hash=image_hash[:12])
 
     # --- cache hits -------------------------------------------------------------------
 

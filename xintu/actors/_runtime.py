@@ -12,7 +12,8 @@ actors, and the one facade the HTTP layer talks to.
 (each reports ready), and its nested nurseries are the shutdown order. On
 :meth:`Runtime.drain` the dispatcher admits nothing more and finishes its
 flights; then the LLM pool and then the local pool finish their queues; then the writer
-flushes; then ``run`` returns.
+flushes; then ``run`` returns. The chain runs between the dispatcher and the pools
+(its nursery holds hedged calls), and stops after the dispatcher.
 
 The rules between the LLM pool and the local pool (fallbacks, the priority lane,
 refusals for time, rechecks of cached local answers) are the classifier chain's
@@ -28,7 +29,8 @@ default the process stays ready and degraded, since hits in memory and the local
 model still answer and writes wait in the writer, so a store outage does not take
 every replica out of the load balancer at once.
 
-The facade: the HTTP layer asks only this object's methods (:meth:`~Runtime.classify`,
+The facade: the HTTP layer asks only this object's methods (:meth:`~Runtime.refusal`,
+:meth:`~Runtime.classify`,
 :meth:`~Runtime.lookup`, :meth:`~Runtime.lookup_many`, :meth:`~Runtime.name_alias`,
 :meth:`~Runtime.log_request`, :meth:`~Runtime.readiness`,
 :meth:`~Runtime.album_stats`, :meth:`~Runtime.statistics`,
@@ -48,7 +50,7 @@ import trio
 
 from .._config import Config
 from .._types import Classification
-from ..errors import Draining, StoreError
+from ..errors import Draining, StoreError, Unavailable
 from ..llm import LlmPool, LlmPoolStatistics
 from ..llm._errors import FailureKind
 from ..store import AlbumStats, Lru, RequestLogRow, ResultWrite, Store
@@ -80,6 +82,9 @@ class RuntimeStatistics:
     supervisor: SupervisorStatistics
     # Rushed local answers queued for an LLM upgrade (the chain's upgrades_queued).
     upgrades_queued: int = 0
+    # Hedged LLM calls: started, answered by the local model / by the LLM, skipped
+    # (the local pool could not answer in time), replaced (a late LLM answer).
+    hedges: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +183,12 @@ class Runtime:
             retry_after_s=self.retry_after_s,
         )
         self.llm = LlmPool(config.llm, on_recheck=self._recheck_done)
-        self.chain = Chain(self.local, llm=self.llm)
+        self.chain = Chain(
+            self.local,
+            llm=self.llm,
+            latency_target_s=config.server.latency_target_s,
+            on_late=self._recheck_done,
+        )
         self.dispatcher = Dispatcher(
             cache=self.cache,
             writer=self.writer,
@@ -215,6 +225,13 @@ class Runtime:
             cache=self.cache.statistics(),
             supervisor=self.crashes.statistics(),
             upgrades_queued=chain.upgrades_queued,
+            hedges={
+                "started": chain.hedges_started,
+                "local_won": chain.hedges_local_won,
+                "llm_won": chain.hedges_llm_won,
+                "skipped": chain.hedges_skipped,
+                "replaced": chain.hedges_replaced,
+            },
         )
 
     # --- lifetime ------------------------------------------------------------------
@@ -228,16 +245,19 @@ class Runtime:
                     await local_nursery.start(self.local.run)
                     async with trio.open_nursery() as llm_nursery:
                         await llm_nursery.start(self.llm.run)
-                        async with trio.open_nursery() as dispatch_nursery:
-                            await dispatch_nursery.start(self.dispatcher.run)
-                            self._ready = True
-                            log.info(
-                                "runtime_ready",
-                                llm_providers=[p.name for p in self.config.llm.providers],
-                            )
-                            task_status.started()
-                            await self._drain_requested.wait()
-                            self.dispatcher.close()
+                        async with trio.open_nursery() as chain_nursery:
+                            await chain_nursery.start(self.chain.run)
+                            async with trio.open_nursery() as dispatch_nursery:
+                                await dispatch_nursery.start(self.dispatcher.run)
+                                self._ready = True
+                                log.info(
+                                    "runtime_ready",
+                                    llm_providers=[p.name for p in self.config.llm.providers],
+                                )
+                                task_status.started()
+                                await self._drain_requested.wait()
+                                self.dispatcher.close()
+                            self.chain.close()
                         self.llm.close()
                     self.local.close()
                 self.writer.close()
@@ -263,6 +283,16 @@ class Runtime:
 
     def retry_after_s(self) -> float:
         return self.dispatcher.retry_after_s()
+
+    def refusal(self, deadline: float) -> Unavailable | None:
+        """Why new work for *deadline* would be refused now, or ``None``: draining,
+        or no classifier expected to answer it by the latency target (the question
+        the dispatcher asks after a store miss). The HTTP layer asks it from an
+        upload's headers, before it reads and hashes the body; a photo the cache
+        knows is refused with the rest then (a client asks check-cache first)."""
+        if self._draining:
+            return Draining("the service is shutting down", retry_after_s=self.retry_after_s())
+        return self.chain.refusal(deadline)
 
     async def classify(self, request: ClassifyRequest, *, deadline: float) -> Answer:
         """Classify one image: LRU hit at once, else through the dispatcher.
@@ -369,7 +399,8 @@ class Runtime:
         return await self.store.album_stats(datetime.now(UTC))
 
     async def _recheck_done(self, image_hash: str, classification: Classification) -> None:
-        """The LLM re-classified a cached local answer: it replaces the local one."""
+        """The LLM re-classified a cached local answer (a recheck, or a hedged call
+        whose local answer came first): it replaces the local one."""
         old = self.cache.lru.get(image_hash)
         if old is not None:
             self.cache.remember(dataclasses.replace(old, classification=classification))

@@ -5,7 +5,11 @@ additive fields ``image_hash``, ``source``, ``provider`` and ``model``.
 
 The handlers parse and answer HTTP; everything else is asked of the runtime's
 facade (:class:`~xintu.actors.Runtime`): ``lookup`` / ``lookup_many`` (hits are
-counted there), ``classify``, ``name_alias`` and ``log_request``.
+counted there), ``refusal``, ``classify``, ``name_alias`` and ``log_request``.
+
+An upload that no classifier could take is refused from its headers alone
+(:func:`_refuse_early`), before its body is read and hashed: a refusal does not
+wait behind the bytes of the work it refuses. check-cache is never refused so.
 """
 
 from __future__ import annotations
@@ -130,6 +134,18 @@ def _deadline_budget() -> float:
             raise ValidationFailed("X-Deadline-Ms must be positive")
         budget = min(budget, ms / 1000.0)
     return float(budget)
+
+
+def _refuse_early(budget: float) -> None:
+    """Raise the runtime's refusal (503, ``Retry-After``) when no classifier could
+    take a new photo for *budget* seconds from now, or the service is draining.
+
+    Asked from the headers, before the body is read: the body is left unread, so
+    the app answers ``Connection: close`` with the refusal.
+    """
+    refusal = _runtime().refusal(trio.current_time() + budget)
+    if refusal is not None:
+        raise refusal
 
 
 async def _sha256(data: bytes) -> str:
@@ -284,6 +300,7 @@ async def _classify_one(
 async def classify() -> Response:
     started = cast(float, g.started)
     budget = _deadline_budget()
+    _refuse_early(budget)
     files = await request.files
     form = await request.form
     deadline = trio.current_time() + budget  # from the body's arrival
@@ -343,6 +360,7 @@ def _batch_hashes(raw: str | None, count: int) -> list[str | None]:
 async def classify_batch() -> Response:
     started = cast(float, g.started)
     budget = _deadline_budget()
+    _refuse_early(budget)  # draining, or not even one photo could be taken
     files = await request.files
     form = await request.form
     deadline = trio.current_time() + budget  # from the body's arrival

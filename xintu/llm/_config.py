@@ -162,6 +162,9 @@ class LlmConfig:
     workers: int = _bounded(1, 1024)
     inbox_size: int = _bounded(1)
     fallback_reserve_s: float = _bounded(0, 3600)
+    hedge_after_s: float = _bounded(0, 3600)
+    hedge_quantile: float = _bounded(0, 1)
+    hedge_min_s: float = _bounded(0, 3600)
     timeout_s: float = _timeout_s()
     max_tokens: int = _max_tokens()
     # (RUF009: ruff does not see through the alias of a Literal of strings)
@@ -216,6 +219,8 @@ def llm_config(
     """
     if values["retry_max_s"] < values["retry_initial_s"]:
         raise ConfigError("llm.retry_max_s", "must be >= retry_initial_s")
+    if values["hedge_after_s"] and values["hedge_min_s"] > values["hedge_after_s"]:
+        raise ConfigError("llm.hedge_min_s", "must be <= hedge_after_s (or hedge_after_s = 0)")
     # Tables of providers not in the chain are allowed (and ignored), like env vars.
     providers = tuple(
         _provider(

@@ -19,9 +19,21 @@ with ``send_nowait`` and waits for the one answer; :meth:`LlmPool.would_take`
 answers the chain's admission question without queueing anything.
 
 Every call gets the request's deadline less ``fallback_reserve_s``: the LLM never
-eats the time the local model needs. A caller never sees an upstream body; all
-failures reach it as :class:`~xintu.llm.LlmError`, which the classifier chain
-(:mod:`xintu.actors._chain`) turns into a fallback.
+eats the time the local model needs. Admission may aim earlier than that deadline:
+``admit_by`` (the chain's latency target) is when the caller should have its
+answer, and work that would wait in the queue past it is refused at once
+(``queue_too_long``); a call that is made still runs until the deadline less the
+reserve.
+
+Hedging (the chain's, :mod:`xintu.actors._chain`) asks :meth:`LlmPool.hedge_after_s`
+how long a call may run before the local model is started alongside it: the
+``hedge_quantile`` of the last successful calls' times (from a worker taking the
+job to its answer), between ``hedge_min_s`` and ``hedge_after_s``; only successes
+count, so a hung upstream does not teach the pool to wait longer for it.
+
+A caller never sees an upstream body; all failures reach it as
+:class:`~xintu.llm.LlmError`, which the classifier chain (:mod:`xintu.actors._chain`)
+turns into a fallback.
 
 Whose fault, for the breaker every caller shares: only the upstream's own failures
 count against it (an error answer, a bad answer, a connect error, no answer within
@@ -45,6 +57,7 @@ import contextlib
 import functools
 import math
 import random
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -94,6 +107,10 @@ _INLINE_MAX_BYTES = 4096
 # How much longer than the LLM call's deadline a caller waits for the worker's reply
 # (the worker answers at its deadline; this only orders the two wake-ups).
 _REPLY_GRACE_S = 0.05
+# Successful calls' times kept for the hedge budget's quantile.
+_CALL_TIMES_KEPT = 200
+# Below this many of them the quantile is not trusted: hedge_after_s is the budget.
+_CALL_TIMES_MIN = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +161,8 @@ class LlmPoolStatistics:
     recheck_succeeded: int
     recheck_failed: int
     providers: tuple[ProviderStatistics, ...]
+    # How long a call runs now before the chain hedges it (None: hedging is off).
+    hedge_after_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +284,8 @@ class LlmPool:
         self._closed = False
         self._busy = 0
         self._service = ServiceTime()
+        self._call_times: deque[float] = deque(maxlen=_CALL_TIMES_KEPT)
+        self._hedge_after_s: float | None = None  # cached; None: to be computed
         self._submitted = 0
         self._succeeded = 0
         self._failed = 0
@@ -300,19 +321,22 @@ class LlmPool:
         self._refused[reason] += 1
         return LlmUnavailable(message, reason=reason)
 
-    async def classify(self, request: ClassifyRequest, deadline: float) -> Classification:
+    async def classify(
+        self, request: ClassifyRequest, deadline: float, *, admit_by: float | None = None
+    ) -> Classification:
         """Classify *request* through the provider chain before *deadline* less the reserve.
 
         Raises :class:`~xintu.llm.LlmUnavailable` at once, with no upstream call, when
         no provider is configured, every breaker is open, the inbox is full, the
-        remaining time is under ``fallback_reserve_s`` or the pool is closed; and
-        another :class:`~xintu.llm.LlmError` when the chain failed. Either way the
-        caller falls back; the error holds no upstream body and no key.
+        remaining time is under ``fallback_reserve_s``, the queue would outlast
+        *admit_by* (default: the deadline less the reserve) or the pool is closed;
+        and another :class:`~xintu.llm.LlmError` when the chain failed. Either way
+        the caller falls back; the error holds no upstream body and no key.
         """
         from ..actors._envelope import Envelope, open_reply, wait_reply
 
         await trio.lowlevel.checkpoint_if_cancelled()
-        refusal = self._refusal(deadline)
+        refusal = self._refusal(deadline, admit_by)
         if refusal is not None:
             raise self._refuse(*refusal)
         call_deadline = deadline - self._reserve_s
@@ -340,14 +364,21 @@ class LlmPool:
             abandoned.queued = True
             raise abandoned from None
 
-    def would_take(self, deadline: float) -> bool:
-        """Whether :meth:`classify` would queue work for *deadline* now (it queues none)."""
+    def would_take(self, deadline: float, *, admit_by: float | None = None) -> bool:
+        """Whether :meth:`classify` would queue work for *deadline* (and *admit_by*)
+        now; it queues none."""
         if self._receive.statistics().current_buffer_used >= self.config.inbox_size:
             return False
-        return self._refusal(deadline) is None
+        return self._refusal(deadline, admit_by) is None
 
-    def _refusal(self, deadline: float) -> tuple[UnavailableReason, str] | None:
-        """Why work for *deadline* would be refused at once, or None if it would queue."""
+    def _refusal(
+        self, deadline: float, admit_by: float | None = None
+    ) -> tuple[UnavailableReason, str] | None:
+        """Why work for *deadline* would be refused at once, or None if it would queue.
+
+        *admit_by*: when the answer is wanted (the chain's latency target); the
+        queue's expected wait is held against it as well as against the deadline.
+        """
         if not self._providers:
             return "no_provider", "no LLM provider is configured"
         if self._closed:
@@ -361,9 +392,10 @@ class LlmPool:
         # With a worker free there is no queue to wait for, and the call is bounded
         # by its own deadline. Refusing it on the estimate alone could refuse every
         # call for good after a few slow ones: refusals teach the estimate nothing.
+        wanted_by = call_deadline if admit_by is None else min(call_deadline, admit_by)
         if ahead >= self._workers and (
             trio.current_time() + self._service.expected_wait_s(ahead, self._workers, cautious=True)
-            > call_deadline
+            > wanted_by
         ):
             # Queueing would only end in "no time left": fall back now, while there is.
             return "queue_too_long", "the LLM queue would outlast the deadline"
@@ -388,6 +420,27 @@ class LlmPool:
         self._recheck_pending.add(image_hash)
         self._recheck_accepted += 1
         return True
+
+    def hedge_after_s(self) -> float | None:
+        """How long a call may run before the chain starts the local model beside
+        it; ``None`` when hedging is off (``hedge_after_s = 0``).
+
+        The ``hedge_quantile`` of the last successful calls' times (P95 by default)
+        once at least a few were seen, clamped to [``hedge_min_s``,
+        ``hedge_after_s``]; ``hedge_after_s`` until then.
+        """
+        ceiling = self.config.hedge_after_s
+        if ceiling <= 0:
+            return None
+        if self._hedge_after_s is None:
+            q = self.config.hedge_quantile
+            if q <= 0 or len(self._call_times) < _CALL_TIMES_MIN:
+                self._hedge_after_s = ceiling
+            else:
+                ordered = sorted(self._call_times)
+                at = ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+                self._hedge_after_s = min(ceiling, max(self.config.hedge_min_s, at))
+        return self._hedge_after_s
 
     def close(self) -> None:
         """Take nothing more: queued calls finish, queued rechecks are dropped."""
@@ -421,6 +474,7 @@ class LlmPool:
             recheck_succeeded=self._recheck_succeeded,
             recheck_failed=self._recheck_failed,
             providers=tuple(p.statistics() for p in self._providers),
+            hedge_after_s=self.hedge_after_s() if self.enabled else None,
         )
 
     # --- the actor -----------------------------------------------------------------
@@ -493,6 +547,8 @@ class LlmPool:
                     send_reply(reply, outcome.Error(LlmError("LLM classification failed")))
                 else:
                     self._succeeded += 1
+                    self._call_times.append(trio.current_time() - started)
+                    self._hedge_after_s = None
                     send_reply(reply, outcome.Value(classification))
                 finally:
                     if measured:
