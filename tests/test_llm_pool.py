@@ -565,6 +565,28 @@ async def test_the_queue_is_held_against_the_latency_target(
     assert pool.statistics().refused_queue_too_long == 1
 
 
+async def test_calls_under_way_show_a_slowdown_before_the_mean_does(
+    clock: trio.testing.MockClock,
+) -> None:
+    """Calls measured at 0.1 s, then the upstream hangs: after 2 s the running call
+    says a round takes at least 2 s, so work wanted within 3 s is refused at once
+    (one round ahead and its own: >= 4 s), though the mean still says 0.2 s."""
+    upstream = Upstream().then("openai.example", slow_ok(0.1), hang())
+    with trio.fail_after(30):
+        async with running(config(workers=1), upstream) as pool:
+            await classify(pool, 0)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fails, pool, 1)
+                await trio.sleep(0.5)
+                now = trio.current_time()
+                assert pool.would_take(now + 10, admit_by=now + 3)  # 2 x 0.5 s
+                await trio.sleep(1.5)
+                now = trio.current_time()
+                assert not pool.would_take(now + 10, admit_by=now + 3)  # 2 x 2 s
+                assert pool._service.mean_s == pytest.approx(0.1)
+                nursery.cancel_scope.cancel()
+
+
 async def test_hang_is_abandoned_at_the_deadline(clock: trio.testing.MockClock) -> None:
     """The caller's deadline (less the reserve) comes before the provider's own
     timeout: the call is abandoned, which is no verdict on the upstream."""

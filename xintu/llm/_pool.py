@@ -283,6 +283,8 @@ class LlmPool:
         self._idle = trio.lowlevel.ParkingLot()
         self._closed = False
         self._busy = 0
+        # When each busy worker's job started, by lane: how old the calls under way are.
+        self._job_started: dict[int, float] = {}
         self._service = ServiceTime()
         self._call_times: deque[float] = deque(maxlen=_CALL_TIMES_KEPT)
         self._hedge_after_s: float | None = None  # cached; None: to be computed
@@ -393,13 +395,30 @@ class LlmPool:
         # by its own deadline. Refusing it on the estimate alone could refuse every
         # call for good after a few slow ones: refusals teach the estimate nothing.
         wanted_by = call_deadline if admit_by is None else min(call_deadline, admit_by)
-        if ahead >= self._workers and (
-            trio.current_time() + self._service.expected_wait_s(ahead, self._workers, cautious=True)
-            > wanted_by
+        if (
+            ahead >= self._workers
+            and trio.current_time() + self._expected_wait_s(ahead) > wanted_by
         ):
             # Queueing would only end in "no time left": fall back now, while there is.
             return "queue_too_long", "the LLM queue would outlast the deadline"
         return None
+
+    def _expected_wait_s(self, ahead: int) -> float:
+        """When a job queued now behind *ahead* jobs should be answered.
+
+        The measured call times (cautious), but never less than the calls under way
+        say: if the upstream has slowed down, the mean learns it only as slow calls
+        end, while the median age of the calls running now already shows it (each
+        round ahead takes at least that long). So a sudden slowdown (or a hang) does
+        not fill the queue with work that can only run out of time.
+        """
+        estimate = self._service.expected_wait_s(ahead, self._workers, cautious=True)
+        if self._job_started:
+            now = trio.current_time()
+            ages = sorted(now - t for t in self._job_started.values())
+            rounds = ahead // max(self._workers, 1) + 1
+            estimate = max(estimate, rounds * ages[len(ages) // 2])
+        return estimate
 
     def offer_recheck(self, data: bytes, image_hash: str) -> bool:
         """Queue a background LLM re-classification; False if not taken (never waits).
@@ -513,6 +532,7 @@ class LlmPool:
                     continue
                 self._busy += 1
                 started = trio.current_time()
+                self._job_started[lane] = started
                 # Only work that reached an upstream is a service time: counting the
                 # instant refusals (no time, breakers open) would make the queue look
                 # faster than it is and admit work that then runs out of time.
@@ -554,6 +574,7 @@ class LlmPool:
                     if measured:
                         self._service.record(trio.current_time() - started)
                     self._busy -= 1
+                    self._job_started.pop(lane, None)
                     self._idle.unpark_all()
 
     async def _recheck_worker(self) -> None:
