@@ -228,6 +228,32 @@ async def test_no_hedge_when_the_local_pool_could_not_answer_in_time(
     assert s.local.calls == 0
 
 
+async def test_a_hedge_starts_once_the_local_pool_has_room(
+    clock: trio.testing.MockClock,
+) -> None:
+    """No room at the budget (2 s); room at 2.6 s: the hedge starts at the next
+    look (every 0.25 s: 2.75 s) and answers 0.3 s later, before the hung call ends."""
+    fake = upstream(hang=True)
+    data, _ = photo(6)
+    with trio.fail_after(60):
+        async with service(fake) as s:
+            s.local.takes = False
+            start = trio.current_time()
+            async with trio.open_nursery() as nursery:
+
+                async def room_at_2_6_s() -> None:
+                    await trio.sleep(2.6)
+                    s.local.takes = True
+
+                nursery.start_soon(room_at_2_6_s)
+                answer = await ask(s.dispatcher, data)
+            took = trio.current_time() - start
+            stats = s.chain.statistics()
+    assert answer.classification.source is Source.LOCAL
+    assert took == pytest.approx(HEDGE_S + 3 * 0.25 + LOCAL_S)
+    assert stats == ChainStatistics({}, 0, hedges_started=1, hedges_local_won=1, hedges_skipped=1)
+
+
 async def test_hedging_is_off_at_zero(clock: trio.testing.MockClock) -> None:
     fake = upstream(4.0)
     data, _ = photo(5)

@@ -30,7 +30,8 @@ between the pools:
 - a *hedge*: an LLM call that has not answered within the LLM pool's hedge budget
   (:meth:`~xintu.llm.LlmPool.hedge_after_s`: its recent P95 call time, clamped by
   ``llm.hedge_min_s`` and ``llm.hedge_after_s``) gets the local model started
-  beside it, if the local pool can answer before the deadline; the caller gets
+  beside it once the local pool can answer before the deadline (looked at again
+  every :data:`HEDGE_RETRY_S` while it cannot: ``hedges_skipped``); the caller gets
   whichever answers first (the LLM's if both are ready at once). An LLM answer
   that comes after the local one was given replaces it (``on_late``: the runtime
   replaces it in the LRU and the store, as a recheck's). So no caller waits for a
@@ -93,6 +94,9 @@ _RUSHED = frozenset({"no_time", "queue_too_long", "deadline"})
 #: local answer was given; the runtime replaces the cached local answer with it.
 LateAnswer = Callable[[str, Classification], Awaitable[None]]
 
+# A hedge the local pool had no room for is tried again this often.
+HEDGE_RETRY_S = 0.25
+
 # What a hedge's two calls report: which one ("llm" or "local") and its outcome.
 _Report = tuple[str, outcome.Outcome[Classification]]
 
@@ -152,9 +156,9 @@ class ChainStatistics:
     # Rushed local answers queued for an LLM re-classification that replaces them.
     upgrades_queued: int = 0
     # Hedges: LLM calls past the budget that got the local model started beside
-    # them, and which answered the caller; skipped: past the budget, but the local
-    # pool could not have answered before the deadline; replaced: the LLM's late
-    # answer replaced the local one given.
+    # them, and which answered the caller; skipped: past the budget, the local pool
+    # could not have answered before the deadline (the hedge may start later);
+    # replaced: the LLM's late answer replaced the local one given.
     hedges_started: int = 0
     hedges_local_won: int = 0
     hedges_llm_won: int = 0
@@ -334,10 +338,14 @@ class Chain:
                     _, first = await receive.receive()
                     return first.unwrap()  # before the budget: as without a hedge
                 if not self._local.would_take(deadline):
+                    # The local pool has no room now: wait for the LLM, and look
+                    # again every little while (a burst's queue drains in seconds,
+                    # a hung call lasts until the deadline).
                     self._hedges["skipped"] += 1
-                    send.close()
-                    _, first = await receive.receive()
-                    return first.unwrap()
+                    while not self._local.would_take(deadline):
+                        with trio.move_on_after(HEDGE_RETRY_S):
+                            _, first = await receive.receive()
+                            return first.unwrap()
                 self._hedges["started"] += 1
                 log.info("llm_hedged", image_hash=request.image_hash[:12], after_s=hedge_s)
                 ask_local = functools.partial(self._local.classify, request, deadline)
