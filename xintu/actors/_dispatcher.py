@@ -202,6 +202,16 @@ class Dispatcher:
         depth = self._receive.statistics().current_buffer_used + len(self._flights)
         return self._rate.retry_after_s(depth)
 
+    def refusal(self) -> Overloaded | None:
+        """The refusal :meth:`submit` or the flight would give new work now for lack
+        of room (inbox full, ``max_in_flight`` flights), else ``None``; counted
+        when given. Asked from an upload's headers (:meth:`Runtime.refusal`)."""
+        inbox_full = self._receive.statistics().current_buffer_used >= self._max_queued
+        if not inbox_full and len(self._flights) < self._max_in_flight:
+            return None
+        self._refused += 1
+        return Overloaded("the service is over capacity", retry_after_s=self.retry_after_s())
+
     def submit(self, envelope: Envelope[Answer]) -> None:
         """Admit *envelope* or raise at once: :class:`Overloaded` / :class:`Draining`."""
         if self._closed:

@@ -286,13 +286,14 @@ class Runtime:
 
     def refusal(self, deadline: float) -> Unavailable | None:
         """Why new work for *deadline* would be refused now, or ``None``: draining,
-        or no classifier expected to answer it by the latency target (the question
-        the dispatcher asks after a store miss). The HTTP layer asks it from an
+        the dispatcher full (its inbox, or ``dispatcher.max_in_flight`` flights), or
+        no classifier expected to answer it by the latency target (the question the
+        dispatcher asks after a store miss). The HTTP layer asks it from an
         upload's headers, before it reads and hashes the body; a photo the cache
         knows is refused with the rest then (a client asks check-cache first)."""
         if self._draining:
             return Draining("the service is shutting down", retry_after_s=self.retry_after_s())
-        return self.chain.refusal(deadline)
+        return self.dispatcher.refusal() or self.chain.refusal(deadline)
 
     async def classify(self, request: ClassifyRequest, *, deadline: float) -> Answer:
         """Classify one image: LRU hit at once, else through the dispatcher.
