@@ -1,0 +1,234 @@
+"""Scenario 'hang': the fake LLM stops answering (hangs) for 20 s, beside ``outage``.
+
+``outage`` makes the upstream fail fast (HTTP 500), which the breaker sees. A hung
+upstream is worse: no answer, no error, and a call ends only at the caller's
+deadline less ``llm.fallback_reserve_s`` (8.5 s by default), which the breaker
+does not count against the upstream (the caller's deadline came first). What
+bounds a caller's wait then is the hedge: after the pool's recent P95 call time
+(``llm.hedge_quantile``, within ``llm.hedge_min_s``..``hedge_after_s``) the local
+model classifies the photo beside the hung call and answers.
+
+Steady open-loop classify load as in ``outage`` (70 % known photos, 30 % new; the
+fake answers in ~0.5 s median while healthy; the rate is half of what the LLM pool
+or the local model could take, whichever is less). Phases: 10 s healthy, 20 s hung
+(the fake's outage window with ``error_mode = hang``), 10 s after (5 + 5 + 3 s with
+``--quick``). It stops by itself: the load ends after the last phase and the
+stragglers' wait is bounded by the deadline.
+
+Measured: the new photos' accepted P99 during the hang against the hedge budget
+(read from the service's ``xintu_llm_hedge_after_seconds`` when the hang starts)
+plus the local path's P99 (the ``local`` scenario's open-loop P99 at 70 %, when it
+ran first: ``python -m bench local hang``); answered and refused counts and the
+refusals' P99; the hedges (started, won by each side, replaced) from ``/metrics``.
+Checks: nothing fails; no new photo waits for the hung call (accepted P99 during the
+hang below the deadline less the reserve).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from .._context import Bench, missing_service
+from .._loadgen import poisson_schedule
+from .._plots import plot_timeline
+from .._report import Check, Outcome, Row
+from .._stats import summarize, timeline
+from ._llm import (
+    StatsPoller,
+    llm_missing,
+    llm_settings,
+    lognormal_mean_s,
+    seeded_llm_service,
+    service_counters,
+)
+from ._mixed import TAG_MISS, mixed_load
+from .missburst import hedge_counters
+
+__all__ = ["run"]
+
+HIT_SHARE = 0.7
+LATENCY_MEDIAN_MS = 500.0
+LATENCY_SIGMA = 0.3
+LLM_USE = 0.5
+#: Local throughput assumed when the ``local`` scenario did not run before.
+LOCAL_DEFAULT_IMG_S = 6.0
+
+_HEDGES = 'xintu_llm_hedges_total{outcome="%s"}'
+
+
+def run(bench: Bench) -> Outcome:
+    """Scenario 'hang'."""
+    if (why := missing_service() or llm_missing()) is not None:
+        return Outcome("hang", status="skipped", reason=why)
+    t_start = time.monotonic()
+    settings = llm_settings(bench, {})
+    capacity = settings.workers / lognormal_mean_s(LATENCY_MEDIAN_MS, LATENCY_SIGMA)
+    local = bench.measured.get("local_img_s", LOCAL_DEFAULT_IMG_S)
+    rate = LLM_USE * min(capacity, local) / (1.0 - HIT_SHARE)
+    before, hang_s, after = bench.dur(10.0, 5.0), bench.dur(20.0, 5.0), bench.dur(10.0, 3.0)
+    total = before + hang_s + after
+    call_deadline_ms = (settings.deadline_s - settings.fallback_reserve_s) * 1000.0
+    params: dict[str, Any] = {
+        "rate_rps": round(rate, 2),
+        "hit_share": HIT_SHARE,
+        "phases_s": [before, hang_s, after],
+        "fake_latency_median_ms": LATENCY_MEDIAN_MS,
+        "deadline_s": settings.deadline_s,
+        "fallback_reserve_s": settings.fallback_reserve_s,
+    }
+    with seeded_llm_service(
+        bench,
+        "hang",
+        env={},
+        known=int(bench.dur(60, 24)),
+        latency_median_ms=LATENCY_MEDIAN_MS,
+        latency_sigma=LATENCY_SIGMA,
+    ) as seeded:
+        params["seeding"] = seeded.seeding
+        if not seeded.reached_upstream:
+            return Outcome(
+                "hang", status="failed", reason="the service never called the LLM upstream"
+            )
+        fake, svc, known = seeded.fake, seeded.svc, seeded.known
+        offsets = poisson_schedule([(total, rate)], seed=bench.settings.seed + 9)
+        payloads, choice, tags = mixed_load(
+            bench, svc, offsets, hit_share=HIT_SHARE, known=known, salt="hang-new"
+        )
+        t0 = bench.gen.start_time(sum(len(p) for p in payloads)) + 0.5
+        at_hang: dict[str, float] = {}
+        reader = threading.Timer(
+            max(t0 + before - time.monotonic(), 0.0), lambda: at_hang.update(hedge_counters(svc))
+        )
+        reader.start()
+        poller = StatsPoller(fake)
+        poller.start()
+        fake.control(
+            error_mode="hang",
+            outage_start_s=t0 + before - time.monotonic(),
+            outage_duration_s=hang_s,
+        )
+        result = bench.open(
+            svc,
+            payloads,
+            offsets,
+            choice,
+            tags=tags,
+            timeout_s=settings.deadline_s + 10.0,
+            grace_s=settings.deadline_s + 5.0,
+            start_at=t0,
+        )
+        poller.stop()
+        reader.join(5)
+        upstream = fake.stats()
+        counters = service_counters(svc) | hedge_counters(svc)
+    s = result.samples
+    h0, h1 = before, before + hang_s
+    windows = {
+        "before_misses": summarize(s, start=0.0, end=h0, tag=TAG_MISS),
+        "hang": summarize(s, start=h0, end=h1),
+        "hang_misses": summarize(s, start=h0, end=h1, tag=TAG_MISS),
+        "after_misses": summarize(s, start=h1, end=total, tag=TAG_MISS),
+        "all": summarize(s, start=0.0, end=total),
+    }
+    budget_s = at_hang.get("xintu_llm_hedge_after_seconds")
+    local_p99 = bench.measured.get("local_open_p99_ms")
+    baseline = budget_s * 1000.0 + local_p99 if budget_s and local_p99 else None
+    details: dict[str, Any] = {
+        "params": params,
+        "windows": windows,
+        "hedge_budget_at_hang_s": budget_s,
+        "metrics_at_hang": at_hang,
+        "service_counters": counters,
+        "upstream": {k: v for k, v in upstream.items() if k != "images"},
+        "upstream_series": poller.series(t0),
+        "generator_cpu_s": round(result.generator_cpu_s, 2),
+        "client_errors": result.client_errors,
+    }
+    plot = bench.out_dir / "hang.png"
+    plot_timeline(
+        plot,
+        timeline(s, bin_s=1.0),
+        title=f"hang: {rate:.0f} req/s, 70% hits; upstream hangs for {hang_s:.0f} s",
+        windows=[(h0, h1, "LLM hangs")],
+        deadline_ms=settings.deadline_s * 1000,
+        extra_rates={"upstream LLM calls": poller.call_rate(result.t0)},
+    )
+    out = Outcome("hang", details=details, plots=[plot.name])
+    hm, bm = windows["hang_misses"], windows["before_misses"]
+    hang_p99 = hm["latency_accepted_ms"]["p99"]
+
+    def hedges(outcome: str) -> float:
+        return counters.get(_HEDGES % outcome, 0.0) - at_hang.get(_HEDGES % outcome, 0.0)
+
+    out.rows = [
+        Row(
+            "new photos' P99 while the upstream hangs",
+            hang_p99,
+            "ms",
+            "hedge budget + local path P99" if baseline else "",
+            baseline,
+            f"hedge budget {budget_s} s at the hang's start; local P99 {local_p99} ms"
+            + ("" if local_p99 else " (run `python -m bench local hang` for it)")
+            + f"; P50 {hm['latency_accepted_ms']['p50']} ms; sources {hm['sources']}",
+        ),
+        Row(
+            "new photos' P99 before the hang (healthy LLM)",
+            bm["latency_accepted_ms"]["p99"],
+            "ms",
+            note=f"sources {bm['sources']}",
+        ),
+        Row(
+            "new photos' P99 while it hangs vs the hung call's deadline",
+            hang_p99,
+            "ms",
+            "deadline less the reserve",
+            call_deadline_ms,
+            "what a caller waited before hedging: the hung call's end",
+        ),
+        Row(
+            "photos answered while it hangs",
+            windows["hang"]["accepted"],
+            "req",
+            "sent",
+            windows["hang"]["requests"],
+            f"statuses {windows['hang']['status_counts']}; refused P99 "
+            f"{windows['hang']['latency_refused_ms']['p99']} ms",
+        ),
+        Row(
+            "hedges from the hang on",
+            hedges("started"),
+            "",
+            note=f"local won {hedges('local_won'):.0f}, LLM won {hedges('llm_won'):.0f}, "
+            f"skipped {hedges('skipped'):.0f}, late LLM answers replaced "
+            f"{hedges('replaced'):.0f}",
+        ),
+        Row(
+            "new photos' P99 after the hang",
+            windows["after_misses"]["latency_accepted_ms"]["p99"],
+            "ms",
+            note=f"sources {windows['after_misses']['sources']}",
+        ),
+    ]
+    out.rows.append(bench.rss_row("hang"))
+    w = windows["all"]
+    out.checks = [
+        Check(
+            "nothing fails during or after the hang",
+            w["errors"] == 0 and w["refused"] == 0,
+            f"statuses {w['status_counts']}",
+        ),
+        Check(
+            "no new photo waits for the hung call (P99 < deadline less the reserve)",
+            hang_p99 is not None and hang_p99 < call_deadline_ms,
+            f"{hang_p99} ms vs {call_deadline_ms:.0f} ms",
+        ),
+        Check(
+            "hedges were started while it hung",
+            hedges("started") > 0,
+            f"{hedges('started'):.0f} started",
+        ),
+    ]
+    out.seconds = time.monotonic() - t_start
+    return out
