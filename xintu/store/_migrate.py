@@ -45,7 +45,6 @@ from ._stats import backfill_statements
 
 __all__ = ["MIGRATION_TIMEOUT_S", "Migration", "fill_stats"]
 
-_log = structlog.get_logger("xintu.store")
 
 # Migration may build indexes on a large table: it gets longer than a query.
 MIGRATION_TIMEOUT_S = 300.0
@@ -154,7 +153,9 @@ class Migration:
             await conn.execute(
                 d.upsert(_VERSION), {"id": 1, "version": SCHEMA_VERSION, "updated_at": now}
             )
-            _log.info(
+            # Looked up here, not cached at import: a migration is rare, and a logger
+            # cached before the logging configuration changed would miss it.
+            structlog.get_logger("xintu.store").info(
                 "store_migrated", backend=d.name, version=SCHEMA_VERSION, from_version=version
             )
         await self.unlock(conn)
