@@ -90,7 +90,7 @@ class FakePool:
         self.asked: list[float] = []
 
     async def answer(self, data: bytes, image_hash: str, deadline: float) -> Classification:
-        raise NotImplementedError
+        raise NotImplementedError("each FakePool subclass says how it answers")
 
     async def classify(self, request: ClassifyRequest, deadline: float) -> Classification:
         return await self.answer(request.data, request.image_hash, deadline)

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from .conformance import CATEGORIES
+from .conformance import CATEGORIES, curl_or_skip
 from .conformance.process import XintuServer, running_xintu
 
 IMAGES = Path(__file__).resolve().parent / "images"
@@ -45,18 +43,9 @@ class Answer:
         return json.loads(self.body)
 
 
-def _curl_or_skip() -> str:
-    curl = shutil.which("curl")
-    if curl is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI needs curl (apt-get install curl)")
-        pytest.skip("no curl")
-    return curl
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XintuServer]:
-    _curl_or_skip()
+    curl_or_skip()
     with running_xintu(tmp_path_factory.mktemp("xintu")) as running:
         yield running
 
@@ -64,7 +53,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XintuServer]:
 @pytest.fixture
 def curl(server: XintuServer, tmp_path: Path) -> Any:
     """``curl(path, *args)``: run curl against the server and return its :class:`Answer`."""
-    binary = _curl_or_skip()
+    binary = curl_or_skip()
     calls = iter(range(1_000))
 
     def run(path: str, *args: str) -> Answer:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import trio
 
 from xintu import Config, load_config
 
+from .conformance import curl_or_skip
 from .serving import DecodingModel, real_server
 
 IMAGES = Path(__file__).parent / "images"
@@ -81,10 +81,7 @@ def boundary_of(content_type: str) -> str:
 
 @pytest.fixture
 def curl_path() -> str:
-    found = shutil.which("curl")
-    if found is None:
-        pytest.skip("curl is not installed")
-    return found
+    return curl_or_skip()
 
 
 async def curl(curl_path: str, url: str, tmp_path: Path, *args: str) -> Answer:

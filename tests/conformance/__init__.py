@@ -28,3 +28,19 @@ CATEGORIES = frozenset(
         "other",
     }
 )
+
+
+def curl_or_skip() -> str:
+    """The curl binary; a test without it skips, except under ``CI=true``, where it
+    fails (``.ci/run`` runs on a machine that has curl)."""
+    import os
+    import shutil
+
+    import pytest
+
+    curl = shutil.which("curl")
+    if curl is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI needs curl (apt-get install curl)")
+        pytest.skip("no curl")
+    return curl
