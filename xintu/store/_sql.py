@@ -154,13 +154,16 @@ class Run:
     ``what`` names it in errors and logs; ``limit_s`` bounds it. ``read_only``: it
     writes nothing (a backend may run it beside the writes). ``idempotent``:
     running it twice does no harm, even after it committed (a backend may then
-    re-run it after an ambiguous failure).
+    re-run it after an ambiguous failure). ``slow``: a read that may take long
+    (stats, admin listings): a backend keeps it off the connection the hot
+    lookups use, so that no hit waits behind it.
     """
 
     what: str
     limit_s: float
     read_only: bool
     idempotent: bool
+    slow: bool = False
 
 
 # --- statements ------------------------------------------------------------------
@@ -461,11 +464,12 @@ class SqlStore(Store):
         read_only: bool = False,
         idempotent: bool = True,
         timeout_s: float | None = None,
+        slow: bool = False,
     ) -> T:
         """Run *op* within the query timeout (or *timeout_s*), counting failures."""
         limit_s = self._timeout_s if timeout_s is None else timeout_s
         try:
-            return await self._session(op, Run(what, limit_s, read_only, idempotent))
+            return await self._session(op, Run(what, limit_s, read_only, idempotent, slow))
         except StoreError:
             self._counters.errors += 1
             raise
@@ -535,7 +539,8 @@ class SqlStore(Store):
                 for name, (sql, params) in queries.items()
             }
 
-        return assemble_stats(now, await self._run("album_stats", op, read_only=True))
+        rows = await self._run("album_stats", op, read_only=True, slow=True)
+        return assemble_stats(now, rows)
 
     async def ping(self) -> None:
         async def op(conn: Connection) -> None:

@@ -3,11 +3,13 @@
 The operations are the shared ones (:class:`._sql.SqlStore`) in the SQLite
 dialect (:class:`._dialect.SQLiteDialect`); this module runs them.
 
-Each store owns TWO ``sqlite3`` connections: one for writes (and the
-transactions that read then write: claims, idempotency) and a read-only one for
-the hot reads (cache lookups, request-log and album-stats reads, the readiness
-ping). The file is in WAL mode, where readers never wait for the writer, so a
-cache lookup does not queue behind a batch of hit counts. Every statement runs
+Each store owns THREE ``sqlite3`` connections: one for writes (and the
+transactions that read then write: claims, idempotency), a read-only one for
+the hot reads (cache lookups, request-log reads, the readiness ping) and a
+read-only one for the slow reads (``Run.slow``: album stats, admin listings), so
+that a stats query never holds the connection a cache lookup waits for. The file
+is in WAL mode, where readers never wait for the writer, so a cache lookup does
+not queue behind a batch of hit counts either. Every statement runs
 in a worker thread (``trio.to_thread.run_sync``) while the operation holds its
 connection's :class:`trio.Lock`, so a connection is never used by two threads at
 once. WAL mode comes with ``synchronous=NORMAL`` and a busy timeout, and every
@@ -184,6 +186,7 @@ class SQLiteStore(SqlStore):
         self._path = path
         self._writer = _Lane("write")
         self._reader = _Lane("read")
+        self._slow = _Lane("slow")
         self._connections_opened = 0
         self._closed = False
 
@@ -226,7 +229,7 @@ class SQLiteStore(SqlStore):
             conn.execute(f"PRAGMA busy_timeout = {max(1, int(self._timeout_s * 1000))}")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
-            if lane is self._reader:
+            if lane is not self._writer:
                 conn.execute("PRAGMA query_only = ON")
             conn.set_progress_handler(lane.progress, _PROGRESS_EVERY)
         except sqlite3.Error as exc:
@@ -242,19 +245,23 @@ class SQLiteStore(SqlStore):
         # if it fails.
         migration = Migration(self._dialect)
         await self._run("migrate", migration.run, timeout_s=MIGRATION_TIMEOUT_S)
-        # After the migration: the reader sees the tables it reads.
-        r = self._reader
-        r.conn = await trio.to_thread.run_sync(self._connect_sync, r, limiter=r.threads)
-        self._connections_opened += 1
+        # After the migration: the readers see the tables they read.
+        for r in (self._reader, self._slow):
+            r.conn = await trio.to_thread.run_sync(self._connect_sync, r, limiter=r.threads)
+            self._connections_opened += 1
 
     async def _session(self, op: Op[T], run: Run) -> T:
         """Run *op* on a connection, its statements in a worker thread, bounded and
-        translated. Read-only operations use the reader connection, which never
-        waits for writes. Nothing is re-run, so ``run.idempotent`` does not matter.
+        translated. Read-only operations use a reader connection, which never
+        waits for writes: the slow ones (``run.slow``) their own, so that no lookup
+        waits behind them. Nothing is re-run, so ``run.idempotent`` does not matter.
         """
         if self._closed:
             raise trio.ClosedResourceError("the store is closed")
-        lane = self._reader if run.read_only else self._writer
+        if not run.read_only:
+            lane = self._writer
+        else:
+            lane = self._slow if run.slow else self._reader
         try:
             with trio.fail_after(run.limit_s):
                 await lane.lock.acquire()
@@ -287,8 +294,8 @@ class SQLiteStore(SqlStore):
         if self._closed:
             return
         self._closed = True
-        # The reader first, then the writer (which runs PRAGMA optimize).
-        for lane in (self._reader, self._writer):
+        # The readers first, then the writer (which runs PRAGMA optimize).
+        for lane in (self._reader, self._slow, self._writer):
             await self._close_lane(lane)
 
     async def _close_lane(self, lane: _Lane) -> None:
@@ -321,7 +328,7 @@ class SQLiteStore(SqlStore):
             conn.close()
 
     def _pool_statistics(self) -> PoolStatistics:
-        lanes = (self._writer, self._reader)
+        lanes = (self._writer, self._reader, self._slow)
         live = [lane for lane in lanes if lane.conn is not None]
         in_use = sum(1 for lane in live if lane.lock.locked())
         created = self._connections_opened
