@@ -589,10 +589,11 @@ async def test_calls_under_way_show_a_slowdown_before_the_mean_does(
 
 async def test_hang_is_abandoned_at_the_deadline(clock: trio.testing.MockClock) -> None:
     """The caller's deadline (less the reserve) comes before the provider's own
-    timeout: the call is abandoned, which is no verdict on the upstream."""
+    timeout: the call is abandoned, which (the slow-call rule off) is no verdict
+    on the upstream."""
     upstream = Upstream(hang())
     with trio.fail_after(30):
-        async with running(config(timeout_s=60.0), upstream) as pool:
+        async with running(config(timeout_s=60.0, breaker_slow_call_s=0), upstream) as pool:
             start = trio.current_time()
             err = await fails(pool, within_s=10)
             elapsed = trio.current_time() - start
@@ -603,6 +604,86 @@ async def test_hang_is_abandoned_at_the_deadline(clock: trio.testing.MockClock) 
     p = pool.statistics().providers[0]
     assert (p.successes, p.failures, p.abandoned, p.last_failure) == (0, 0, 1, None)
     assert p.breaker.failures_in_window == 0
+
+
+async def test_a_hung_call_counts_as_slow_once_past_the_threshold(
+    clock: trio.testing.MockClock,
+) -> None:
+    """The same hang with breaker_slow_call_s = 3: at 3 s the call counts as a
+    failure of kind slow, while it still runs; its abandonment at 8.5 s adds
+    nothing (one outcome per attempt)."""
+    upstream = Upstream(hang())
+    with trio.fail_after(30), capture_logs() as logs:
+        async with running(config(timeout_s=60.0, breaker_slow_call_s=3.0), upstream) as pool:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fails, pool)
+                await trio.sleep(2.9)
+                assert pool.statistics().providers[0].breaker.failures_in_window == 0
+                await trio.sleep(0.2)
+                p = pool.statistics().providers[0]
+                assert (p.failures, p.slow, p.last_failure) == (1, 1, "slow")
+                assert p.breaker.failures_in_window == 1
+            elapsed = trio.current_time()
+    p = pool.statistics().providers[0]
+    assert elapsed == pytest.approx(8.5)  # the caller still waits to its deadline
+    assert (p.successes, p.failures, p.abandoned, p.slow) == (0, 1, 0, 1)
+    assert [e["after_s"] for e in logs if e["event"] == "llm_call_slow"] == [3.0]
+
+
+async def test_hung_calls_open_the_breaker_at_the_slow_call_threshold(
+    clock: trio.testing.MockClock,
+) -> None:
+    """Five hung calls at once (five in a row open the breaker): it opens 5 s into
+    the hang (the default threshold), not never; from then on new work is refused
+    at once and no upstream call is made."""
+    upstream = Upstream(hang())
+    cfg = config(workers=8, timeout_s=20.0, breaker_consecutive_failures=5)
+    assert cfg.breaker_slow_call_s == 5.0  # the default
+    with trio.fail_after(60), capture_logs() as logs:
+        async with running(cfg, upstream) as pool:
+            async with trio.open_nursery() as nursery:
+                for n in range(5):
+                    nursery.start_soon(fails, pool, n)
+                await trio.sleep(4.9)
+                assert pool.healthy()
+                await trio.sleep(0.2)
+                assert not pool.healthy()
+                err = await fails(pool, 9)
+                assert isinstance(err, LlmUnavailable)
+                assert err.reason == "breaker_open"
+    p = pool.statistics().providers[0]
+    assert p.breaker.opened_total == 1
+    assert (p.failures, p.slow, p.abandoned) == (5, 5, 0)
+    assert upstream.count() == 5
+    opened = [e for e in logs if e["event"] == "breaker_opened"]
+    assert [(e["reason"], e["last_failure"]) for e in opened] == [("consecutive_failures", "slow")]
+
+
+async def test_a_slow_answer_is_used_but_counted_as_slow(clock: trio.testing.MockClock) -> None:
+    """An answer after the threshold still answers the caller; for the breaker the
+    attempt was a failure (slow), not a success."""
+    upstream = Upstream(slow_ok(4.0))
+    with trio.fail_after(30):
+        async with running(config(timeout_s=10.0, breaker_slow_call_s=3.0), upstream) as pool:
+            result = await classify(pool)
+    assert result.source is Source.LLM
+    p = pool.statistics().providers[0]
+    assert (p.successes, p.failures, p.slow) == (0, 1, 1)
+    assert (p.breaker.successes_in_window, p.breaker.failures_in_window) == (0, 1)
+
+
+async def test_calls_under_the_threshold_are_not_slow(clock: trio.testing.MockClock) -> None:
+    """Answers just under the threshold count as successes, and a watcher that
+    slept towards an earlier call's threshold does not count a later call early."""
+    upstream = Upstream(slow_ok(2.9))
+    with trio.fail_after(30):
+        async with running(config(timeout_s=10.0, breaker_slow_call_s=3.0), upstream) as pool:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(classify, pool, 0)
+                await trio.sleep(1.0)
+                nursery.start_soon(classify, pool, 1)
+    p = pool.statistics().providers[0]
+    assert (p.successes, p.failures, p.slow) == (2, 0, 0)
 
 
 async def test_the_providers_own_timeout_is_its_failure(clock: trio.testing.MockClock) -> None:

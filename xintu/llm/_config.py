@@ -183,6 +183,7 @@ class LlmConfig:
     breaker_failure_ratio: float = _bounded(0.01, 1)
     breaker_open_s: float = _bounded(0, 3600)
     breaker_half_open_probes: int = _bounded(1, 1024)
+    breaker_slow_call_s: float = _bounded(0, 3600)
     recheck_queue: int = _bounded(0)
 
     @property

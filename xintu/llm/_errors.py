@@ -27,7 +27,8 @@ Whose fault: an :class:`UpstreamError` (but :class:`CallAbandoned`) or a
 :func:`failure_kind` names it for readiness, health and metrics (one of
 :data:`FAILURE_KINDS`). :class:`CallAbandoned` is the caller's (its deadline, less
 the fallback reserve, ran out before the upstream's own ``timeout_s``): the breaker
-counts it neither as a success nor as a failure.
+counts it neither as a success nor as a failure, unless the call had already run
+past ``llm.breaker_slow_call_s`` (kind ``slow``: the pool counted it then).
 """
 
 from __future__ import annotations
@@ -171,6 +172,7 @@ FailureKind = Literal[
     "server_error",  # 5xx, 408
     "rejected",  # any other 4xx (a parameter or model the upstream refuses)
     "timeout",  # no answer within the provider's own timeout_s
+    "slow",  # no answer within llm.breaker_slow_call_s (counted then, however it ends)
     "connect_error",  # connect, read or protocol error
     "bad_answer",  # an answer, but not a usable classification
     "other",  # any other LlmError
@@ -182,6 +184,7 @@ FAILURE_KINDS: tuple[FailureKind, ...] = (
     "server_error",
     "rejected",
     "timeout",
+    "slow",
     "connect_error",
     "bad_answer",
     "other",

@@ -45,6 +45,18 @@ failure (``ProviderStatistics.abandoned``; the metric
 open the breaker of a slow but healthy upstream for everyone. Background
 rechecks have no caller: only the upstream's own timeouts bound them.
 
+A hung upstream is the exception: its calls would all end as abandoned at the
+callers' deadlines, before ``timeout_s``, and never open the breaker while each
+holds a worker. So, like resilience4j's slow-call threshold, an attempt still
+unanswered after ``breaker_slow_call_s`` is reported to the breaker as a failure
+of kind ``slow`` at that moment (by one watcher task for the pool), and that is
+its one outcome however it ends afterwards (an answer, the upstream's timeout,
+the caller's deadline): five hung calls open the breaker ``breaker_slow_call_s``
+into the hang instead of never. A caller's short deadline cuts its call before
+that threshold (which is set above the healthy upstream's slowest answers), so
+hurried callers still count neither way. ``ProviderStatistics.slow`` counts
+them (they are in ``failures``, not in ``successes`` or ``abandoned``).
+
 Per provider the pool keeps the kind of its last failure and when
 (``ProviderStatistics.last_failure`` / ``last_failure_at``, a
 :data:`~xintu.llm._errors.FailureKind` such as ``unauthorized`` for a wrong key),
@@ -71,7 +83,7 @@ import trio
 from .._rate import ServiceTime
 from .._types import Classification, Source
 from ..errors import DeadlineExceeded
-from ._breaker import Breaker, BreakerState, BreakerStatistics
+from ._breaker import Breaker, BreakerState, BreakerStatistics, Permit
 from ._config import LlmConfig, ProviderConfig
 from ._errors import (
     CallAbandoned,
@@ -134,6 +146,8 @@ class ProviderStatistics:
     abandoned: int = 0
     last_failure: FailureKind | None = None
     last_failure_at: datetime | None = None
+    # Attempts still unanswered after breaker_slow_call_s (counted in failures too).
+    slow: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +177,16 @@ class LlmPoolStatistics:
     providers: tuple[ProviderStatistics, ...]
     # How long a call runs now before the chain hedges it (None: hedging is off).
     hedge_after_s: float | None = None
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """An attempt under way, watched for the slow-call threshold."""
+
+    provider: _Provider
+    permit: Permit
+    slow_at: float  # when it counts as slow if still unanswered
+    slow: bool = False  # counted as slow (its one outcome, a failure)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,12 +223,14 @@ class _Provider:
         self.failures = 0
         self.retries = 0
         self.abandoned = 0
+        self.slow = 0  # attempts counted as slow (in failures too)
         self.last_failure: FailureKind | None = None
         self.last_failure_at: datetime | None = None
 
-    def failed(self, exc: LlmError) -> FailureKind:
-        """Count a failed attempt (the upstream's fault) and remember its kind."""
-        kind = failure_kind(exc)
+    def failed(self, exc: LlmError | None) -> FailureKind:
+        """Count a failed attempt (the upstream's fault) and remember its kind;
+        ``None``: an attempt past the slow-call threshold (kind ``slow``)."""
+        kind: FailureKind = "slow" if exc is None else failure_kind(exc)
         self.failures += 1
         self.last_failure = kind
         self.last_failure_at = datetime.now(UTC)
@@ -224,6 +250,7 @@ class _Provider:
             abandoned=self.abandoned,
             last_failure=self.last_failure,
             last_failure_at=self.last_failure_at,
+            slow=self.slow,
         )
 
 
@@ -281,6 +308,9 @@ class LlmPool:
         self._recheck_pending: set[str] = set()
         self._recheck_scope = trio.CancelScope()
         self._idle = trio.lowlevel.ParkingLot()
+        # Attempts under way by lane, for the slow-call watcher (woken by a new one).
+        self._attempts: dict[int, _Attempt] = {}
+        self._attempt_started = trio.lowlevel.ParkingLot()
         self._closed = False
         self._busy = 0
         # When each busy worker's job started, by lane: how old the calls under way are.
@@ -510,14 +540,18 @@ class LlmPool:
                     transport=self._transport,
                 )
                 clients.push_async_callback(p.client.aclose)
-            async with trio.open_nursery() as nursery:
-                async with self._receive:
-                    for lane in range(self._workers):
-                        nursery.start_soon(self._worker, lane, self._receive.clone())
-                if self._rechecks:
-                    nursery.start_soon(self._recheck_worker)
-                log.info("llm_pool_ready", providers=list(self.provider_names))
-                task_status.started()
+            async with trio.open_nursery() as watch:
+                if self.config.breaker_slow_call_s > 0:
+                    watch.start_soon(self._slow_watcher)
+                async with trio.open_nursery() as nursery:
+                    async with self._receive:
+                        for lane in range(self._workers):
+                            nursery.start_soon(self._worker, lane, self._receive.clone())
+                    if self._rechecks:
+                        nursery.start_soon(self._recheck_worker)
+                    log.info("llm_pool_ready", providers=list(self.provider_names))
+                    task_status.started()
+                watch.cancel_scope.cancel()  # the workers are done: nothing to watch
             for p in self._providers:
                 p.client = None
 
@@ -671,6 +705,29 @@ class LlmPool:
             raise LlmUnavailable("no time left for an LLM call", reason="no_time")
         raise LlmUnavailable("every LLM provider's circuit breaker is open", reason="breaker_open")
 
+    async def _slow_watcher(self) -> None:
+        """Count every attempt still unanswered ``breaker_slow_call_s`` after it
+        started as a failure of kind ``slow``, at that moment (one task for the pool:
+        attempts register by lane in ``_attempts`` while they run)."""
+        while True:
+            waiting = [a for a in self._attempts.values() if not a.slow]
+            if not waiting:
+                await self._attempt_started.park()
+                continue
+            # A later attempt is never due before an earlier one: sleep to the first.
+            await trio.sleep_until(min(a.slow_at for a in waiting))
+            now = trio.current_time()
+            for a in self._attempts.values():
+                if not a.slow and a.slow_at <= now:
+                    a.slow = True
+                    a.provider.slow += 1
+                    a.permit.failure(a.provider.failed(None))
+                    log.info(
+                        "llm_call_slow",
+                        provider=a.provider.cfg.name,
+                        after_s=self.config.breaker_slow_call_s,
+                    )
+
     async def _call_provider(
         self, p: _Provider, image: UploadImage, deadline: float, lane: int
     ) -> ParsedAnswer:
@@ -690,25 +747,36 @@ class LlmPool:
             p.attempts += 1
             if attempt == 1:
                 p.budget.record_call()  # retries are budgeted against calls actually made
-            own_timeout_at = trio.current_time() + p.cfg.timeout_s
+            now = trio.current_time()
+            own_timeout_at = now + p.cfg.timeout_s
+            # Watched for the slow-call threshold while it runs; an attempt counted
+            # as slow has had its one outcome (a failure) whatever happens next.
+            watched = _Attempt(p, permit, now + self.config.breaker_slow_call_s)
+            if 0 < self.config.breaker_slow_call_s and watched.slow_at < own_timeout_at:
+                self._attempts[lane] = watched
+                self._attempt_started.unpark_all()
             try:
                 with trio.move_on_at(min(deadline, own_timeout_at)):
                     answer = await client.attempt(image, lane=lane)
-                    permit.success()
-                    p.successes += 1
+                    if not watched.slow:
+                        permit.success()
+                        p.successes += 1
                     return answer
                 if deadline < own_timeout_at:
                     # The caller's deadline came first: no verdict on the upstream.
                     raise CallAbandoned(p.cfg.name, "the caller's deadline ran out first")
                 raise UpstreamTimeout(p.cfg.name, "no answer in time")
             except CallAbandoned:
-                permit.abandon()
-                p.abandoned += 1
+                if not watched.slow:
+                    permit.abandon()
+                    p.abandoned += 1
                 raise
             except LlmError as exc:
-                permit.failure(p.failed(exc))
+                if not watched.slow:
+                    permit.failure(p.failed(exc))
                 last = exc
             finally:
+                self._attempts.pop(lane, None)
                 permit.abandon()  # cancelled or a bug: no verdict (a no-op after one)
             if not (isinstance(last, UpstreamError) and last.retryable):
                 raise last
