@@ -208,6 +208,8 @@ async def test_migration_keeps_the_originals_columns_and_rows(
     assert [(c[0], c[1], c[2]) for c in added["request_log"]] == [
         ("source", "varchar(16)", "YES"),
         ("ip", "varchar(64)", "YES"),
+        ("hashes_asked", "int(11)", "YES"),
+        ("hashes_hit", "int(11)", "YES"),
     ]
     assert added["unified_request_log"] == []
     # The original's indexes stay; request_log gains a unique key on request_id; no

@@ -3,20 +3,23 @@ and a batch check's one request-log row counts as its hits."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sqlite3
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
 from xintu import Category, Classification, Source
-from xintu.store import ResultWrite, WriteBatch
+from xintu.store import RequestLogRow, ResultWrite, Store, WriteBatch
 from xintu.store._base import time_text
 
 from .backends import open_test_store
+from .test_store import change_schema
 
 TEST_TIMEOUT_S = 30.0
 
@@ -69,3 +72,73 @@ async def test_sqlite_stats_leave_the_lookup_connection_free(tmp_path: Path) -> 
             assert len(found) == 1
             assert found[0] is not None
             assert store.statistics().pool_size == 3
+
+
+# --- a batch check is one request-log row ------------------------------------------
+
+
+def batch_row(request_id: str, asked: int, hit: int, at: datetime) -> RequestLogRow:
+    return RequestLogRow(
+        request_id=request_id,
+        user_id="u",
+        ip="192.0.2.1",
+        image_hash=None,
+        image_size=None,
+        category=None,
+        confidence=None,
+        from_cache=hit > 0,
+        source="cache" if hit else None,
+        processing_time_ms=3.0,
+        created_at=at,
+        hashes_asked=asked,
+        hashes_hit=hit,
+    )
+
+
+async def test_a_batch_check_row_counts_its_hits(store: Store) -> None:
+    """One row per batch check, with its counts; the stats count its hits as
+    requests served from the cache, as the row per hit did."""
+    now = datetime.now(UTC)
+    single = dataclasses.replace(batch_row("one", 1, 1, now), hashes_asked=None, hashes_hit=None)
+    with trio.fail_after(TEST_TIMEOUT_S):
+        logs = (batch_row("b100", 100, 37, now), batch_row("b0", 5, 0, now), single)
+        assert await store.apply(WriteBatch(uuid.uuid4().hex, logs=logs))
+        row = await store.get_request_log("b100")
+        assert row is not None
+        assert (row.hashes_asked, row.hashes_hit, row.from_cache) == (100, 37, True)
+        assert await store.get_request_log("b0") == batch_row("b0", 5, 0, row.created_at)
+        stats = await store.album_stats(now)
+        assert (stats.requests_total, stats.requests_from_cache_total) == (38, 38)
+        assert dict(stats.sources) == {"cache": 38}
+        # A row logged again (another batch, the same request id) counts nothing.
+        assert await store.apply(WriteBatch(uuid.uuid4().hex, logs=logs[:1]))
+        assert (await store.album_stats(now)).requests_total == 38
+
+
+async def test_the_stats_backfill_counts_a_batch_row_as_its_hits(
+    own_store_url: str, tmp_path: Path
+) -> None:
+    now = datetime.now(UTC)
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(own_store_url, tmp_path) as store:
+            logs = (batch_row("b1", 10, 4, now), batch_row("b2", 3, 0, now))
+            assert await store.apply(WriteBatch(uuid.uuid4().hex, logs=logs))
+            expected = (await store.album_stats(now)).requests_total
+        assert expected == 4
+        await change_schema(
+            own_store_url,
+            "DROP TABLE stats_requests",
+            "DROP TABLE stats_cache",
+            "UPDATE schema_version SET version = 3",
+        )
+        async with open_test_store(own_store_url, tmp_path) as store:
+            stats = await store.album_stats(now)
+            assert (stats.requests_total, stats.requests_from_cache_total) == (4, 4)
+
+
+def test_a_batch_row_needs_both_counts_in_order() -> None:
+    at = datetime.now(UTC)
+    with pytest.raises(ValueError, match="go together"):
+        dataclasses.replace(batch_row("x", 3, 1, at), hashes_hit=None)
+    with pytest.raises(ValueError, match=r"need 0 <= hashes_hit <= hashes_asked, got 4"):
+        batch_row("x", 3, 4, at)

@@ -15,6 +15,9 @@ writes were taken), one :class:`~xintu.store.WriteBatch` per line::
 The format is still 1 with aliases (DESIGN §2) added: a line written before them
 has no ``aliases`` key and reads as a batch without aliases; an older Xintu reading
 a newer line ignores the key, so a downgrade loses aliases only, never results.
+The same holds for the keys added since: a result's ``replace`` (an operator's
+re-classification; absent: false) and a log row's ``hashes_asked`` and
+``hashes_hit`` (a batch check's counts; absent: none).
 
 Writing (:meth:`Journal.write`): the whole file is written under a temporary name
 (``.tmp``), fsync'd, renamed into place and the directory fsync'd. A crash part-way
@@ -106,6 +109,7 @@ def encode_batch(batch: WriteBatch) -> str:
                 "image_hash": r.image_hash,
                 "image_size": r.image_size,
                 "created_at": _time(r.created_at),
+                "replace": r.replace,
                 "category": r.classification.category.value,
                 "confidence": r.classification.confidence,
                 "source": r.classification.source.value,
@@ -137,6 +141,8 @@ def encode_batch(batch: WriteBatch) -> str:
                 "source": row.source,
                 "processing_time_ms": row.processing_time_ms,
                 "created_at": _time(row.created_at),
+                "hashes_asked": row.hashes_asked,
+                "hashes_hit": row.hashes_hit,
             }
             for row in batch.logs
         ],
@@ -179,6 +185,7 @@ def decode_batch(text: str) -> WriteBatch:
                 ),
                 image_size=r["image_size"],
                 created_at=_parse_time(r["created_at"]),
+                replace=bool(r.get("replace", False)),
             )
             for r in payload["results"]
         )
@@ -199,6 +206,8 @@ def decode_batch(text: str) -> WriteBatch:
                 source=row["source"],
                 processing_time_ms=float(row["processing_time_ms"]),
                 created_at=_need_time(row["created_at"]),
+                hashes_asked=row.get("hashes_asked"),
+                hashes_hit=row.get("hashes_hit"),
             )
             for row in payload["logs"]
         )

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import trio
 
 from .._types import Category, Classification, Source, is_image_hash
+from ..errors import StoreError
 from ._schema import LIMITS
 from ._stats import AlbumStats
 
@@ -89,6 +90,9 @@ class ResultWrite:
     classification: Classification
     image_size: int | None
     created_at: datetime | None = None
+    # An operator's re-classification (``/admin/reclassify``): this answer replaces
+    # whatever is stored, an ``llm`` one included (its hit count stays).
+    replace: bool = False
 
     def __post_init__(self) -> None:
         _check_hash(self.image_hash)
@@ -115,7 +119,12 @@ class HitIncrement:
 
 @dataclass(frozen=True, slots=True)
 class RequestLogRow:
-    """One row of ``request_log``; a second row with the same ``request_id`` is ignored."""
+    """One row of ``request_log``; a second row with the same ``request_id`` is ignored.
+
+    A batch-check-cache request is one row: ``hashes_asked`` and ``hashes_hit`` are
+    its counts (``None`` for every other request). The stats count such a row as
+    ``hashes_hit`` requests served from the cache.
+    """
 
     request_id: str
     user_id: str | None
@@ -128,10 +137,21 @@ class RequestLogRow:
     source: str | None
     processing_time_ms: float
     created_at: datetime
+    hashes_asked: int | None = None
+    hashes_hit: int | None = None
 
     def __post_init__(self) -> None:
         if not self.request_id:
             raise ValueError("empty request_id")
+        if (self.hashes_asked is None) != (self.hashes_hit is None):
+            raise ValueError("hashes_asked and hashes_hit go together")
+        if self.hashes_hit is not None and not 0 <= self.hashes_hit <= (self.hashes_asked or 0):
+            raise ValueError(f"need 0 <= hashes_hit <= hashes_asked, got {self.hashes_hit!r}")
+
+    @property
+    def requests(self) -> int:
+        """Requests this row counts for in the stats: a batch check's hits, else 1."""
+        return 1 if self.hashes_hit is None else self.hashes_hit
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +296,32 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def album_stats(self, now: datetime) -> AlbumStats:
         """Totals, today's counts, distributions and latency percentiles (``/api/v1/stats``)."""
+
+    # Operators' reads and writes (``/admin``, ``xintu admin``). The SQL backends
+    # implement them; a store that does not (a test's fake) says so.
+
+    async def find_hashes(
+        self,
+        *,
+        source: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int,
+    ) -> list[str]:
+        """Hashes of cached entries made from *since* (inclusive) until *until*
+        (exclusive) whose source is *source* (any if ``None``), oldest first, at
+        most *limit*."""
+        raise StoreError(f"{self.backend} store: listing entries is not supported")
+
+    async def purge(self, image_hash: str) -> bool:
+        """Delete the entry of *image_hash*, the aliases naming it and its claim, in
+        one transaction (the stats counters follow); ``False`` if there was none.
+
+        The one write that does not go through the writer: an operator's, answered
+        at once. A result for the hash that the writer still holds may bring the
+        entry back.
+        """
+        raise StoreError(f"{self.backend} store: purging entries is not supported")
 
     @abc.abstractmethod
     async def ping(self) -> None:
@@ -517,7 +563,7 @@ def decode_cache_row(row: Sequence[Any]) -> CachedEntry:
 # The request_log columns, in the order both backends insert and select them.
 LOG_COLUMNS = (
     "request_id, user_id, ip, image_hash, image_size, category, confidence, "
-    "from_cache, source, processing_time_ms, created_at"
+    "from_cache, source, processing_time_ms, created_at, hashes_asked, hashes_hit"
 )
 
 
@@ -534,6 +580,8 @@ def decode_log_row(row: Sequence[Any]) -> RequestLogRow:
         source,
         processing_time_ms,
         created_at,
+        hashes_asked,
+        hashes_hit,
     ) = row
     return RequestLogRow(
         request_id=str(request_id),
@@ -547,6 +595,8 @@ def decode_log_row(row: Sequence[Any]) -> RequestLogRow:
         source=source,
         processing_time_ms=float(processing_time_ms),
         created_at=parse_time(created_at),
+        hashes_asked=None if hashes_asked is None else int(hashes_asked),
+        hashes_hit=None if hashes_hit is None else int(hashes_hit),
     )
 
 
@@ -563,6 +613,7 @@ class ResultParams:
     source: str
     image_size: int | None
     created_at: datetime
+    replace: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -611,6 +662,7 @@ def prepare_batch(batch: WriteBatch, *, now: datetime) -> PreparedBatch:
             source=r.classification.source.value,
             image_size=r.image_size,
             created_at=to_utc(r.created_at or now),
+            replace=r.replace,
         )
         # A stable sort: two answers for one hash keep their order.
         for r in sorted(batch.results, key=lambda r: r.image_hash)
@@ -664,6 +716,8 @@ def log_params(row: RequestLogRow) -> tuple[Any, ...]:
         clip(row.source, "source"),
         float(row.processing_time_ms),
         row.created_at,
+        row.hashes_asked,
+        row.hashes_hit,
     )
 
 

@@ -6,7 +6,10 @@ Tables (DESIGN §5):
   ``image_hash``; the columns of the original system plus the additive ``source``
   and ``image_size``. ``model_response`` holds JSON: the provider, the source and
   the local model's evidence.
-- ``request_log``: one row per classification request, unique by ``request_id``.
+- ``request_log``: one row per classification request, unique by ``request_id``
+  (a batch upload's items each get one); a batch-check-cache request is one row
+  whose ``hashes_asked`` and ``hashes_hit`` (added in version 5) hold its counts
+  (NULL for every other row).
 - ``idempotency_keys``: ``Idempotency-Key`` claims and stored answers.
 - ``applied_batches``: the writer's batch ids, so that a retried batch is applied once.
 - ``inflight_claims``: one row per photo some process is classifying now (its owner
@@ -26,7 +29,9 @@ Tables (DESIGN §5):
   ``stats_cache`` counts ``image_classification_cache`` rows (``entries``) and the
   sum of their ``hit_count`` (``hits``) per category and source (``''`` for none).
   :meth:`._sql.SqlStore.apply` keeps both in the transaction that writes the rows;
-  the migration to version 4 fills them from the rows already there. Rows written
+  the migration to version 4 fills them from the rows already there. A row with
+  ``hashes_hit`` counts as that many requests, all from the cache (each hit a
+  batch check served is a request served, as when each had a row of its own). Rows written
   by anything else (the original system, a process of an older version during a
   rolling upgrade) are not counted.
 - ``schema_version``: one row, the version this module's tables describe.
@@ -61,8 +66,9 @@ __all__ = [
 ]
 
 # 1: cache, request log, idempotency keys, applied batches; 2: + inflight_claims;
-# 3: + image_hash_aliases; 4: + stats_requests, stats_cache (filled on migration).
-SCHEMA_VERSION = 4
+# 3: + image_hash_aliases; 4: + stats_requests, stats_cache (filled on migration);
+# 5: + request_log.hashes_asked and hashes_hit (one row per batch check).
+SCHEMA_VERSION = 5
 # The version that added the stats counters: a database below it gets them filled.
 STATS_VERSION = 4
 
@@ -189,6 +195,8 @@ REQUEST_LOG_TABLE = Table(
         source VARCHAR(16) NULL,
         processing_time_ms DOUBLE NOT NULL DEFAULT 0,
         created_at DATETIME(6) NOT NULL,
+        hashes_asked INT NULL,
+        hashes_hit INT NULL,
         PRIMARY KEY (id),
         UNIQUE KEY uk_request_id (request_id)""",
     sqlite="""
@@ -203,7 +211,9 @@ REQUEST_LOG_TABLE = Table(
         from_cache INTEGER NOT NULL DEFAULT 0,
         source TEXT,
         processing_time_ms REAL NOT NULL DEFAULT 0,
-        created_at TEXT NOT NULL""",
+        created_at TEXT NOT NULL,
+        hashes_asked INTEGER,
+        hashes_hit INTEGER""",
 )
 
 IDEMPOTENCY_TABLE = Table(
@@ -329,6 +339,9 @@ ADDED_COLUMNS: tuple[AddedColumn, ...] = (
     AddedColumn("request_log", "source", "VARCHAR(16) NULL", "TEXT"),
     # The original's request_log names it ip_address (VARCHAR(45)); the store fills both.
     AddedColumn("request_log", "ip", "VARCHAR(64) NULL", "TEXT"),
+    # A batch check's counts (version 5).
+    AddedColumn("request_log", "hashes_asked", "INT NULL", "INTEGER"),
+    AddedColumn("request_log", "hashes_hit", "INT NULL", "INTEGER"),
 )
 
 # What the stats endpoint and the pruning of old rows will query by.

@@ -41,6 +41,7 @@ How the operations keep their promises:
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -218,6 +219,8 @@ _RESULT = Upsert(
     },
     _llm_replaces_local,
 )
+# An operator's re-classification: the new answer replaces any stored one.
+_RESULT_REPLACE = dataclasses.replace(_RESULT, when=lambda old, new: "1 = 1")
 _ALIAS = Upsert(
     "image_hash_aliases",
     ("scope", "alias_hash", "image_hash", "created_at"),
@@ -272,12 +275,12 @@ class _Counted:
         counts[0] += entries
         counts[1] += hits
 
-    def result(self, image_hash: str, category: str, source: str) -> None:
+    def result(self, image_hash: str, category: str, source: str, *, replace: bool = False) -> None:
         old = self.cache.get(image_hash)
         if old is None:
             self.cache[image_hash] = (category, source, 0)
             self._cache(category, source, 1, 0)
-        elif old[1] == "local" and source == "llm":  # _llm_replaces_local
+        elif replace or (old[1] == "local" and source == "llm"):  # _llm_replaces_local
             hits = old[2] or 0
             self._cache(old[0], old[1], -1, -hits)
             self._cache(category, source, 1, hits)
@@ -289,9 +292,13 @@ class _Counted:
             self.cache[image_hash] = (row[0], row[1], row[2] + count)
             self._cache(row[0], row[1], 0, count)
 
-    def logged(self, day: date, category: str | None, source: str | None, from_cache: int) -> None:
+    def logged(
+        self, day: date, category: str | None, source: str | None, from_cache: int, requests: int
+    ) -> None:
+        """A logged row that counts as *requests* requests (a batch check's hits, else
+        1), *from_cache* of them served from the cache."""
         counts = self.requests.setdefault((day, category or "", source or "none"), [0, 0])
-        counts[0] += 1
+        counts[0] += requests
         counts[1] += from_cache
 
 
@@ -409,6 +416,7 @@ class SqlStore(Store):
         self._set_layout(EMPTY_LAYOUT)
         d = dialect
         self._upsert_sql = d.upsert(_RESULT)
+        self._replace_sql = d.upsert(_RESULT_REPLACE)
         self._alias_sql = d.upsert(_ALIAS)
         self._hit_sql = d.named(_HIT)
         self._log_select_sql = d.named(_LOG_SELECT)
@@ -548,6 +556,79 @@ class SqlStore(Store):
 
         await self._run("ping", op, read_only=True)
 
+    # --- operators ---------------------------------------------------------------
+
+    async def find_hashes(
+        self,
+        *,
+        source: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int,
+    ) -> list[str]:
+        if limit <= 0:
+            return []
+        d = self._dialect
+        where, params = [], {}
+        if source is not None:
+            where.append("source = :source")
+            params["source"] = source
+        if since is not None:
+            where.append("created_at >= :since")
+            params["since"] = d.time(since)
+        if until is not None:
+            where.append("created_at < :until")
+            params["until"] = d.time(until)
+        sql = f"SELECT image_hash FROM {_CACHE}"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += f" ORDER BY created_at, image_hash LIMIT {int(limit)}"
+
+        async def op(conn: Connection) -> list[str]:
+            return [str(row[0]) for row in await conn.fetchall(d.named(sql), params)]
+
+        return await self._run("find_hashes", op, read_only=True, slow=True)
+
+    async def purge(self, image_hash: str) -> bool:
+        check_claim(image_hash, "purge", 1.0)  # a well-formed hash
+        d = self._dialect
+        args = {"image_hash": image_hash}
+
+        async def op(conn: Connection) -> bool:
+            await conn.begin()
+            rows = await conn.fetchall(
+                d.named(
+                    f"SELECT category, source, hit_count FROM {_CACHE} "
+                    "WHERE image_hash = :image_hash" + d.lock_rows
+                ),
+                args,
+            )
+            await conn.execute(
+                d.named(f"DELETE FROM {_CACHE} WHERE image_hash = :image_hash"), args
+            )
+            await conn.execute(
+                d.named("DELETE FROM image_hash_aliases WHERE image_hash = :image_hash"), args
+            )
+            await conn.execute(
+                d.named("DELETE FROM inflight_claims WHERE image_hash = :image_hash"), args
+            )
+            if rows:
+                category, source, hits = rows[0]
+                await conn.execute(
+                    self._stats_cache_sql,
+                    {
+                        "category": str(category),
+                        "source": "" if source is None else str(source),
+                        "entries": -1,
+                        "hits": -int(hits or 0),
+                    },
+                )
+            await conn.commit()
+            return bool(rows)
+
+        # Idempotent: a second run finds nothing left to delete.
+        return await self._run("purge", op)
+
     # --- writes ------------------------------------------------------------------
 
     async def apply(self, batch: WriteBatch) -> bool:
@@ -596,8 +677,14 @@ class SqlStore(Store):
                 # Never hit yet: NULL, or (NOT NULL in the original) the time it was made.
                 row["last_hit_at"] = layout.fit(_CACHE, "last_hit_at", None, now=created)
                 rows.append(row)
-                counted.result(r.image_hash, row["category"], row["source"])
-            await conn.executemany(self._upsert_sql, rows)
+                counted.result(r.image_hash, row["category"], row["source"], replace=r.replace)
+            # In key order still: an operator's re-classification replaces any answer.
+            for replace, sql in ((False, self._upsert_sql), (True, self._replace_sql)):
+                chosen = [
+                    row for row, r in zip(rows, p.results, strict=True) if r.replace is replace
+                ]
+                if chosen:
+                    await conn.executemany(sql, chosen)
             # The answers are visible once this commits: their claims go with it.
             claimed = sorted({r.image_hash for r in p.results})
             for i in range(0, len(claimed), d.max_in_list):
@@ -623,11 +710,13 @@ class SqlStore(Store):
                 fitted = layout.fit_row("request_log", values, now=now)
                 log_rows.append({name: fitted[name] for name in self._log_names})
                 if log.request_id not in counted.logged_before:
+                    from_cache = int(fitted["from_cache"] or 0)
                     counted.logged(
                         to_utc(log.created_at).date(),
                         fitted["category"],
                         fitted["source"],
-                        int(fitted["from_cache"] or 0),
+                        from_cache if log.hashes_hit is None else log.hashes_hit,
+                        log.requests,
                     )
             await conn.executemany(self._log_sql, log_rows)
         if p.aliases:  # after the results: an alias may name one of this batch

@@ -130,9 +130,11 @@ def backfill_statements(day: Callable[[str], str]) -> tuple[str, ...]:
     return (
         "DELETE FROM stats_requests",
         "DELETE FROM stats_cache",
+        # A batch check's row counts as its hits (RequestLogRow.requests).
         "INSERT INTO stats_requests (day, category, source, requests, from_cache) "
         f"SELECT {day('created_at')}, COALESCE(category, ''), COALESCE(source, 'none'), "
-        "COUNT(*), COALESCE(SUM(from_cache), 0) FROM request_log GROUP BY 1, 2, 3",
+        "COALESCE(SUM(COALESCE(hashes_hit, 1)), 0), "
+        "COALESCE(SUM(COALESCE(hashes_hit, from_cache)), 0) FROM request_log GROUP BY 1, 2, 3",
         "INSERT INTO stats_cache (category, source, entries, hits) "
         "SELECT category, COALESCE(source, ''), COUNT(*), COALESCE(SUM(hit_count), 0) "
         "FROM image_classification_cache GROUP BY 1, 2",
