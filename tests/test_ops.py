@@ -106,6 +106,26 @@ async def test_stats_from_the_store(app: XintuApp) -> None:
     assert body["service"]["breakers"] == {}
 
 
+async def test_a_batch_check_is_one_log_row_counted_as_its_hits(app: XintuApp) -> None:
+    """One request_log row per batch-check request, carrying its counts; the stats
+    count its hits as requests served from the cache (as before, row per hit)."""
+    client = app.test_client()
+    for data in (b"k1", b"k2"):
+        assert await classify(client, data) == 200
+    asked = [hashlib.sha256(d).hexdigest() for d in (b"k1", b"k2", b"k1", b"none")]
+    resp = await client.post(f"{V1}/batch-check-cache", json={"image_hashes": asked})
+    body = await resp.get_json()
+    assert body["cached_count"] == 3
+    await app.runtime.writer.wait_idle()
+    row = await app.store.get_request_log(body["request_id"])
+    assert row is not None
+    assert (row.hashes_asked, row.hashes_hit, row.from_cache, row.source) == (4, 3, True, "cache")
+    assert await app.store.get_request_log(f"{body['request_id']}-0") is None
+    stats = await (await client.get("/api/v1/stats")).get_json()
+    assert stats["totals"]["requests"] == 5  # 2 uploads, 3 hits
+    assert stats["sources"] == {"local": 2, "cache": 3}
+
+
 async def test_readyz_lists_its_reasons(app: XintuApp) -> None:
     body = await (await app.test_client().get("/readyz")).get_json()
     assert body == {

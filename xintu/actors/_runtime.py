@@ -351,10 +351,32 @@ class Runtime:
         image_size: int | None,
         answer: Answer | None,
         processing_time_ms: float,
+        hashes_asked: int | None = None,
+        hashes_hit: int | None = None,
     ) -> None:
-        """Offer one ``request_log`` row to the writer (dropped, never waited for,
-        when its inbox is full)."""
+        """Offer one ``request_log`` row to the writer (folded or journaled, never
+        waited for). A batch check's row gives *hashes_asked* and *hashes_hit*
+        instead of an answer."""
         c = answer.classification if answer else None
+        if hashes_hit is not None:
+            self.writer.offer(
+                RequestLogRow(
+                    request_id=request_id,
+                    user_id=user_id,
+                    ip=ip,
+                    image_hash=None,
+                    image_size=None,
+                    category=None,
+                    confidence=None,
+                    from_cache=hashes_hit > 0,
+                    source="cache" if hashes_hit else None,
+                    processing_time_ms=processing_time_ms,
+                    created_at=datetime.now(UTC),
+                    hashes_asked=hashes_asked,
+                    hashes_hit=hashes_hit,
+                )
+            )
+            return
         self.writer.offer(
             RequestLogRow(
                 request_id=request_id,

@@ -160,8 +160,11 @@ def _log(
     image_size: int | None,
     answer: Answer | None,
     processing_time_ms: float,
+    hashes_asked: int | None = None,
+    hashes_hit: int | None = None,
 ) -> None:
-    """One ``request_log`` row for this request (or one of its items)."""
+    """One ``request_log`` row for this request (or one of its items; a batch
+    check's row carries its counts instead of an answer)."""
     _runtime().log_request(
         request_id=request_id,
         user_id=user_id,
@@ -170,6 +173,8 @@ def _log(
         image_size=image_size,
         answer=answer,
         processing_time_ms=processing_time_ms,
+        hashes_asked=hashes_asked,
+        hashes_hit=hashes_hit,
     )
 
 
@@ -233,22 +238,25 @@ async def batch_check_cache() -> Response:
     items: list[dict[str, Any]] = []
     elapsed_ms = _ms_since(g.started)
     evidence = _wants_evidence()
-    for i, h in enumerate(normalised):
+    for h in normalised:
         answer = found.get(h)
         # A miss carries "data": null, as in the original.
         item: dict[str, Any] = {"image_hash": h, "cached": answer is not None, "data": None}
         if answer is not None:
             item["data"] = _data(answer, evidence=evidence)
-            # Each hit is a request served, as for check-cache (one log row per item).
-            _log(
-                request_id=f"{_rid()}-{i}",
-                user_id=user_id,
-                image_hash=answer.image_hash,
-                image_size=None,
-                answer=answer,
-                processing_time_ms=elapsed_ms,
-            )
         items.append(item)
+    # One log row for the request, with its counts; the stats count its hits as
+    # requests served, as they count a check-cache hit.
+    _log(
+        request_id=_rid(),
+        user_id=user_id,
+        image_hash=None,
+        image_size=None,
+        answer=None,
+        processing_time_ms=elapsed_ms,
+        hashes_asked=len(normalised),
+        hashes_hit=sum(1 for h in normalised if h in found),
+    )
     return json_response(
         {
             "success": True,
