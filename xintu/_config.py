@@ -50,7 +50,8 @@ Origin = Literal["default", "file", "env"]
 
 _ENV_PREFIX = "XINTU_"
 # Environment variables with the prefix that are not configuration keys.
-_ENV_NOT_KEYS = frozenset({"XINTU_CONFIG"})
+# XINTU_ADMIN_KEY: the key `xintu admin` sends (xintu/cli/_admin.py).
+_ENV_NOT_KEYS = frozenset({"XINTU_CONFIG", "XINTU_ADMIN_KEY"})
 
 
 # Each key's declaration is a dataclass field; its metadata says how to check it
@@ -109,6 +110,10 @@ class StoreConfig:
     writer_inbox: int = _bounded(1)
     request_log_retention_days: int = _bounded(0, 36_500)
     read_error_budget: int = _bounded(0, 1_000_000)
+    # Upgrades of local answers served from the cache (xintu.actors._upgrades).
+    spool_mb: int = _bounded(0, 1_000_000)
+    upgrades_per_minute: int = _bounded(0, 1_000_000)
+    upgrade_queue: int = _bounded(1, 1_000_000)
 
 
 @dataclass(frozen=True, slots=True)

@@ -172,6 +172,28 @@ class Metrics:
             "queued for the LLM re-classification that replaces them.",
             registry=r,
         )
+        self.upgrades = Counter(
+            "xintu_upgrades",
+            "Upgrades of local answers served from the cache: queued (offers taken), "
+            "dropped_budget (no token of store.upgrades_per_minute left), dropped_full "
+            "(the queue was full), dropped_llm (the LLM pool refused the recheck), "
+            "no_bytes (no spooled photo to send), sent (to the LLM pool), upgraded "
+            "(an LLM answer replaced the local one).",
+            ["outcome"],
+            registry=r,
+        )
+        self.upgrade_queue = Gauge(
+            "xintu_upgrade_queue_depth",
+            "Upgrades waiting for the LLM (summed over live workers).",
+            registry=r,
+            **live,
+        )
+        self.spool_bytes = Gauge(
+            "xintu_spool_bytes",
+            "Bytes of photos kept in the spool for their upgrade (summed over live workers).",
+            registry=r,
+            **live,
+        )
         self.llm_hedges = Counter(
             "xintu_llm_hedges",
             "Hedged LLM calls: started (the call ran past the hedge budget and the local "
@@ -311,6 +333,20 @@ class Metrics:
         self.llm_hedge_after.set(stats.llm.hedge_after_s or 0.0)
         for hedge_outcome, total in stats.hedges.items():
             self._advance(self.llm_hedges.labels(hedge_outcome), f"hedge:{hedge_outcome}", total)
+        up = getattr(stats, "upgrades", None)
+        if up is not None:
+            for name in (
+                "queued",
+                "dropped_budget",
+                "dropped_full",
+                "dropped_llm",
+                "no_bytes",
+                "sent",
+                "upgraded",
+            ):
+                self._advance(self.upgrades.labels(name), f"upgrade:{name}", getattr(up, name))
+            self.upgrade_queue.set(up.queue_depth)
+            self.spool_bytes.set(up.spool.bytes if up.spool is not None else 0)
 
     def sample_guard(self, guard: Any) -> None:
         """Bring the guard's metrics up to date from a ``GuardStatistics``."""

@@ -239,6 +239,12 @@ class Cache:
     def remember(self, entry: CachedEntry) -> None:
         self.lru.put(entry)
 
+    def forget(self, image_hash: str) -> None:
+        """Drop *image_hash* from the LRU and every alias remembered for it (a purge)."""
+        self.lru.discard(image_hash)
+        for key in [k for k, target in self._aliases.items() if target == image_hash]:
+            del self._aliases[key]
+
     async def name_alias(self, scope: str, alias_hash: str, image_hash: str) -> None:
         """Record a client's hash *alias_hash* for the verified entry *image_hash*,
         visible in *scope* (``SHARED_SCOPE``: everyone): at once in this process,

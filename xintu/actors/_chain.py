@@ -42,7 +42,9 @@ between the pools:
   failure to the LLM's;
 - a cache hit on a local answer, while some LLM provider is healthy, queues a
   low-priority LLM re-classification whose answer replaces the local one
-  (:meth:`Chain.cached_hit`);
+  (:meth:`Chain.cached_hit`; with *upgrades*, through their budget:
+  :mod:`._upgrades`), and every local answer's bytes are handed to the upgrades'
+  spool, so that a later check-cache hit on it can be upgraded too;
 - a *rushed* local answer, made only because the caller's deadline left the LLM
   no room (fallback reasons ``no_time``, ``queue_too_long`` and ``deadline``: the
   call was cut short by the caller's deadline) while some LLM provider was
@@ -140,6 +142,14 @@ class Primary(Protocol):
     def offer_recheck(self, data: bytes, image_hash: str) -> bool: ...
 
 
+class Upgrader(Protocol):
+    """Where local answers go to be upgraded (:class:`~._upgrades.Upgrades`)."""
+
+    def local_answered(self, image_hash: str, data: bytes) -> None: ...
+
+    def offer(self, image_hash: str, data: bytes | None = None) -> bool: ...
+
+
 class Fallback(Classifier, Protocol):
     """The classifier that answers when the primary does not (the local pool)."""
 
@@ -182,6 +192,7 @@ class Chain:
         llm: Primary | None = None,
         latency_target_s: float = math.inf,
         on_late: LateAnswer | None = None,
+        upgrades: Upgrader | None = None,
     ) -> None:
         if not latency_target_s > 0:
             raise ValueError(f"latency_target_s must be > 0, got {latency_target_s!r}")
@@ -189,6 +200,7 @@ class Chain:
         self._llm = llm
         self._latency_target_s = latency_target_s
         self._on_late = on_late
+        self._upgrades = upgrades
         self._fallbacks: Counter[str] = Counter()
         self._shed_for_deadline = 0
         self._upgrades_queued = 0
@@ -262,7 +274,14 @@ class Chain:
 
     async def classify(self, request: ClassifyRequest, deadline: float) -> Classification:
         """The LLM chain first (hedged by the local model when it is slow); on any
-        LLM failure or refusal, the local model."""
+        LLM failure or refusal, the local model. A local answer's bytes go to the
+        upgrades' spool."""
+        classification = await self._classify(request, deadline)
+        if classification.source is Source.LOCAL and self._upgrades is not None:
+            self._upgrades.local_answered(request.image_hash, request.data)
+        return classification
+
+    async def _classify(self, request: ClassifyRequest, deadline: float) -> Classification:
         admit_by = self.admit_by(deadline)
         llm = self._llm_on()
         if llm is None:
@@ -414,7 +433,12 @@ class Chain:
     # --- cache hits -------------------------------------------------------------------
 
     def cached_hit(self, entry: CachedEntry, data: bytes) -> None:
-        """A hit on a local answer with the bytes in hand: queue an LLM answer for it."""
+        """A hit on a local answer with the bytes in hand: queue an LLM answer for it
+        (through the upgrades' budget when there are upgrades)."""
+        if self._upgrades is not None:
+            if entry.classification.source is Source.LOCAL and not self._draining:
+                self._upgrades.offer(entry.image_hash, data or None)
+            return
         llm = self._llm_on()
         if (
             data

@@ -33,7 +33,8 @@ The facade: the HTTP layer asks only this object's methods (:meth:`~Runtime.refu
 :meth:`~Runtime.classify`,
 :meth:`~Runtime.lookup`, :meth:`~Runtime.lookup_many`, :meth:`~Runtime.name_alias`,
 :meth:`~Runtime.log_request`, :meth:`~Runtime.readiness`,
-:meth:`~Runtime.album_stats`, :meth:`~Runtime.statistics`,
+:meth:`~Runtime.album_stats`, :meth:`~Runtime.statistics`, the operators'
+:meth:`~Runtime.find_hashes`, :meth:`~Runtime.reclassify` and :meth:`~Runtime.purge`,
 :meth:`~Runtime.retry_after_s`, :attr:`~Runtime.draining`), never an actor.
 """
 
@@ -49,17 +50,19 @@ import structlog
 import trio
 
 from .._config import Config
-from .._types import Classification
+from .._types import Classification, Source
 from ..errors import Draining, StoreError, Unavailable
 from ..llm import LlmPool, LlmPoolStatistics
 from ..llm._errors import FailureKind
-from ..store import AlbumStats, Lru, RequestLogRow, ResultWrite, Store
+from ..store import AlbumStats, CachedEntry, Lru, RequestLogRow, ResultWrite, Store
 from ._cache import Cache, CacheStatistics
 from ._chain import Chain
 from ._dispatcher import Dispatcher, DispatcherStatistics
 from ._envelope import Answer, ClassifyRequest, Envelope, open_reply, wait_reply
 from ._local_pool import LocalModel, LocalPool, LocalPoolStatistics
+from ._spool import Spool
 from ._supervisor import CrashRecord, SupervisorStatistics
+from ._upgrades import ReclassifyReport, Upgrades, UpgradesStatistics
 from ._writer import Writer, WriterStatistics
 
 __all__ = ["ProviderHealth", "Readiness", "Runtime", "RuntimeStatistics"]
@@ -85,6 +88,8 @@ class RuntimeStatistics:
     # Hedged LLM calls: started, answered by the local model / by the LLM, skipped
     # (the local pool could not answer in time), replaced (a late LLM answer).
     hedges: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    # Upgrades of local answers served from the cache (:mod:`._upgrades`).
+    upgrades: UpgradesStatistics | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,11 +188,18 @@ class Runtime:
             retry_after_s=self.retry_after_s,
         )
         self.llm = LlmPool(config.llm, on_recheck=self._recheck_done)
+        self.upgrades = Upgrades(
+            self.llm,
+            Spool(config.data_dir / "spool", max_bytes=config.store.spool_mb * 1024 * 1024),
+            per_minute=config.store.upgrades_per_minute,
+            queue_size=config.store.upgrade_queue,
+        )
         self.chain = Chain(
             self.local,
             llm=self.llm,
             latency_target_s=config.server.latency_target_s,
             on_late=self._recheck_done,
+            upgrades=self.upgrades,
         )
         self.dispatcher = Dispatcher(
             cache=self.cache,
@@ -232,6 +244,7 @@ class Runtime:
                 "skipped": chain.hedges_skipped,
                 "replaced": chain.hedges_replaced,
             },
+            upgrades=self.upgrades.statistics(),
         )
 
     # --- lifetime ------------------------------------------------------------------
@@ -245,19 +258,10 @@ class Runtime:
                     await local_nursery.start(self.local.run)
                     async with trio.open_nursery() as llm_nursery:
                         await llm_nursery.start(self.llm.run)
-                        async with trio.open_nursery() as chain_nursery:
-                            await chain_nursery.start(self.chain.run)
-                            async with trio.open_nursery() as dispatch_nursery:
-                                await dispatch_nursery.start(self.dispatcher.run)
-                                self._ready = True
-                                log.info(
-                                    "runtime_ready",
-                                    llm_providers=[p.name for p in self.config.llm.providers],
-                                )
-                                task_status.started()
-                                await self._drain_requested.wait()
-                                self.dispatcher.close()
-                            self.chain.close()
+                        async with trio.open_nursery() as upgrade_nursery:
+                            await upgrade_nursery.start(self.upgrades.run)
+                            await self._run_front(task_status)
+                            self.upgrades.close()
                         self.llm.close()
                     self.local.close()
                 self.writer.close()
@@ -265,6 +269,22 @@ class Runtime:
         finally:
             self._ready = False
             self._stopped.set()
+
+    async def _run_front(self, task_status: trio.TaskStatus[None]) -> None:
+        """The chain and the dispatcher, until :meth:`drain`; then they stop."""
+        async with trio.open_nursery() as chain_nursery:
+            await chain_nursery.start(self.chain.run)
+            async with trio.open_nursery() as dispatch_nursery:
+                await dispatch_nursery.start(self.dispatcher.run)
+                self._ready = True
+                log.info(
+                    "runtime_ready",
+                    llm_providers=[p.name for p in self.config.llm.providers],
+                )
+                task_status.started()
+                await self._drain_requested.wait()
+                self.dispatcher.close()
+            self.chain.close()
 
     def begin_drain(self) -> None:
         """Fail readiness and refuse new work from now on; queued work continues."""
@@ -323,6 +343,7 @@ class Runtime:
         if entry is None:
             return None
         self.cache.record_hit(entry.image_hash)
+        self._offer_upgrade(entry)
         return Answer(entry.classification, entry.image_hash, from_cache=True)
 
     async def lookup_many(self, hashes: Sequence[str], scope: str | None) -> dict[str, Answer]:
@@ -334,8 +355,15 @@ class Runtime:
             entry = found.get(h)
             if entry is not None:
                 self.cache.record_hit(entry.image_hash)
+                self._offer_upgrade(entry)
                 answers[h] = Answer(entry.classification, entry.image_hash, from_cache=True)
         return answers
+
+    def _offer_upgrade(self, entry: CachedEntry) -> None:
+        """A hit served from the cache on a local answer: offer it for an LLM
+        upgrade (within the upgrades' budget; its bytes come from the spool)."""
+        if entry.classification.source is Source.LOCAL and not self._draining:
+            self.upgrades.offer(entry.image_hash)
 
     async def name_alias(self, scope: str, alias_hash: str, image_hash: str) -> None:
         """Record a client's hash *alias_hash* for the verified *image_hash* in *scope*."""
@@ -422,9 +450,38 @@ class Runtime:
         return await self.store.album_stats(datetime.now(UTC))
 
     async def _recheck_done(self, image_hash: str, classification: Classification) -> None:
-        """The LLM re-classified a cached local answer (a recheck, or a hedged call
-        whose local answer came first): it replaces the local one."""
+        """The LLM re-classified a cached local answer (a recheck, an upgrade, or a
+        hedged call whose local answer came first): it replaces the local one (an
+        operator's re-classification replaces any), and the spooled bytes go."""
+        forced = await self.upgrades.upgraded(image_hash)
         old = self.cache.lru.get(image_hash)
         if old is not None:
             self.cache.remember(dataclasses.replace(old, classification=classification))
-        await self.writer.put(ResultWrite(image_hash, classification, None))
+        await self.writer.put(ResultWrite(image_hash, classification, None, replace=forced))
+
+    # --- operators (/admin, xintu admin) ---------------------------------------------
+
+    async def find_hashes(
+        self,
+        *,
+        source: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int,
+    ) -> list[str]:
+        """Hashes of cached entries by source and date (oldest first), from the store."""
+        return await self.store.find_hashes(source=source, since=since, until=until, limit=limit)
+
+    async def reclassify(self, hashes: Sequence[str]) -> ReclassifyReport:
+        """Queue an LLM re-classification of *hashes* that replaces their answers,
+        paced by the upgrades' budget; those without spooled bytes are counted."""
+        return await self.upgrades.reclassify(hashes)
+
+    async def purge(self, image_hash: str) -> bool:
+        """Delete the entry of *image_hash* (its row, its aliases, its spooled bytes)
+        from the store and this process's LRU; whether the store had it. Other
+        replicas' LRUs keep it until it is evicted there (or they restart)."""
+        found = await self.store.purge(image_hash)
+        self.cache.forget(image_hash)
+        await self.upgrades.purged(image_hash)
+        return found

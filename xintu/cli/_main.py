@@ -58,10 +58,58 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     c.add_argument("--json", action="store_true", help="one JSON object per line")
 
+    _add_admin(sub)
+
     cfg = sub.add_parser("config", help="configuration")
     csub = _SubParsers(cfg.add_subparsers(dest="config_command", required=True))
     csub.add_parser("show", help="effective configuration, secrets redacted, with origins")
     return p
+
+
+def _add_admin(sub: _SubParsers) -> None:
+    a = sub.add_parser(
+        "admin",
+        help="operators' commands, sent to a running service",
+        description=(
+            "Operators' commands, sent over HTTP to a running Xintu service (its "
+            "/admin endpoints). The admin key is read from XINTU_ADMIN_KEY."
+        ),
+    )
+    asub = _SubParsers(a.add_subparsers(dest="admin_command", required=True))
+    r = asub.add_parser(
+        "reclassify",
+        help="re-classify entries with the LLM, by hash or by source and date",
+        description=(
+            "Queue an LLM re-classification of entries, by hash or by source and date; "
+            "the new answer replaces the stored one. Only photos whose bytes the service "
+            "has spooled can be re-classified: the answer says how many had none."
+        ),
+    )
+    r.add_argument("hashes", nargs="*", metavar="HASH", help="SHA-256 of the entries")
+    r.add_argument("--source", choices=("local", "llm"), help="entries answered by this source")
+    r.add_argument("--since", metavar="ISO", help="entries made at or after this time")
+    r.add_argument("--until", metavar="ISO", help="entries made before this time")
+    r.add_argument("--limit", type=int, metavar="N", help="most entries (default 1000)")
+    r.add_argument("--server", metavar="URL", help="the service (default: http://server.bind)")
+    p = asub.add_parser("purge", help="delete an entry: its row, its aliases and its spooled bytes")
+    p.add_argument("image_hash", metavar="HASH")
+    p.add_argument("--server", metavar="URL", help="the service (default: http://server.bind)")
+
+
+def _admin(config: Config, args: argparse.Namespace) -> int:
+    from ._admin import admin_purge, admin_reclassify
+
+    if args.admin_command == "purge":
+        return admin_purge(config, server=args.server, image_hash=args.image_hash)
+    return admin_reclassify(
+        config,
+        server=args.server,
+        hashes=args.hashes,
+        source=args.source,
+        since=args.since,
+        until=args.until,
+        limit=args.limit,
+    )
 
 
 def _add_classify(sub: _SubParsers) -> None:
@@ -153,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return model_build(config, args.force)
         if args.command == "classify":
             return _classify(config, args)
+        if args.command == "admin":
+            return _admin(config, args)
         if args.command == "classify-local":
             from ._local import classify_local
 

@@ -165,12 +165,14 @@ def create_app(config: Config, *, model_factory: ModelFactory | None = None) -> 
         log.exception("unhandled_error", request_id=_rid())
         return json_response(error_body("internal error", "internal_error", _rid()), 500)
 
+    from ._admin import admin
     from ._ops import ops
     from ._page import page
     from ._v1 import v1
 
     app.register_blueprint(v1)
     app.register_blueprint(ops)
+    app.register_blueprint(admin)
     app.register_blueprint(page)
     from ._cors import install_cors
     from ._guard import install_guard

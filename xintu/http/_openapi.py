@@ -8,6 +8,8 @@ from .._config import Config
 from .._limits import MAX_BATCH_IMAGES, MAX_CHECK_HASHES, MAX_USER_ID_CHARS
 from .._types import CATEGORIES
 from ..llm._errors import FAILURE_KINDS
+from ._admin import DEFAULT_LIMIT as ADMIN_DEFAULT_LIMIT
+from ._admin import MAX_HASHES as ADMIN_MAX_HASHES
 
 __all__ = ["openapi_document"]
 
@@ -241,6 +243,32 @@ def openapi_document(config: Config) -> dict[str, Any]:
                 "description": "An API key; the server holds only its SHA-256.",
             }
         }
+    # With admin keys, /admin needs one: 401 without any valid key, 403 with another.
+    admin_auth: tuple[int, ...] = (401, 403) if config.security.admin_key_sha256 else auth
+    count = {"type": "integer", "minimum": 0}
+    reclassified = {
+        "type": "object",
+        "required": ["success", "matched", "queued", "no_bytes", "dropped", "already_queued"],
+        "properties": {
+            "success": {"const": True},
+            "matched": count,
+            "queued": count,
+            "no_bytes": count | {"description": "no spooled bytes on this replica"},
+            "dropped": count | {"description": "the operators' queue was full"},
+            "already_queued": count,
+            **envelope,
+        },
+    }
+    purged = {
+        "type": "object",
+        "required": ["success", "image_hash", "purged"],
+        "properties": {
+            "success": {"const": True},
+            "image_hash": _HASH,
+            "purged": {"type": "boolean", "description": "false: there was no such entry"},
+            **envelope,
+        },
+    }
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
@@ -367,6 +395,54 @@ def openapi_document(config: Config) -> dict[str, Any]:
                         }
                     }
                     | _errors(*auth),
+                }
+            },
+            "/admin/reclassify": {
+                "post": {
+                    "summary": "Re-classify entries with the LLM, by hash or by source and "
+                    "date; the answer replaces the stored one (paced by "
+                    "store.upgrades_per_minute; only photos whose bytes this replica spooled)",
+                    "parameters": [_IDEMPOTENCY_KEY],
+                    "requestBody": _json_body(
+                        {
+                            "type": "object",
+                            "description": "image_hashes, or any of source, since, until "
+                            "and limit; not both",
+                            "properties": {
+                                "image_hashes": {
+                                    "type": "array",
+                                    "items": _HASH,
+                                    "minItems": 1,
+                                    "maxItems": ADMIN_MAX_HASHES,
+                                },
+                                "source": {"type": "string", "enum": ["local", "llm"]},
+                                "since": {"type": "string", "format": "date-time"},
+                                "until": {"type": "string", "format": "date-time"},
+                                "limit": {
+                                    "type": "integer",
+                                    "minimum": 1,
+                                    "maximum": ADMIN_MAX_HASHES,
+                                    "default": ADMIN_DEFAULT_LIMIT,
+                                },
+                            },
+                        }
+                    ),
+                    "responses": _ok(reclassified) | _errors(400, 413, 422, 429, *admin_auth),
+                }
+            },
+            "/admin/purge": {
+                "post": {
+                    "summary": "Delete an entry: its row, its aliases, its in-flight claim "
+                    "and its spooled bytes",
+                    "parameters": [_IDEMPOTENCY_KEY],
+                    "requestBody": _json_body(
+                        {
+                            "type": "object",
+                            "required": ["image_hash"],
+                            "properties": {"image_hash": _HASH},
+                        }
+                    ),
+                    "responses": _ok(purged) | _errors(400, 413, 422, 429, *admin_auth),
                 }
             },
             "/openapi.json": {

@@ -1,0 +1,106 @@
+"""Operators' endpoints under ``/admin``: re-classify entries, purge one.
+
+With ``security.admin_key_sha256`` set, the guard lets only admin keys through
+(:func:`~._auth.is_admin_path`); without, the ordinary keys, as for ``/metrics``.
+
+- ``POST /admin/reclassify`` with ``{"image_hashes": [...]}`` (1 to
+  :data:`MAX_HASHES`), or with a query ``{"source": "local"|"llm", "since": ISO,
+  "until": ISO, "limit": N}`` (any of them; ``limit`` 1 to :data:`MAX_HASHES`,
+  default :data:`DEFAULT_LIMIT`): queues an LLM re-classification of each entry
+  whose photo's bytes this replica has spooled; the answer replaces the stored one,
+  an LLM answer included. Paced by ``store.upgrades_per_minute``; answers what it
+  did: ``matched``, ``queued``, ``no_bytes`` (no spooled bytes here: these cannot
+  be re-classified by this replica), ``dropped`` (the operators' queue was full),
+  ``already_queued``.
+- ``POST /admin/purge`` with ``{"image_hash": H}``: deletes the entry, its aliases,
+  its in-flight claim and its spooled bytes; ``purged`` says whether there was one.
+  This replica's LRU forgets it at once; other replicas' LRUs keep it until it
+  is evicted there or they restart.
+
+The spool is per replica: a re-classification asked of one replica can only
+re-classify the photos whose bytes that replica kept.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from quart import Blueprint, Response, g
+
+from ..errors import ValidationFailed
+from ._app import current_xintu
+from ._respond import json_response, now_iso
+from ._v1 import _hash_field, _json_body
+
+__all__ = ["DEFAULT_LIMIT", "MAX_HASHES", "admin"]
+
+admin = Blueprint("admin", __name__, url_prefix="/admin")
+
+# Most entries one re-classification request may name or select.
+MAX_HASHES = 10_000
+DEFAULT_LIMIT = 1000
+_SOURCES = ("local", "llm")
+
+
+def _time_field(body: dict[str, Any], name: str) -> datetime | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValidationFailed(f"{name} must be an ISO 8601 date or time")
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValidationFailed(f"{name} must be an ISO 8601 date or time") from None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+@admin.post("/reclassify")
+async def reclassify() -> Response:
+    body = await _json_body()
+    runtime = current_xintu().runtime
+    hashes = body.get("image_hashes")
+    query = {k: body[k] for k in ("source", "since", "until", "limit") if k in body}
+    if hashes is not None and query:
+        raise ValidationFailed("give image_hashes or a query (source, since, until), not both")
+    if hashes is not None:
+        if not isinstance(hashes, list) or not 1 <= len(hashes) <= MAX_HASHES:
+            raise ValidationFailed(f"image_hashes must be a list of 1 to {MAX_HASHES} hashes")
+        wanted = [_hash_field(h, f"image_hashes[{i}]") for i, h in enumerate(hashes)]
+    else:
+        source = body.get("source")
+        if source is not None and source not in _SOURCES:
+            raise ValidationFailed("source must be 'local' or 'llm'")
+        limit = body.get("limit", DEFAULT_LIMIT)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_HASHES:
+            raise ValidationFailed(f"limit must be an integer from 1 to {MAX_HASHES}")
+        since, until = _time_field(body, "since"), _time_field(body, "until")
+        if since is not None and until is not None and since >= until:
+            raise ValidationFailed("since must be before until")
+        wanted = await runtime.find_hashes(source=source, since=since, until=until, limit=limit)
+    report = await runtime.reclassify(wanted)
+    return json_response(
+        {
+            "success": True,
+            **report.as_dict(),
+            "request_id": cast(str, g.request_id),
+            "timestamp": now_iso(),
+        }
+    )
+
+
+@admin.post("/purge")
+async def purge() -> Response:
+    body = await _json_body()
+    image_hash = _hash_field(body.get("image_hash"), "image_hash")
+    purged = await current_xintu().runtime.purge(image_hash)
+    return json_response(
+        {
+            "success": True,
+            "image_hash": image_hash,
+            "purged": purged,
+            "request_id": cast(str, g.request_id),
+            "timestamp": now_iso(),
+        }
+    )
