@@ -9,29 +9,22 @@ local one in the LRU and the store).
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import io
-import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
 import pytest
 import trio
 import trio.testing
-from PIL import Image
 
-from xintu import Classification, Source
-from xintu.actors import Answer, Cache, Chain, ClassifyRequest, Dispatcher, Envelope, Writer
+from xintu import Source
+from xintu.actors import ClassifyRequest
 from xintu.actors._chain import ChainStatistics
-from xintu.actors._envelope import open_reply, wait_reply
-from xintu.llm import LlmConfig, LlmPool, llm_config_from
-from xintu.store import Lru, ResultWrite
-from xintu.testing.fakellm import Behaviour, FakeLlm
+from xintu.llm import LlmConfig
+from xintu.testing.fakellm import FakeLlm
 
-from .fakes import FakePool, MemoryStore, fake_category
+from . import llm_service
+from .llm_service import Service, ask, photo
 
 KEY = "sk-hedge-key"
 #: How long the local pool takes to answer one photo.
@@ -45,105 +38,20 @@ def clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0)
 
 
-def photo(n: int) -> tuple[bytes, str]:
-    out = io.BytesIO()
-    Image.new("RGB", (32, 24), (n * 37 % 256, n * 91 % 256, 80)).save(out, "JPEG")
-    data = out.getvalue()
-    return data, hashlib.sha256(data).hexdigest()
-
-
 def config(**llm: Any) -> LlmConfig:
-    env = {
-        "XINTU_LLM_PROVIDERS": "fake",
-        "XINTU_LLM_FAKE_BASE_URL": "http://fake.example/v1",
-        "XINTU_LLM_FAKE_API_KEY": KEY,
-        "XINTU_LLM_FAKE_MODEL": "fake-vl",
-    }
-    return llm_config_from({"hedge_after_s": HEDGE_S, "hedge_min_s": 0.5} | llm, env)
+    return llm_service.llm_config(KEY, **({"hedge_after_s": HEDGE_S, "hedge_min_s": 0.5} | llm))
 
 
 def upstream(latency_s: float = 0.0, *, hang: bool = False) -> FakeLlm:
-    behaviour = Behaviour(latency_median_ms=latency_s * 1000, api_key=KEY)
-    if hang:
-        behaviour.error_rate, behaviour.error_mode = 1.0, "hang"
-    return FakeLlm(behaviour, seed=1)
-
-
-class LocalModel(FakePool):
-    """The local pool: answers after LOCAL_S, by the bytes' hash; counts its calls."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    async def answer(self, data: bytes, image_hash: str, deadline: float) -> Classification:
-        self.calls += 1
-        await trio.sleep(LOCAL_S)
-        return Classification(
-            category=fake_category(data), confidence=0.5, source=Source.LOCAL, model="local"
-        )
-
-
-@dataclasses.dataclass
-class Service:
-    dispatcher: Dispatcher
-    chain: Chain
-    pool: LlmPool
-    local: LocalModel
-    writer: Writer
-    cache: Cache
-    store: MemoryStore
-    replaced: trio.Event
+    return llm_service.fake_upstream(latency_s, key=KEY, hang=hang)
 
 
 @asynccontextmanager
 async def service(fake: FakeLlm, **llm: Any) -> AsyncIterator[Service]:
-    """Dispatcher, running chain (LLM pool, local pool), cache and writer, wired as
-    the runtime wires them (``on_late``: the LLM's answer replaces the cached local
-    one in the LRU and the store, as ``Runtime._recheck_done`` does)."""
-    store = MemoryStore()
-    writer = Writer(store, inbox_size=1000, max_batch=50, flush_ms=5)
-    cache = Cache(store, Lru(1000), writer)
-    replaced = trio.Event()
-
-    async def late(image_hash: str, classification: Classification) -> None:
-        old = cache.lru.get(image_hash)
-        if old is not None:
-            cache.remember(dataclasses.replace(old, classification=classification))
-        await writer.put(ResultWrite(image_hash, classification, None))
-        replaced.set()
-
-    pool = LlmPool(config(**llm), transport=httpx.ASGITransport(app=fake), rng=random.Random(7))
-    local = LocalModel()
-    chain = Chain(local, llm=pool, on_late=late)
-    dispatcher = Dispatcher(
-        cache=cache,
-        writer=writer,
-        chain=chain,
-        inbox_size=64,
-        max_in_flight=64,
-        flight_grace_s=10.0,
-    )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(writer.run)
-        async with trio.open_nursery() as inner:
-            await inner.start(pool.run)
-            await inner.start(chain.run)
-            await inner.start(dispatcher.run)
-            yield Service(dispatcher, chain, pool, local, writer, cache, store, replaced)
-            dispatcher.close()
-            chain.close()
-            pool.close()
-        writer.close()
-
-
-async def ask(dispatcher: Dispatcher, data: bytes, within_s: float = 10.0) -> Answer:
-    deadline = trio.current_time() + within_s
-    send, receive = open_reply(Answer)
-    dispatcher.submit(
-        Envelope(ClassifyRequest(data, hashlib.sha256(data).hexdigest(), "r"), deadline, send)
-    )
-    return await wait_reply(receive, deadline)
+    """The request path, hedging (:func:`tests.llm_service.service`): a late LLM
+    answer replaces the cached local one."""
+    async with llm_service.service(fake, config(**llm), local_s=LOCAL_S, hedging=True) as s:
+        yield s
 
 
 async def test_a_hung_upstream_is_hedged_by_the_local_model(

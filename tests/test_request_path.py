@@ -10,31 +10,24 @@ with the fake upstream (:mod:`xintu.testing.fakellm`) behind
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import io
-import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
 import outcome
 import pytest
 import trio
 import trio.testing
-from PIL import Image
 from structlog.testing import capture_logs
 
 from xintu import Classification, Source
-from xintu.actors import Answer, Cache, Chain, ClassifyRequest, Dispatcher, Envelope, Writer
-from xintu.actors._envelope import open_reply, wait_reply
-from xintu.llm import BreakerState, LlmConfig, LlmPool, UpstreamRejected, llm_config_from
+from xintu.actors import ClassifyRequest
+from xintu.llm import BreakerState, LlmConfig, UpstreamRejected
 from xintu.llm._errors import CallAbandoned
-from xintu.store import Lru, ResultWrite
-from xintu.testing.fakellm import Behaviour, FakeLlm
+from xintu.testing.fakellm import FakeLlm
 
-from .fakes import FakePool, MemoryStore, fake_category
+from . import llm_service
+from .llm_service import Service, ask, llm_pool, photo, running
 
 KEY = "sk-right-key"
 
@@ -44,40 +37,13 @@ def clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0)
 
 
-def photo(n: int) -> tuple[bytes, str]:
-    out = io.BytesIO()
-    Image.new("RGB", (32, 24), (n * 37 % 256, n * 91 % 256, 80)).save(out, "JPEG")
-    data = out.getvalue()
-    return data, hashlib.sha256(data).hexdigest()
-
-
 def config(*, key: str = KEY, **llm: Any) -> LlmConfig:
     """The shipped defaults (breaker: 5 failures in a row open it for 15 s) but for *llm*."""
-    env = {
-        "XINTU_LLM_PROVIDERS": "fake",
-        "XINTU_LLM_FAKE_BASE_URL": "http://fake.example/v1",
-        "XINTU_LLM_FAKE_API_KEY": key,
-        "XINTU_LLM_FAKE_MODEL": "fake-vl",
-    }
-    return llm_config_from(llm, env)
+    return llm_service.llm_config(key, **llm)
 
 
 def slow_healthy(latency_s: float = 1.0) -> FakeLlm:
-    return FakeLlm(Behaviour(latency_median_ms=latency_s * 1000, api_key=KEY), seed=1)
-
-
-@asynccontextmanager
-async def running(pool: LlmPool) -> AsyncIterator[LlmPool]:
-    async with trio.open_nursery() as nursery:
-        await nursery.start(pool.run)
-        try:
-            yield pool
-        finally:
-            pool.close()
-
-
-def llm_pool(cfg: LlmConfig, fake: FakeLlm, **kw: Any) -> LlmPool:
-    return LlmPool(cfg, transport=httpx.ASGITransport(app=fake), rng=random.Random(7), **kw)
+    return llm_service.fake_upstream(latency_s, key=KEY)
 
 
 # --- 1. a caller's deadline is not the upstream's failure ------------------------------
@@ -141,69 +107,12 @@ async def test_the_upstreams_own_failures_still_open_it(clock: trio.testing.Mock
 # --- 2. a short deadline does not decide the cached answer -----------------------------
 
 
-class LocalModel(FakePool):
-    """The local pool: answers at once, by the bytes' hash."""
-
-    async def answer(self, data: bytes, image_hash: str, deadline: float) -> Classification:
-        await trio.sleep(0.01)
-        return Classification(
-            category=fake_category(data), confidence=0.5, source=Source.LOCAL, model="local"
-        )
-
-
-@dataclasses.dataclass
-class Service:
-    dispatcher: Dispatcher
-    pool: LlmPool
-    writer: Writer
-    store: MemoryStore
-    upgraded: trio.Event
-
-
 @asynccontextmanager
 async def service(fake: FakeLlm, **llm: Any) -> AsyncIterator[Service]:
-    """Dispatcher, chain (LLM pool, then the local pool), cache and writer, wired as
-    the runtime wires them (its recheck callback: the LLM's answer replaces the
-    cached local one in the LRU and the store)."""
-    store = MemoryStore()
-    writer = Writer(store, inbox_size=1000, max_batch=50, flush_ms=5)
-    cache = Cache(store, Lru(1000), writer)
-    done = trio.Event()
-
-    async def upgraded(image_hash: str, classification: Classification) -> None:
-        old = cache.lru.get(image_hash)
-        if old is not None:
-            cache.remember(dataclasses.replace(old, classification=classification))
-        await writer.put(ResultWrite(image_hash, classification, None))
-        done.set()
-
-    pool = llm_pool(config(**llm), fake, on_recheck=upgraded)
-    dispatcher = Dispatcher(
-        cache=cache,
-        writer=writer,
-        chain=Chain(LocalModel(), llm=pool),
-        inbox_size=64,
-        max_in_flight=64,
-        flight_grace_s=10.0,
-    )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(writer.run)
-        async with trio.open_nursery() as inner:
-            await inner.start(pool.run)
-            await inner.start(dispatcher.run)
-            yield Service(dispatcher, pool, writer, store, done)
-            dispatcher.close()
-            pool.close()
-        writer.close()
-
-
-async def ask(dispatcher: Dispatcher, data: bytes, within_s: float) -> Answer:
-    deadline = trio.current_time() + within_s
-    send, receive = open_reply(Answer)
-    dispatcher.submit(
-        Envelope(ClassifyRequest(data, hashlib.sha256(data).hexdigest(), "r"), deadline, send)
-    )
-    return await wait_reply(receive, deadline)
+    """The request path without hedging (:func:`tests.llm_service.service`): the LLM
+    pool's recheck of a rushed local answer replaces it."""
+    async with llm_service.service(fake, config(**llm), local_s=0.01, hedging=False) as s:
+        yield s
 
 
 @pytest.mark.parametrize(
@@ -224,7 +133,7 @@ async def test_a_rushed_local_answer_is_upgraded_for_everyone(
         async with service(fake) as s:
             hurried = await ask(s.dispatcher, data, within_s)
             assert hurried.classification.source is Source.LOCAL
-            await s.upgraded.wait()
+            await s.replaced.wait()
             await s.writer.wait_idle()
             later = await ask(s.dispatcher, data, 10.0)
             chain = s.dispatcher._chain.statistics()
