@@ -8,22 +8,24 @@ from __future__ import annotations
 
 import hashlib
 import re
+import subprocess
 import tomllib
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from tests.eval import sources
 from tests.eval.sources import IMAGES_DIR, KINDS, SourceUnavailable, rcc_member
-from tests.eval.split import assign_splits, split_for_new
+from tests.eval.split import assign_splits, expected_splits, split_for_new
 from xintu import CATEGORIES
 
 LABELS = Path(__file__).parent / "eval" / "labels.toml"
 MIN_IMAGES = 150
-# Issue 13 asks for 12 per category; pets (10) and foods (6) are short of it: no more
-# real, offline, licensed photos of them were found in time. This floor keeps what is
-# there from shrinking; raise it to 12 once they are found.
-MIN_PER_CATEGORY = 6
+# Issue 13 asks for at least 12 per category (pets has 15, foods 12) and at least 6
+# of each in each half, so that one image moves a half's recall by at most 17 points.
+MIN_PER_CATEGORY = 12
+MIN_PER_HALF = 6
 MAX_COMMITTED_BYTES = 200_000
 MAX_COMMITTED_TOTAL = 10_000_000
 
@@ -31,12 +33,16 @@ MAX_COMMITTED_TOTAL = 10_000_000
 @pytest.fixture(scope="module")
 def entries() -> list[dict[str, str]]:
     with LABELS.open("rb") as fh:
-        return tomllib.load(fh)["image"]
+        image: list[dict[str, str]] = tomllib.load(fh)["image"]
+        return image
 
 
 def test_every_entry_is_complete(entries: list[dict[str, str]]) -> None:
     for e in entries:
-        assert set(e) <= {"source", "sha256", "label", "split", "license", "note"}, e
+        assert set(e) <= {"source", "sha256", "label", "split", "license", "note", "round"}, e
+        rnd = e.get("round", 1)
+        assert isinstance(rnd, int), e
+        assert rnd >= 1, e
         assert e["label"] in CATEGORIES, e
         assert e["split"] in ("tune", "report"), e
         assert re.fullmatch(r"[0-9a-f]{64}", e["sha256"]), e
@@ -78,16 +84,30 @@ def test_halves_are_stratified_and_balanced(entries: list[dict[str, str]]) -> No
     counts = Counter((e["label"], e["split"]) for e in entries)
     for category in CATEGORIES:
         tune, report = counts[(category, "tune")], counts[(category, "report")]
-        assert tune >= 3, (category, tune, report)
-        assert report >= 3, (category, tune, report)
+        assert tune >= MIN_PER_HALF, (category, tune, report)
+        assert report >= MIN_PER_HALF, (category, tune, report)
         assert abs(tune - report) <= 1, (category, tune, report)
 
 
 def test_recorded_split_follows_the_seeded_rule(entries: list[dict[str, str]]) -> None:
-    # True for the set as first split; images added later take split_for_new's half,
-    # and this test then checks only the images of the first split.
-    expected = assign_splits([(e["source"], e["label"]) for e in entries])
-    assert {e["source"]: e["split"] for e in entries} == expected
+    # The first split (round 1) by assign_splits; images added later (round 2, ...)
+    # by split_for_new, replayed in split-key order after every earlier round.
+    triples = [(e["source"], e["label"], int(e.get("round", 1))) for e in entries]
+    assert {e["source"]: e["split"] for e in entries} == expected_splits(triples)
+    first = [(e["source"], e["label"]) for e in entries if e.get("round", 1) == 1]
+    assert {s: e["split"] for e in entries if (s := e["source"]) in dict(first)} == (
+        assign_splits(first)
+    ), "an image of the first split changed half"
+
+
+def test_later_rounds_never_move_earlier_images() -> None:
+    first = [(f"p{i}", "pets") for i in range(5)] + [(f"f{i}", "foods") for i in range(3)]
+    before = expected_splits([(s, label, 1) for s, label in first])
+    later = [("p-new-a", "pets", 2), ("p-new-b", "pets", 2), ("f-new", "foods", 3)]
+    after = expected_splits([(s, label, 1) for s, label in first] + later)
+    assert {s: after[s] for s in before} == before
+    pets = [after[s] for s in after if s.startswith("p")]
+    assert abs(pets.count("tune") - pets.count("report")) <= 1
 
 
 def test_a_new_image_goes_to_the_smaller_half() -> None:
@@ -148,3 +168,32 @@ def test_rcc_reader_finds_stored_files() -> None:
     assert rcc_member(bundle, "res/a.webp") == b"first"
     with pytest.raises(SourceUnavailable):
         rcc_member(bundle, "res/missing.png")
+
+
+def test_two_runs_unpacking_one_package_keep_one_tree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An evaluation and a benchmark sharing the cache once unpacked opencv-doc at the
+    # same time into one ".tmp" folder; the second rename then found nothing to move.
+    monkeypatch.setattr(sources, "DEB_CACHE", tmp_path)
+    monkeypatch.setattr("shutil.which", lambda tool: f"/usr/bin/{tool}")
+    (tmp_path / "pkg_1.0-1_all.deb").write_bytes(b"not read by the fake dpkg-deb")
+    other_run: list[Path] = []
+    started: list[bool] = []
+
+    def fake_run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        assert cmd[:2] == ["dpkg-deb", "-x"], cmd
+        dest = Path(cmd[-1])
+        (dest / "usr").mkdir(parents=True, exist_ok=True)
+        (dest / "usr" / "photo.jpg").write_bytes(b"photo")
+        if not started:  # while this run unpacks, another one does the same package
+            started.append(True)
+            other_run.append(sources._deb_root("pkg=1.0-1"))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(sources, "_run", fake_run)
+    root = sources._deb_root("pkg=1.0-1")
+    assert root == other_run[0]
+    assert (root / "usr" / "photo.jpg").read_bytes() == b"photo"
+    assert (root / ".unpacked").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [root.name]

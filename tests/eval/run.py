@@ -15,6 +15,7 @@ silently dropped. ``--markdown`` prints the tables in the form used by
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import time
 import tomllib
@@ -38,6 +39,7 @@ class Item:
     split: str
     license: str
     note: str
+    round: int = 1
 
 
 def load_items(path: Path = LABELS) -> list[Item]:
@@ -52,6 +54,7 @@ def load_items(path: Path = LABELS) -> list[Item]:
             e["split"],
             e["license"],
             e.get("note", ""),
+            e.get("round", 1),
         )
         for e in raw["image"]
     ]
@@ -61,10 +64,6 @@ def load_items(path: Path = LABELS) -> list[Item]:
         if item.split not in ("tune", "report"):
             raise ValueError(f"{item.source}: unknown split {item.split!r}")
     return items
-
-
-def _short(source: str) -> str:
-    return source.rsplit(":", 1)[-1].rsplit("/", 1)[-1]
 
 
 Row = tuple[Item, str, float, str, str]
@@ -118,6 +117,72 @@ def _short(source: str) -> str:
     return source.rsplit(":", 1)[-1].rsplit("/", 1)[-1].rsplit("!", 1)[-1]
 
 
+def _names(items: list[Item]) -> dict[str, str]:
+    """``{source: name}`` for the tables: the file name, or folder/name where two
+    images share a file name (``ybc_food/test.jpg``, ``ybc_animal/test.jpg``)."""
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[_short(item.source)] = counts.get(_short(item.source), 0) + 1
+    names = {}
+    for item in items:
+        name = _short(item.source)
+        if counts[name] > 1:
+            path = item.source.rsplit(":", 1)[-1].rsplit("!", 1)[-1]
+            name = "/".join(path.split("/")[-2:])
+        names[item.source] = name
+    return names
+
+
+BINS = (0.0, 0.6, 0.7, 0.8, 0.9, 1.01)
+
+
+def _reliability(rows: list[Row]) -> list[tuple[str, int, float, float]]:
+    """``(bin, n, mean confidence, accuracy)`` per confidence bin (empty bins left out)."""
+    table = []
+    for low, high in itertools.pairwise(BINS):
+        inside = [r for r in rows if low <= r[2] < high]
+        if not inside:
+            continue
+        name = f"{low:.1f}-{min(high, 1.0):.1f}" if low else f"< {high:.1f}"
+        mean = sum(r[2] for r in inside) / len(inside)
+        right = sum(r[0].label == r[1] for r in inside) / len(inside)
+        table.append((name, len(inside), mean, right))
+    return table
+
+
+def _ece(rows: list[Row]) -> float:
+    """Expected calibration error over :data:`BINS`: the gap, weighted by bin size."""
+    return sum(n * abs(mean - acc) for _b, n, mean, acc in _reliability(rows)) / max(1, len(rows))
+
+
+def _print_reliability(title: str, rows: list[Row], markdown: bool) -> None:
+    """Mean confidence against accuracy per bin, for all answers and for ``other``."""
+    others = [r for r in rows if r[1] == "other"]
+    if markdown:
+        print(f"### Calibration, {title}: mean confidence vs accuracy per bin")
+        print()
+        print(
+            "| confidence | answers | mean conf. | accuracy "
+            "| `other` answers | mean conf. | accuracy |"
+        )
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    else:
+        print(
+            f"== calibration, {title}: confidence bin, n, mean confidence, accuracy (all | other)"
+        )
+    by_bin = {b: (n, m, a) for b, n, m, a in _reliability(others)}
+    for name, n, mean, acc in _reliability(rows):
+        on, om, oa = by_bin.get(name, (0, 0.0, 0.0))
+        other = f"{on} | {om:.2f} | {oa:.0%}" if on else "0 | · | ·"
+        if markdown:
+            print(f"| {name} | {n} | {mean:.2f} | {acc:.0%} | {other} |")
+        else:
+            print(f"{name:<10} {n:>4} {mean:6.2f} {acc:6.0%}   | {other.replace(' | ', ' ')}")
+    summary = f"ECE {_ece(rows):.3f} over {len(rows)} answers; `other` alone {_ece(others):.3f}"
+    print(("\n" if markdown else "") + summary)
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", action="store_true")
@@ -157,22 +222,23 @@ def main() -> None:
             )
         )
 
+    names = _names([row[0] for row in rows])
     if args.markdown:
         print("| image | half | true | predicted | conf. | rule | description |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for item, predicted, conf, rule, desc in rows:
             mark = "" if predicted == item.label else " **✗**"
             print(
-                f"| {_short(item.source)} | {item.split} | {item.label} | {predicted}{mark} | "
+                f"| {names[item.source]} | {item.split} | {item.label} | {predicted}{mark} | "
                 f"{conf:.2f} | {rule} | {desc} |"
             )
         print()
     else:
-        width = max(len(_short(i.source)) for i, *_r in rows) if rows else 10
+        width = max(len(names[i.source]) for i, *_r in rows) if rows else 10
         for item, predicted, conf, rule, desc in rows:
             mark = "  " if predicted == item.label else "✗ "
             print(
-                f"{mark}{_short(item.source):<{width}} {item.split:<6} {item.label:<18} -> "
+                f"{mark}{names[item.source]:<{width}} {item.split:<6} {item.label:<18} -> "
                 f"{predicted:<18} {conf:.2f} {rule:<24} {desc}"
             )
         print()
@@ -180,6 +246,10 @@ def main() -> None:
         _print_half(f"{half} half", [r for r in rows if r[0].split == half], args.markdown)
     if len(halves) > 1:
         _print_half("both halves", rows, args.markdown)
+    for half in halves:
+        _print_reliability(f"{half} half", [r for r in rows if r[0].split == half], args.markdown)
+    if len(halves) > 1:
+        _print_reliability("both halves", rows, args.markdown)
     for item, why in skipped:
         print(f"skipped: {item.source} ({why})")
     print(f"{len(rows)} images classified in {time.monotonic() - started:.0f} s")

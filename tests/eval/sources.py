@@ -27,6 +27,7 @@ given, the bytes must match it. Nothing from a package is copied into git.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import os
@@ -35,6 +36,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import tempfile
 import zipfile
 from importlib import resources
 from importlib.util import find_spec
@@ -157,15 +159,29 @@ def _deb_root(spec: str) -> Path:
             raise SourceUnavailable(
                 f"cannot fetch {spec} (run apt-get update?): {result.stderr.strip()[-200:]}"
             )
-    tmp = root.with_name(root.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    result = _run(["dpkg-deb", "-x", str(debs[0]), str(tmp)])
-    if result.returncode != 0:
-        raise SourceUnavailable(f"cannot unpack {debs[0].name}: {result.stderr.strip()[-200:]}")
-    shutil.rmtree(root, ignore_errors=True)
-    tmp.rename(root)
-    (root / ".unpacked").write_text(debs[0].name + "\n")
-    debs[0].unlink()  # the unpacked tree is what is read; keep the cache small
+    # Unpacked into a folder of this process's own, then renamed into place: two runs
+    # sharing the cache (an evaluation and a benchmark, say) may unpack the same
+    # package at once, and the one that finishes second keeps the first one's tree.
+    tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", suffix=".tmp", dir=DEB_CACHE))
+    os.chmod(tmp, 0o755)
+    try:
+        result = _run(["dpkg-deb", "-x", str(debs[0]), str(tmp)])
+        if result.returncode != 0:
+            if (root / ".unpacked").is_file():  # another run unpacked it and took the .deb
+                return root
+            raise SourceUnavailable(f"cannot unpack {debs[0].name}: {result.stderr.strip()[-200:]}")
+        (tmp / ".unpacked").write_text(debs[0].name + "\n")
+        if not (root / ".unpacked").is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            try:
+                tmp.rename(root)
+            except OSError:
+                if not (root / ".unpacked").is_file():
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        debs[0].unlink()  # the unpacked tree is what is read; keep the cache small
     return root
 
 

@@ -9,7 +9,9 @@ written into ``labels.toml`` as each image's ``split`` and is fixed from then on
 thresholds may be chosen while looking at the ``tune`` half only; the ``report``
 half is only ever reported on. An image added later takes the half that has fewer
 images of its category (ties: the parity of its hash), so earlier assignments never
-move.
+move. Later additions carry ``round = N`` (2, 3, ...; the first split is round 1)
+and are dealt in the order of their split key, after every image of an earlier
+round; ``--check`` replays that (``expected_splits``) and fails on any difference.
 """
 
 from __future__ import annotations
@@ -46,6 +48,26 @@ def split_for_new(source: str, label: str, existing: list[tuple[str, str, str]])
     return SPLITS[int(split_key(source), 16) % 2]
 
 
+def expected_splits(entries: list[tuple[str, str, int]]) -> dict[str, str]:
+    """``{source: split}`` the rule gives ``(source, label, round)`` entries.
+
+    Round 1 is split by :func:`assign_splits`; each later round's images are added
+    one at a time, in the order of their split key, with :func:`split_for_new`.
+    """
+    first = [(source, label) for source, label, rnd in entries if rnd == 1]
+    result = assign_splits(first)
+    placed = [(source, label, result[source]) for source, label in first]
+    for rnd in sorted({rnd for _s, _l, rnd in entries if rnd != 1}):
+        added = sorted(
+            ((source, label) for source, label, r in entries if r == rnd),
+            key=lambda pair: split_key(pair[0]),
+        )
+        for source, label in added:
+            result[source] = split_for_new(source, label, placed)
+            placed.append((source, label, result[source]))
+    return result
+
+
 def main() -> None:
     from .run import load_items
 
@@ -63,6 +85,10 @@ def main() -> None:
         f"report {sum(i.split == 'report' for i in items):>3}"
     )
     if args.check:
+        expected = expected_splits([(i.source, i.label, i.round) for i in items])
+        moved = [i.source for i in items if expected[i.source] != i.split]
+        if moved:
+            raise SystemExit(f"split differs from the rule: {', '.join(moved)}")
         unbalanced = [
             label
             for label in {item.label for item in items}
