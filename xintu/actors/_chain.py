@@ -26,7 +26,11 @@ between the pools:
   :class:`~xintu.errors.Overloaded` (``shed_for_deadline``), and so is a miss that
   no classifier could take by then (:meth:`Chain.refusal`, asked by the HTTP layer
   before it reads an upload and by the dispatcher before it claims a miss across
-  replicas). Admitted work still has the whole deadline to run;
+  replicas). Asked from an upload's headers, it counts the work on its way that
+  no pool has queued yet as queued ahead (*ahead*: admission tickets, flights
+  still looking the cache up; :mod:`._admission`), the LLM pool's share first
+  (:meth:`~xintu.llm.LlmPool.room`), the rest in the local pool's queue.
+  Admitted work still has the whole deadline to run;
 - a *hedge*: an LLM call that has not answered within the LLM pool's hedge budget
   (:meth:`~xintu.llm.LlmPool.hedge_after_s`: its recent P95 call time, clamped by
   ``llm.hedge_min_s`` and ``llm.hedge_after_s``) gets the local model started
@@ -133,6 +137,8 @@ class Primary(Protocol):
 
     def would_take(self, deadline: float, *, admit_by: float | None = None) -> bool: ...
 
+    def room(self, deadline: float, *, admit_by: float | None = None, most: int) -> int: ...
+
     def statistics(self) -> object: ...
 
     def healthy(self) -> bool: ...
@@ -151,9 +157,12 @@ class Upgrader(Protocol):
 
 
 class Fallback(Classifier, Protocol):
-    """The classifier that answers when the primary does not (the local pool)."""
+    """The classifier that answers when the primary does not (the local pool).
+    *ahead*: jobs on their way that will be queued before this one."""
 
-    def expected_wait_s(self) -> float: ...
+    def would_take(self, deadline: float, ahead: int = 0) -> bool: ...
+
+    def expected_wait_s(self, ahead: int = 0) -> float: ...
 
     async def classify_now(self, request: ClassifyRequest) -> Classification: ...
 
@@ -253,18 +262,30 @@ class Chain:
 
     # --- the classifier ---------------------------------------------------------------
 
-    def would_take(self, deadline: float) -> bool:
+    def would_take(self, deadline: float, ahead: int = 0) -> bool:
+        """Whether work for *deadline* sent now would be taken by some classifier by
+        the latency target, behind *ahead* more jobs on their way that have not
+        reached a pool yet (admission tickets, flights before the chain). Those go
+        where a miss goes: to the LLM pool while it takes them, the rest to the
+        local pool."""
         admit_by = self.admit_by(deadline)
         llm = self._llm_on()
-        return (
-            llm is not None and llm.would_take(deadline, admit_by=admit_by)
-        ) or self._local.would_take(admit_by)
+        if not ahead:
+            return (
+                llm is not None and llm.would_take(deadline, admit_by=admit_by)
+            ) or self._local.would_take(admit_by)
+        to_llm = 0 if llm is None else llm.room(deadline, admit_by=admit_by, most=ahead + 1)
+        if to_llm > ahead:
+            return True
+        rest = ahead - to_llm
+        return self._local.would_take(admit_by, rest) if rest else self._local.would_take(admit_by)
 
-    def refusal(self, deadline: float) -> Overloaded | None:
+    def refusal(self, deadline: float, ahead: int = 0) -> Overloaded | None:
         """A refusal when no classifier would answer work for *deadline* by the
-        latency target (:meth:`admit_by`), else ``None``. Asked by the HTTP layer
-        before it reads an upload, and by the dispatcher after a store miss."""
-        if self.would_take(deadline):
+        latency target (:meth:`admit_by`), behind *ahead* jobs on their way (see
+        :meth:`would_take`), else ``None``. Asked by the HTTP layer before it reads
+        an upload (with the tickets ahead), and by the dispatcher after a store miss."""
+        if self.would_take(deadline, ahead):
             return None
         self._shed_for_deadline += 1
         return Overloaded(

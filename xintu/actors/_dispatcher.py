@@ -8,6 +8,10 @@ store) and, only on a miss, hands the image to the classifier chain
 reaches a classifier; a hit on a local answer is told to the chain, which may
 queue an LLM re-classification. A miss that no classifier could take before its
 deadline is refused (:meth:`~._chain.Chain.refusal`) before it is claimed.
+Submitted work that has not reached the chain yet (in the inbox, or a flight
+still looking the cache up) is :meth:`Dispatcher.before_chain`: the admission of
+new uploads counts it as queued ahead of them, with the uploads' tickets
+(:mod:`._admission`), which also count against ``max_in_flight``.
 
 Shared work outlives its callers: a caller whose deadline passes, or who
 disconnects, stops waiting, but the flight still completes, answers whoever is
@@ -128,6 +132,7 @@ class _Flight:
     waiters: list[trio.MemorySendChannel[Reply]] = field(default_factory=list)
     owner: str = ""  # this flight's claim owner
     claimed: bool = False  # whether it holds the claim in the store
+    looking_up: bool = True  # not handed to the chain yet (Dispatcher._looking_up)
 
     @property
     def image_hash(self) -> str:
@@ -174,6 +179,7 @@ class Dispatcher:
         self._send, self._receive = trio.open_memory_channel[Envelope[Answer]](inbox_size)
         self._max_queued = inbox_size
         self._flights: dict[str, _Flight] = {}
+        self._looking_up = 0  # flights not handed to the chain yet (before_chain)
         self._rate = DrainRate()
         self._closed = False
         self._admitted = 0
@@ -202,15 +208,22 @@ class Dispatcher:
         depth = self._receive.statistics().current_buffer_used + len(self._flights)
         return self._rate.retry_after_s(depth)
 
-    def refusal(self) -> Overloaded | None:
+    def refusal(self, ahead: int = 0) -> Overloaded | None:
         """The refusal :meth:`submit` or the flight would give new work now for lack
-        of room (inbox full, ``max_in_flight`` flights), else ``None``; counted
-        when given. Asked from an upload's headers (:meth:`Runtime.refusal`)."""
+        of room (inbox full, ``max_in_flight`` flights, counting *ahead* more on
+        their way: admission tickets), else ``None``; counted when given. Asked
+        from an upload's headers (:meth:`Runtime.refusal`)."""
         inbox_full = self._receive.statistics().current_buffer_used >= self._max_queued
-        if not inbox_full and len(self._flights) < self._max_in_flight:
+        if not inbox_full and len(self._flights) + ahead < self._max_in_flight:
             return None
         self._refused += 1
         return Overloaded("the service is over capacity", retry_after_s=self.retry_after_s())
+
+    def before_chain(self) -> int:
+        """Submitted work that no classifier has been handed yet: envelopes in the
+        inbox and flights still looking the cache up (or waiting on another
+        process's claim). Admission counts them as queued ahead of new work."""
+        return self._receive.statistics().current_buffer_used + self._looking_up
 
     def submit(self, envelope: Envelope[Answer]) -> None:
         """Admit *envelope* or raise at once: :class:`Overloaded` / :class:`Draining`."""
@@ -289,6 +302,7 @@ class Dispatcher:
             owner=f"{self._owner}/{self._flight_count}",
         )
         self._flights[h] = flight
+        self._looking_up += 1
         flights.start_soon(self._fly, flight)
 
     async def _fly(self, flight: _Flight) -> None:
@@ -307,10 +321,13 @@ class Dispatcher:
                     entry = await self._coordinate(flight)
                 classification = None
                 if entry is None:
+                    # No checkpoint between this and the chain queueing the work.
+                    self._handed_over(flight)
                     classification = await self._chain.classify(flight.request, flight.deadline)
             result = outcome.Value((entry, classification))
         except trio.Cancelled:
             del self._flights[flight.image_hash]
+            self._handed_over(flight)
             for waiter in flight.waiters:
                 send_reply(waiter, outcome.Error(Draining("the service is shutting down")))
             with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_ON_CANCEL_S):
@@ -327,6 +344,7 @@ class Dispatcher:
         # From here to the answers there is no checkpoint: a request arriving now
         # either joined this flight or will find the result in the LRU.
         del self._flights[flight.image_hash]
+        self._handed_over(flight)
         self._rate.record()
         if isinstance(result, outcome.Error):
             self._failed += 1
@@ -353,6 +371,12 @@ class Dispatcher:
         for waiter in flight.waiters:
             send_reply(waiter, outcome.Value(answer))
         await self._writer.put(ResultWrite(flight.image_hash, classification, len(flight.data)))
+
+    def _handed_over(self, flight: _Flight) -> None:
+        """The flight no longer waits before the chain (handed to it, or ended)."""
+        if flight.looking_up:
+            flight.looking_up = False
+            self._looking_up -= 1
 
     # --- coalescing across processes -------------------------------------------------
 

@@ -151,21 +151,26 @@ class LocalPool:
         # the decoders' clones are all closed.
         self._urgent_send = self._batch_send.clone()
 
-    def expected_wait_s(self) -> float:
-        """How long a job queued now would take to be answered (decoding dominates).
+    def expected_wait_s(self, ahead: int = 0) -> float:
+        """How long a job queued now would take to be answered (decoding dominates),
+        behind *ahead* more jobs on their way (the chain's admission tickets).
 
         Cautious (a margin for the spread of preparation times): admitting on the
         mean puts the last admitted jobs right at their deadline, where the jobs
         of the priority lane, or a slower photo ahead, turn them into 504s.
         """
-        ahead = self._receive.statistics().current_buffer_used + self._decoding
+        ahead += self._receive.statistics().current_buffer_used + self._decoding
         return self._prepare_time.expected_wait_s(ahead, self._decode_threads, cautious=True)
 
-    def would_take(self, deadline: float) -> bool:
-        """Whether a job sent now would find room and be answered before *deadline*."""
-        if self._receive.statistics().current_buffer_used >= self._max_queued:
+    def would_take(self, deadline: float, ahead: int = 0) -> bool:
+        """Whether a job sent now, behind *ahead* more on their way (taken by idle
+        decode workers first, then queued), would find room and be answered
+        before *deadline*."""
+        queued = self._receive.statistics().current_buffer_used
+        idle = max(0, self._decode_threads - self._decoding - queued)
+        if queued + max(0, ahead - idle) >= self._max_queued:
             return False
-        return trio.current_time() + self.expected_wait_s() <= deadline
+        return trio.current_time() + self.expected_wait_s(ahead) <= deadline
 
     def close(self) -> None:
         """No more jobs: workers finish what is queued and return."""

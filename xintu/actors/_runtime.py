@@ -30,7 +30,7 @@ model still answer and writes wait in the writer, so a store outage does not tak
 every replica out of the load balancer at once.
 
 The facade: the HTTP layer asks only this object's methods (:meth:`~Runtime.refusal`,
-:meth:`~Runtime.classify`,
+:meth:`~Runtime.reserve`, :meth:`~Runtime.classify`,
 :meth:`~Runtime.lookup`, :meth:`~Runtime.lookup_many`, :meth:`~Runtime.name_alias`,
 :meth:`~Runtime.log_request`, :meth:`~Runtime.readiness`,
 :meth:`~Runtime.album_stats`, :meth:`~Runtime.statistics`, the operators'
@@ -55,6 +55,7 @@ from ..errors import Draining, StoreError, Unavailable
 from ..llm import LlmPool, LlmPoolStatistics
 from ..llm._errors import FailureKind
 from ..store import AlbumStats, CachedEntry, Lru, RequestLogRow, ResultWrite, Store
+from ._admission import Reservations, Ticket
 from ._cache import Cache, CacheStatistics
 from ._chain import Chain
 from ._dispatcher import Dispatcher, DispatcherStatistics
@@ -210,6 +211,8 @@ class Runtime:
             flight_grace_s=config.server.request_deadline_s,
             claim_ttl_s=config.dispatcher.claim_ttl_s,
         )
+        # Uploads past the header check, not submitted yet (:mod:`._admission`).
+        self.reservations = Reservations(ttl_s=config.server.latency_target_s)
         self._ready = False
         self._draining = False
         self._drain_requested = trio.Event()
@@ -313,7 +316,21 @@ class Runtime:
         knows is refused with the rest then (a client asks check-cache first)."""
         if self._draining:
             return Draining("the service is shutting down", retry_after_s=self.retry_after_s())
-        return self.dispatcher.refusal() or self.chain.refusal(deadline)
+        # Uploads that passed this check and have not submitted their work yet.
+        reserved = len(self.reservations)
+        return self.dispatcher.refusal(reserved) or self.chain.refusal(
+            deadline, reserved + self.dispatcher.before_chain()
+        )
+
+    def reserve(self, deadline: float) -> Ticket:
+        """:meth:`refusal`'s answer raised, else an admission ticket for the upload,
+        held by the current request (:mod:`._admission`): it counts as work queued
+        ahead of the next uploads' checks until :meth:`classify` submits the work,
+        the ticket is released (the request's end), or the latency target passes."""
+        refusal = self.refusal(deadline)
+        if refusal is not None:
+            raise refusal
+        return self.reservations.take()
 
     async def classify(self, request: ClassifyRequest, *, deadline: float) -> Answer:
         """Classify one image: LRU hit at once, else through the dispatcher.
@@ -322,6 +339,9 @@ class Runtime:
         :class:`~xintu.errors.DeadlineExceeded` when *deadline* passes first.
         Cancelling the caller cancels only its own wait.
         """
+        # The request's admission ticket, if it holds one, stops counting now: its
+        # work is counted by the dispatcher from here (no checkpoint in between).
+        self.reservations.release_held()
         if self._draining:
             raise Draining("the service is shutting down", retry_after_s=self.retry_after_s())
         entry = self.cache.peek(request.image_hash)

@@ -138,14 +138,16 @@ def _deadline_budget() -> float:
 
 def _refuse_early(budget: float) -> None:
     """Raise the runtime's refusal (503, ``Retry-After``) when no classifier could
-    take a new photo for *budget* seconds from now, or the service is draining.
+    take a new photo for *budget* seconds from now, or the service is draining;
+    else take the upload's admission ticket (:meth:`Runtime.reserve`).
 
     Asked from the headers, before the body is read: the body is left unread, so
-    the app answers ``Connection: close`` with the refusal.
+    the app answers ``Connection: close`` with the refusal. The ticket counts as
+    work queued ahead of the next uploads' checks until the runtime's ``classify``
+    submits this one's work; it is kept on ``g`` so that the request's end
+    releases it if the work is never submitted.
     """
-    refusal = _runtime().refusal(trio.current_time() + budget)
-    if refusal is not None:
-        raise refusal
+    g.admission_ticket = _runtime().reserve(trio.current_time() + budget)
 
 
 async def _sha256(data: bytes) -> str:

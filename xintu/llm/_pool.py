@@ -396,12 +396,49 @@ class LlmPool:
             abandoned.queued = True
             raise abandoned from None
 
-    def would_take(self, deadline: float, *, admit_by: float | None = None) -> bool:
+    def would_take(self, deadline: float, *, admit_by: float | None = None, ahead: int = 0) -> bool:
         """Whether :meth:`classify` would queue work for *deadline* (and *admit_by*)
-        now; it queues none."""
-        if self._receive.statistics().current_buffer_used >= self.config.inbox_size:
-            return False
-        return self._refusal(deadline, admit_by) is None
+        now, behind *ahead* more jobs on their way (admission tickets); it queues none."""
+        return self.room(deadline, admit_by=admit_by, most=ahead + 1) > ahead
+
+    def room(self, deadline: float, *, admit_by: float | None = None, most: int) -> int:
+        """How many jobs for *deadline* (and *admit_by*) sent now one after another
+        would be queued, up to *most* (the chain's admission with tickets ahead:
+        those the LLM pool would not take go to the local pool)."""
+        if most <= 0 or self._static_refusal(deadline) is not None:
+            return 0
+        used = self._receive.statistics().current_buffer_used
+        # Idle workers take jobs before the inbox holds any.
+        fits = max(0, self._workers - self._busy - used) + self.config.inbox_size - used
+        wanted_by = self._wanted_by(deadline, admit_by)
+        now = trio.current_time()
+        median_age = self._median_age()
+        taken = 0
+        while taken < min(most, fits):
+            ahead = used + self._busy + taken
+            if ahead >= self._workers and now + self._expected_wait_s(ahead, median_age) > (
+                wanted_by
+            ):
+                break
+            taken += 1
+        return taken
+
+    def _wanted_by(self, deadline: float, admit_by: float | None) -> float:
+        call_deadline = deadline - self._reserve_s
+        return call_deadline if admit_by is None else min(call_deadline, admit_by)
+
+    def _static_refusal(self, deadline: float) -> tuple[UnavailableReason, str] | None:
+        """A refusal that does not depend on the queue: no provider, closed, no
+        time left for a call, every breaker open."""
+        if not self._providers:
+            return "no_provider", "no LLM provider is configured"
+        if self._closed:
+            return "closed", "the LLM pool is shutting down"
+        if deadline - self._reserve_s <= trio.current_time():
+            return "no_time", "not enough time left for an LLM call"
+        if not any(p.breaker.would_allow() for p in self._providers):
+            return "breaker_open", "every LLM provider's circuit breaker is open"
+        return None
 
     def _refusal(
         self, deadline: float, admit_by: float | None = None
@@ -411,44 +448,42 @@ class LlmPool:
         *admit_by*: when the answer is wanted (the chain's latency target); the
         queue's expected wait is held against it as well as against the deadline.
         """
-        if not self._providers:
-            return "no_provider", "no LLM provider is configured"
-        if self._closed:
-            return "closed", "the LLM pool is shutting down"
-        call_deadline = deadline - self._reserve_s
-        if call_deadline <= trio.current_time():
-            return "no_time", "not enough time left for an LLM call"
-        if not any(p.breaker.would_allow() for p in self._providers):
-            return "breaker_open", "every LLM provider's circuit breaker is open"
+        if (static := self._static_refusal(deadline)) is not None:
+            return static
         ahead = self._receive.statistics().current_buffer_used + self._busy
         # With a worker free there is no queue to wait for, and the call is bounded
         # by its own deadline. Refusing it on the estimate alone could refuse every
         # call for good after a few slow ones: refusals teach the estimate nothing.
-        wanted_by = call_deadline if admit_by is None else min(call_deadline, admit_by)
+        wanted_by = self._wanted_by(deadline, admit_by)
         if (
             ahead >= self._workers
-            and trio.current_time() + self._expected_wait_s(ahead) > wanted_by
+            and trio.current_time() + self._expected_wait_s(ahead, self._median_age()) > wanted_by
         ):
             # Queueing would only end in "no time left": fall back now, while there is.
             return "queue_too_long", "the LLM queue would outlast the deadline"
         return None
 
-    def _expected_wait_s(self, ahead: int) -> float:
+    def _median_age(self) -> float:
+        """The median age of the calls under way (0 when none is)."""
+        if not self._job_started:
+            return 0.0
+        now = trio.current_time()
+        ages = sorted(now - t for t in self._job_started.values())
+        return ages[len(ages) // 2]
+
+    def _expected_wait_s(self, ahead: int, median_age: float) -> float:
         """When a job queued now behind *ahead* jobs should be answered.
 
         The measured call times (cautious), but never less than the calls under way
-        say: if the upstream has slowed down, the mean learns it only as slow calls
-        end, while the median age of the calls running now already shows it (each
-        round ahead takes at least that long). So a sudden slowdown (or a hang) does
-        not fill the queue with work that can only run out of time.
+        say (*median_age*: :meth:`_median_age`): if the upstream has slowed down, the
+        mean learns it only as slow calls end, while the median age of the calls
+        running now already shows it (each round ahead takes at least that long). So
+        a sudden slowdown (or a hang) does not fill the queue with work that can
+        only run out of time.
         """
         estimate = self._service.expected_wait_s(ahead, self._workers, cautious=True)
-        if self._job_started:
-            now = trio.current_time()
-            ages = sorted(now - t for t in self._job_started.values())
-            rounds = ahead // max(self._workers, 1) + 1
-            estimate = max(estimate, rounds * ages[len(ages) // 2])
-        return estimate
+        rounds = ahead // max(self._workers, 1) + 1
+        return max(estimate, rounds * median_age)
 
     def offer_recheck(self, data: bytes, image_hash: str) -> bool:
         """Queue a background LLM re-classification; False if not taken (never waits).

@@ -1,0 +1,315 @@
+"""Admission tickets (issue 14): uploads that pass the header check reserve their
+place, so a burst of uploads is refused at its headers once the reservations fill
+the capacity, not after the bodies arrived; and a ticket never outlives its request."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import threading
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from werkzeug.datastructures import FileStorage
+
+from xintu import Category, Classification, Source, load_config
+from xintu.actors import (
+    Answer,
+    Cache,
+    Chain,
+    ClassifyRequest,
+    Dispatcher,
+    Envelope,
+    Runtime,
+    Writer,
+)
+from xintu.actors._admission import Reservations, held
+from xintu.actors._envelope import open_reply
+from xintu.errors import Overloaded
+from xintu.http import create_app
+from xintu.http._app import XintuApp
+from xintu.store import CachedEntry, Lru
+
+from .fakes import FakeDecoded, FakeModel, FakePool, MemoryStore
+from .test_service import multipart
+
+# --- the tickets ------------------------------------------------------------------------
+
+
+async def test_a_ticket_counts_until_released_once(autojump_clock: object) -> None:
+    reservations = Reservations(ttl_s=3.0)
+    first, second = reservations.take(), reservations.take()
+    assert len(reservations) == 2
+    assert held() is second  # the current request's
+    first.release()
+    first.release()  # a no-op
+    assert len(reservations) == 1
+    assert (first.released, second.released) == (True, False)
+    reservations.release_held()
+    assert len(reservations) == 0
+    assert (reservations.taken, reservations.expired) == (2, 0)
+
+
+async def test_a_ticket_is_released_when_its_block_fails_or_is_cancelled(
+    autojump_clock: object,
+) -> None:
+    reservations = Reservations(ttl_s=3.0)
+
+    def fails() -> None:
+        with reservations.take():
+            assert len(reservations) == 1
+            raise ValueError("a bad field")
+
+    with pytest.raises(ValueError, match=r"^a bad field$"):
+        fails()
+    assert len(reservations) == 0
+
+    async def disconnects() -> None:
+        with reservations.take():
+            await trio.sleep_forever()  # reading a body that never comes
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(disconnects)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(reservations) == 1
+            nursery.cancel_scope.cancel()  # the client went away
+    assert len(reservations) == 0
+    assert reservations.expired == 0
+
+
+async def test_a_missed_release_stops_counting_at_the_ttl(autojump_clock: object) -> None:
+    reservations = Reservations(ttl_s=3.0)
+    reservations.take()
+    await trio.sleep(2.9)
+    later = reservations.take()
+    assert len(reservations) == 2
+    await trio.sleep(0.2)
+    assert len(reservations) == 1  # the first one only
+    assert not later.released
+    await trio.sleep(3)
+    assert len(reservations) == 0
+    assert reservations.expired == 2
+
+
+async def test_the_tasks_a_request_starts_share_its_ticket(autojump_clock: object) -> None:
+    """A batch's items run in tasks of their own: the first one submitted releases
+    the request's one ticket, and the others find it released."""
+    reservations = Reservations(ttl_s=3.0)
+    ticket = reservations.take()
+    seen: list[object] = []
+
+    async def item() -> None:
+        seen.append(held())
+        reservations.release_held()
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(item)
+    assert seen == [ticket] * 3
+    assert ticket.released
+    assert len(reservations) == 0
+
+
+def test_ttl_must_be_positive() -> None:
+    with pytest.raises(ValueError, match=r"^ttl_s must be > 0, got 0$"):
+        Reservations(ttl_s=0)
+
+
+# --- through the runtime ----------------------------------------------------------------
+
+
+class BlockingModel(FakeModel):
+    """Preparation waits for ``release``: the local pool stays busy until then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def prepare(self, data: bytes) -> FakeDecoded:
+        self.release.wait(30)
+        return super().prepare(data)
+
+
+@asynccontextmanager
+async def service(tmp_path: Path, **server: Any) -> AsyncIterator[tuple[XintuApp, BlockingModel]]:
+    """Local model only, one decode thread and an inbox of two: room for three
+    photos (one being prepared, two queued)."""
+    config = load_config(
+        env={},
+        data={"dir": str(tmp_path)},
+        server=server,
+        model={"decode_threads": 1, "inference_threads": 1, "inbox_size": 2},
+    )
+    model = BlockingModel()
+    app = create_app(config, model_factory=lambda _c: model)
+    try:
+        async with app.test_app():
+            yield app, model
+    finally:
+        model.release.set()
+
+
+async def test_reservations_fill_the_capacity_at_the_header_check(tmp_path: Path) -> None:
+    """Three uploads past the header check fill the room for three photos before
+    any of them has submitted its work: the fourth is refused then. One submitting
+    its work moves it from the tickets to the pool's queue (still three); a ticket
+    released without work gives its place back."""
+    async with service(tmp_path) as (app, model):
+        runtime: Runtime = app.runtime
+        deadline = trio.current_time() + 10
+        tickets = [runtime.reserve(deadline) for _ in range(3)]
+        with pytest.raises(Overloaded) as refused:
+            runtime.reserve(deadline)
+        assert str(refused.value) == "no classifier can answer before the deadline"
+        assert runtime.refusal(deadline) is not None
+
+        async with trio.open_nursery() as nursery:
+            # The last ticket's request submits its work (the ticket it holds).
+            request = ClassifyRequest(b"p1", "a" * 64, "r1")
+            nursery.start_soon(functools.partial(runtime.classify, request, deadline=deadline))
+            for _ in range(500):  # the store's lookup runs in a thread
+                if runtime.local.statistics().decoding == 1:
+                    break
+                await trio.sleep(0.01)
+            assert runtime.local.statistics().decoding == 1
+            assert tickets[2].released
+            assert len(runtime.reservations) == 2
+            assert runtime.refusal(deadline) is not None  # 1 being prepared + 2 tickets
+
+            tickets[0].release()  # that request ended without work (an error, a disconnect)
+            assert runtime.refusal(deadline) is None
+            model.release.set()
+    assert runtime.chain.statistics().shed_for_deadline >= 2
+
+
+async def test_a_burst_of_uploads_is_refused_at_the_headers(tmp_path: Path) -> None:
+    """Six uploads whose headers arrive together, bodies not sent yet, against room
+    for three photos: three are refused at once from their headers (503, Retry-After,
+    Connection: close), before any body arrives; before the reservations all six
+    passed the check and the last three were refused only after their bodies."""
+    async with service(tmp_path, latency_target_s=30.0) as (app, model):
+        client = app.test_client()
+        connections = []
+        refused = []
+        answered = []
+        with trio.fail_after(10):
+            async with AsyncExitStack() as stack:
+                for i in range(6):
+                    body, headers = multipart([("image", "p.jpg", f"photo {i} ".encode() * 500)])
+                    connection = await stack.enter_async_context(
+                        client.request(
+                            "/api/v1/classify",
+                            method="POST",
+                            headers=headers | {"Content-Length": str(len(body))},
+                        )
+                    )
+                    await connection.send(body[:100])  # the headers and a little
+                    await trio.testing.wait_all_tasks_blocked()
+                    connections.append((connection, body))
+                assert len(app.runtime.reservations) == 3
+                for connection, _ in connections[3:]:
+                    refused.append(await connection.as_response())
+                # The first three send their bodies and are answered.
+                model.release.set()
+                for connection, body in connections[:3]:
+                    await connection.send(body[100:])
+                    await connection.send_complete()
+                    answered.append(await connection.as_response())
+        assert len(app.runtime.reservations) == 0
+    assert [r.status_code for r in refused] == [503, 503, 503]
+    assert all(int(r.headers["Retry-After"]) >= 1 for r in refused)
+    assert all(r.headers["Connection"] == "close" for r in refused)
+    assert [r.status_code for r in answered] == [200, 200, 200]
+    assert not any(b"photo 3" in data for data in model.prepared)
+
+
+async def test_a_request_that_fails_before_submitting_frees_its_ticket_at_the_ttl(
+    tmp_path: Path,
+) -> None:
+    """A 422 after the header check (no image field): the ticket stops counting at
+    the latency target at the latest."""
+    async with service(tmp_path, latency_target_s=0.2) as (app, _model):
+        client = app.test_client()
+        resp = await client.post(
+            "/api/v1/classify", files={"other": FileStorage(io.BytesIO(b"x"), filename="p")}
+        )
+        assert resp.status_code == 400
+        await trio.sleep(0.25)
+        assert len(app.runtime.reservations) == 0
+
+
+# --- flights still looking the cache up -------------------------------------------------
+
+
+class SlowStore(MemoryStore):
+    """Lookups wait for ``open``: flights stay before the chain until then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open = trio.Event()
+
+    async def get(self, image_hash: str, *, scope: str | None = None) -> CachedEntry | None:
+        await self.open.wait()
+        return await super().get(image_hash, scope=scope)
+
+
+async def test_flights_looking_the_cache_up_count_as_work_ahead(autojump_clock: object) -> None:
+    """Submitted work whose store lookup is slow has reached no pool yet: admission
+    counts it ahead (Dispatcher.before_chain), so the chain refuses once it fills
+    the local pool's room, and counts it no more once it was handed to the chain."""
+    store = SlowStore()
+    writer = Writer(store, inbox_size=100, max_batch=10, flush_ms=5)
+    local = CountingPool()
+    local.room = 2
+    chain = Chain(local)
+    dispatcher = Dispatcher(
+        cache=Cache(store, Lru(100), writer),
+        writer=writer,
+        chain=chain,
+        inbox_size=8,
+        max_in_flight=8,
+        flight_grace_s=1.0,
+    )
+    deadline = trio.current_time() + 10
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            await nursery.start(dispatcher.run)
+            for data in (b"one", b"two"):
+                send, _receive = open_reply(Answer)
+                request = ClassifyRequest(data, hashlib.sha256(data).hexdigest(), "r")
+                dispatcher.submit(Envelope(request, deadline, send))
+            await trio.testing.wait_all_tasks_blocked()
+            assert dispatcher.before_chain() == 2
+            assert chain.refusal(deadline, dispatcher.before_chain()) is not None
+            assert chain.refusal(deadline) is None  # without the work ahead
+            store.open.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert dispatcher.before_chain() == 0
+            assert local.asked_ahead[:2] == [2, 0]  # the two refusal questions above
+            dispatcher.close()
+            writer.close()
+
+
+class CountingPool(FakePool):
+    """Takes work while fewer than ``room`` jobs would be ahead; records the
+    ``ahead`` it was asked about; answers at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.room = 0
+        self.asked_ahead: list[int] = []
+
+    def would_take(self, deadline: float, ahead: int = 0) -> bool:
+        self.asked_ahead.append(ahead)
+        return ahead < self.room
+
+    async def answer(self, data: bytes, image_hash: str, deadline: float) -> Classification:
+        return Classification(Category.OTHER, 0.5, Source.LOCAL, "fake", "fake")

@@ -1,0 +1,144 @@
+"""Admission tickets: the work an upload brings, reserved from its headers.
+
+::
+
+    headers ──Runtime.reserve──▶ refusal?  (counts tickets + work before the chain)
+       │ no: a Ticket, held by the request
+       ▼
+    body read, hashed ──Runtime.classify──▶ ticket released, envelope submitted
+       └─ error, disconnect, cancellation ──▶ ticket released (the request's end)
+
+An upload is refused from its headers when no classifier could take it
+(:meth:`~._runtime.Runtime.refusal`). Without a reservation, a burst of uploads
+all pass that check while capacity still looks free, read their bodies, and are
+refused after their bodies arrived, by the flight or the pools: late refusals,
+waiting behind the reading and hashing of every body. So passing the check takes
+a :class:`Ticket`, and the check counts the live tickets as work queued ahead of
+the classifiers (the chain's ``would_take(deadline, ahead=...)``: the LLM pool's
+queue first, the local pool's with the rest; and as flights of the dispatcher).
+Once the tickets fill the capacity, the next upload is refused at its headers.
+
+A ticket is released exactly once (later releases are no-ops), by whichever
+comes first:
+
+- the request submits its work (:meth:`~._runtime.Runtime.classify` releases the
+  ticket the request holds, with no checkpoint before the envelope is queued, so
+  the work is never counted twice nor not at all);
+- the request ends without submitting (an error, a client that disconnects, a
+  cancellation): the HTTP layer releases it in its teardown, or a caller holding
+  the ticket as a context manager on leaving the block;
+- its ``ttl_s`` (the latency target) passes: past it the work could no longer be
+  answered by the target anyway, and a ticket whose release was missed stops
+  counting instead of shrinking the capacity for good.
+
+A request holds its ticket in a context variable (:func:`held`), set by
+:meth:`Reservations.take` in the request's task; tasks the request starts (a
+batch's items) see the same ticket, so the first item submitted releases it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import itertools
+from types import TracebackType
+
+import trio
+
+__all__ = ["Reservations", "Ticket", "held"]
+
+_held: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar(
+    "xintu_admission_ticket", default=None
+)
+
+
+def held() -> Ticket | None:
+    """The ticket the current request holds, if any (released or not)."""
+    return _held.get()
+
+
+class Ticket:
+    """One reservation; :meth:`release` exactly once (later calls are no-ops).
+
+    A context manager: leaving the block releases it, however the block ends.
+    """
+
+    __slots__ = ("_id", "_owner", "expires_at")
+
+    def __init__(self, owner: Reservations, ticket_id: int, expires_at: float) -> None:
+        self._owner = owner
+        self._id = ticket_id
+        self.expires_at = expires_at
+
+    @property
+    def released(self) -> bool:
+        """Whether it no longer counts (released, or expired and pruned)."""
+        return self._id not in self._owner._live
+
+    def release(self) -> None:
+        self._owner._live.pop(self._id, None)
+
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+class Reservations:
+    """The live tickets of one process; ``len()`` counts those not yet released
+    nor expired. Plain object: Trio runs one task at a time, so every method is
+    atomic (like the breaker)."""
+
+    def __init__(self, *, ttl_s: float) -> None:
+        if not ttl_s > 0:
+            raise ValueError(f"ttl_s must be > 0, got {ttl_s!r}")
+        self._ttl_s = ttl_s
+        # ticket id -> expiry; insertion order is expiry order (one ttl for all).
+        self._live: dict[int, float] = {}
+        self._ids = itertools.count()
+        self._taken = 0
+        self._expired = 0
+
+    def __len__(self) -> int:
+        self._prune(trio.current_time())
+        return len(self._live)
+
+    @property
+    def taken(self) -> int:
+        """Tickets taken since start."""
+        return self._taken
+
+    @property
+    def expired(self) -> int:
+        """Tickets that stopped counting at their ttl, never released (a missed
+        release, or a body that took longer than the latency target to arrive)."""
+        return self._expired
+
+    def take(self) -> Ticket:
+        """A new ticket, held by the current request (:func:`held`)."""
+        now = trio.current_time()
+        self._prune(now)
+        ticket = Ticket(self, next(self._ids), now + self._ttl_s)
+        self._live[ticket._id] = ticket.expires_at
+        self._taken += 1
+        _held.set(ticket)
+        return ticket
+
+    def release_held(self) -> None:
+        """Release the current request's ticket, if it holds one."""
+        ticket = _held.get()
+        if ticket is not None:
+            ticket.release()
+
+    def _prune(self, now: float) -> None:
+        while self._live:
+            first = next(iter(self._live))
+            if self._live[first] > now:
+                return
+            del self._live[first]
+            self._expired += 1
