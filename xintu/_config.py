@@ -118,6 +118,14 @@ class StoreConfig:
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
+    # Which local model (xintu.vision._factory.KINDS builds it).
+    kind: str = _choice("efficientnet-lite0")
+    # Where the local model runs: worker processes (xintu.actors._procs) or threads.
+    executor: str = _choice("process", "thread")
+    # Worker processes per service process; 0: the CPUs / max(1, server.workers).
+    processes: int = _bounded(0, 256)
+    # Niceness the worker processes add to their own (os.nice): the event loop first.
+    process_nice: int = _bounded(0, 19)
     intra_op_threads: int = _bounded(1, 256)
     inference_threads: int = _bounded(1, 256)
     decode_threads: int = _bounded(1, 256)

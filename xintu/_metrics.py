@@ -128,6 +128,18 @@ class Metrics:
         self.worker_crashes = Counter(
             "xintu_worker_crashes", "Actor workers that crashed and were restarted.", registry=r
         )
+        self.local_processes = Gauge(
+            "xintu_local_processes",
+            "The local model's worker processes alive (model.executor = process).",
+            registry=r,
+            **live,
+        )
+        self.local_process_deaths = Counter(
+            "xintu_local_process_deaths",
+            "The local model's worker processes that died and were replaced; each "
+            "photo one was classifying was answered with an error.",
+            registry=r,
+        )
         self.batch_size = Gauge(
             "xintu_local_batch_size",
             "Images per ONNX session run: the last one and the mean since start.",
@@ -325,6 +337,8 @@ class Metrics:
         self._advance(self.writer_poisoned, "w_poisoned", w.poisoned_batches)
         self.writer_poison_pending.set(w.poison_pending_ops)
         self._advance(self.worker_crashes, "crashes", sup.crashes_total)
+        self.local_processes.set(lp.processes)
+        self._advance(self.local_process_deaths, "local_process_deaths", lp.process_deaths)
         self._advance(self.classifications.labels("local"), "local_done", lp.completed)
         self.batch_size.labels("last").set(lp.last_batch_size)
         self.batch_size.labels("mean").set(lp.mean_batch_size)

@@ -12,7 +12,19 @@ from collections.abc import Callable
 
 from .._context import Bench
 from .._report import Outcome
-from . import bookkeeping, burst, coalescing, growth, hang, hits, local, missburst, outage, scale
+from . import (
+    bookkeeping,
+    burst,
+    coalescing,
+    growth,
+    hang,
+    hits,
+    local,
+    loopshare,
+    missburst,
+    outage,
+    scale,
+)
 
 __all__ = ["SCENARIOS", "Scenario"]
 
@@ -22,6 +34,10 @@ Scenario = Callable[[Bench], Outcome]
 SCENARIOS: dict[str, tuple[Scenario, str]] = {
     "hits": (hits.run, "100% cache hits: max throughput, open loop at 25/50/75%, batch of 100"),
     "local": (local.run, "local path (no LLM) vs bare onnxruntime; in-process path; decode cost"),
+    "loopshare": (
+        loopshare.run,
+        "local path saturated (no LLM) beside hits at 50/s: hits' P99 vs at rest, per executor",
+    ),
     "burst": (burst.run, "70% hits, 10x the rate for 10 s, fake LLM at ~1.5 s: shedding"),
     "missburst": (missburst.run, "every photo new, 100/s for 10 s, fake LLM at ~1.5 s: refusals"),
     "outage": (outage.run, "fake LLM fails everything for 20 s: breaker open and recovery"),

@@ -4,7 +4,8 @@
   buffer 1, exactly one answer);
 - ``_dispatcher``: admission, singleflight, claims across replicas;
 - ``_chain``: the classifier chain, the LLM pool (:mod:`xintu.llm`) then the local
-  pool (``_local_pool``), both :class:`Classifier`;
+  pool (``_local_pool``), both :class:`Classifier`; the local model runs in its
+  threads or in worker processes (``_procs``, ``_procworker``);
 - ``_cache``: the LRU in front of the store; ``_writer`` and ``_journal``: the only
   writes to the store;
 - ``_supervisor``: restarts with backoff; ``_runtime``: wires and supervises them

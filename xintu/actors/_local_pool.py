@@ -8,6 +8,18 @@
               batch channel ──▶ inference runners (M threads under a CapacityLimiter)
                                  gather ≤ max_batch or max_wait_ms, one session.run
 
+Where the model runs (``model.executor``) is the model object's kind. Given a
+:class:`LocalModel`, the pool runs its ``prepare`` and ``infer`` in threads of this
+process, as drawn above. Given a :class:`~._procs.ProcessModel` (``"process"``, the
+default), the pool starts its worker processes inside :meth:`LocalPool.run` (ready
+once each has built the model), and a decode worker's step is the whole
+classification of one photo in an idle process (``prepare`` and ``infer`` there):
+N is then the number of processes, the images reaching the batch channel are
+answers already, and the runners only hand them over (one at a time; no
+batching). The event loop then never competes with the model's Python and NumPy
+work for the GIL (:mod:`._procs` says why and how the processes live and die). The
+shape below holds for both.
+
 Batching: one runner gathers at a time (the others wait their turn), so a backlog of
 prepared images becomes full batches instead of being split between runners. After
 its first image, a runner waits up to ``max_wait_ms`` for more, but only while more
@@ -50,6 +62,7 @@ from .._rate import ServiceTime
 from .._types import Classification
 from ..errors import ClassifierError, Draining, Overloaded, XintuError
 from ._envelope import ClassifyRequest, Envelope, open_reply, send_reply, wait_reply
+from ._procs import ProcessModel
 from ._supervisor import CrashRecord
 
 __all__ = ["LocalModel", "LocalPool", "LocalPoolStatistics"]
@@ -90,6 +103,9 @@ class LocalPoolStatistics:
     batches: int
     last_batch_size: int
     mean_batch_size: float
+    # model.executor = "process": worker processes alive, and those that died.
+    processes: int = 0
+    process_deaths: int = 0
 
 
 def _as_error(exc: Exception) -> XintuError:
@@ -103,7 +119,7 @@ class LocalPool:
 
     def __init__(
         self,
-        model: LocalModel[Any],
+        model: LocalModel[Any] | ProcessModel,
         *,
         inbox_size: int,
         decode_threads: int,
@@ -114,8 +130,22 @@ class LocalPool:
         retry_after_s: Callable[[], float] | None = None,
     ) -> None:
         """*retry_after_s* gives the ``Retry-After`` of a refusal at a full inbox
-        (the runtime passes the service's; default :meth:`expected_wait_s`)."""
+        (the runtime passes the service's; default :meth:`expected_wait_s`).
+
+        With a :class:`~._procs.ProcessModel`, *decode_threads* and
+        *inference_threads* give way to its ``processes`` and one runner, and
+        *max_batch* to 1 (see the module docstring)."""
         self.model = model
+        # Exactly one of the two is set: where prepare and infer run.
+        self._procs: ProcessModel | None = None
+        self._threads: LocalModel[Any] | None = None
+        if isinstance(model, ProcessModel):
+            self._procs = model
+            decode_threads, inference_threads, max_batch = model.processes, 1, 1
+            if crashes is not None:
+                model.crashes = crashes  # a crash loop of its processes fails readiness
+        else:
+            self._threads = model
         self._retry_after_s = retry_after_s or self.expected_wait_s
         self._decode_threads = decode_threads
         self._inference_threads = inference_threads
@@ -218,9 +248,7 @@ class LocalPool:
         self._unprepared += 1
         try:
             # Not timed: its wait for a thread is not a preparation time.
-            decoded = await trio.to_thread.run_sync(
-                self.model.prepare, request.data, limiter=self._decode_limiter
-            )
+            decoded = await self._prepare(request.data)
         except trio.Cancelled:
             raise
         except Exception as exc:
@@ -252,9 +280,47 @@ class LocalPool:
             batches=self._batches,
             last_batch_size=self._last_batch_size,
             mean_batch_size=self._batched_images / self._batches if self._batches else 0.0,
+            **self._process_statistics(),
         )
 
+    def _process_statistics(self) -> dict[str, int]:
+        if self._procs is None:
+            return {}
+        procs = self._procs.statistics()
+        return {"processes": procs.alive, "process_deaths": procs.died}
+
+    async def _prepare(self, data: bytes) -> object:
+        """A decode worker's step, under the decode limiter (FIFO: the priority lane
+        goes next): ``prepare`` in a thread, or the whole classification in a process."""
+        if self._threads is not None:
+            return await trio.to_thread.run_sync(
+                self._threads.prepare, data, limiter=self._decode_limiter
+            )
+        assert self._procs is not None
+        async with self._decode_limiter:
+            return await self._procs.classify(data)
+
+    async def _run_infer(self, batch: list[object]) -> list[Classification]:
+        """One batch: ``infer`` in a thread; from processes, the answers themselves."""
+        if self._threads is not None:
+            return await trio.to_thread.run_sync(
+                self._threads.infer, batch, limiter=self._infer_limiter
+            )
+        return [c for c in batch if isinstance(c, Classification)]
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if self._procs is None:
+            await self._run(task_status=task_status)
+            return
+        await self._procs.start()  # a model that cannot be built: ModelError, as it is
+        async with trio.open_nursery() as processes:
+            await processes.start(self._procs.run)
+            try:
+                await self._run(task_status=task_status)
+            finally:
+                self._procs.close()
+
+    async def _run(self, *, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as decoders:
             async with trio.open_nursery() as runners:
                 for i in range(self._inference_threads):
@@ -281,9 +347,7 @@ class LocalPool:
             self._decoding += 1
             started = trio.current_time()
             try:
-                decoded = await trio.to_thread.run_sync(
-                    self.model.prepare, job.request.data, limiter=self._decode_limiter
-                )
+                decoded = await self._prepare(job.request.data)
                 # Wall time from the worker's side, thread hand-offs included: what a
                 # queued job will wait per job ahead of it on a busy machine.
                 self._prepare_time.record(trio.current_time() - started)
@@ -344,9 +408,7 @@ class LocalPool:
     async def _infer(self, batch: list[tuple[object, _Job]]) -> None:
         self._inferring += len(batch)
         try:
-            results = await trio.to_thread.run_sync(
-                self.model.infer, [d for d, _ in batch], limiter=self._infer_limiter
-            )
+            results = await self._run_infer([d for d, _ in batch])
             if len(results) != len(batch):
                 raise ClassifierError(f"model answered {len(results)} of {len(batch)} images")
         except trio.Cancelled:

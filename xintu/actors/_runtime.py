@@ -61,6 +61,7 @@ from ._chain import Chain
 from ._dispatcher import Dispatcher, DispatcherStatistics
 from ._envelope import Answer, ClassifyRequest, Envelope, open_reply, wait_reply
 from ._local_pool import LocalModel, LocalPool, LocalPoolStatistics
+from ._procs import ProcessModel
 from ._spool import Spool
 from ._supervisor import CrashRecord, SupervisorStatistics
 from ._upgrades import ReclassifyReport, Upgrades, UpgradesStatistics
@@ -161,7 +162,7 @@ class Runtime:
     for the tests and the benchmark; the HTTP layer uses the facade's methods.
     """
 
-    def __init__(self, config: Config, store: Store, model: LocalModel[Any]) -> None:
+    def __init__(self, config: Config, store: Store, model: LocalModel[Any] | ProcessModel) -> None:
         self.config = config
         self.store = store
         self.crashes = CrashRecord()

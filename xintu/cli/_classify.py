@@ -568,15 +568,9 @@ async def _local(
     from ..errors import XintuError
 
     def load() -> PhotoClassifier:
-        from ..model import ensure_model
-        from ..vision import LocalClassifier
+        from ..vision import StandaloneModel, build_local_model
 
-        return LocalClassifier(
-            config.model,
-            config.images,
-            ensure_model(config.data_dir),
-            description_language=config.llm.description_language,
-        )
+        return StandaloneModel(build_local_model(config))
 
     if classifier is None:
         classifier = await trio.to_thread.run_sync(load)

@@ -8,14 +8,14 @@ from pathlib import Path
 
 from .._config import Config
 from ..errors import XintuError
-from ..model import ensure_model
-from ..vision import LocalClassifier
+from ..vision import StandaloneModel, build_local_model
 
 __all__ = ["classify_local"]
 
 
 def classify_local(config: Config, paths: Sequence[Path], as_json: bool) -> int:
-    classifier = LocalClassifier(config.model, config.images, ensure_model(config.data_dir))
+    # English descriptions, whatever llm.description_language says (as before the factory).
+    classifier = StandaloneModel(build_local_model(config, description_language="en"))
     failures = 0
     for path in paths:
         try:

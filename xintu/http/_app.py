@@ -25,6 +25,7 @@ from .._config import Config
 from .._connections import ConnectionGate
 from .._metrics import Metrics
 from ..actors import LocalModel, Runtime
+from ..actors._procs import ProcessModel
 from ..errors import BadRequest, PayloadTooLarge, RequestTimeout, XintuError
 from ..store import Store, open_store
 from ._respond import error_body, error_response, json_response
@@ -33,20 +34,19 @@ __all__ = ["XintuApp", "create_app", "current_xintu"]
 
 log = structlog.get_logger("xintu.http")
 
-ModelFactory = Callable[[Config], LocalModel[Any]]
+ModelFactory = Callable[[Config], LocalModel[Any] | ProcessModel]
 
 
-def _default_model(config: Config) -> LocalModel[Any]:
-    from ..model import ensure_model
-    from ..vision import LocalClassifier
+def _default_model(config: Config) -> LocalModel[Any] | ProcessModel:
+    """The local model of ``model.kind`` (xintu.vision's factory): here, or in the
+    local pool's worker processes (``model.executor``), which build it themselves
+    once its files are in the data directory."""
+    from ..vision import build_local_model, ensure_local_model_files
 
-    path = ensure_model(config.data_dir)
-    return LocalClassifier(
-        config.model,
-        config.images,
-        path,
-        description_language=config.llm.description_language,
-    )
+    if config.model.executor == "process":
+        ensure_local_model_files(config)
+        return ProcessModel(config, build=build_local_model)
+    return build_local_model(config)
 
 
 class XintuApp(QuartTrio):
