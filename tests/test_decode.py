@@ -267,6 +267,19 @@ def test_large_jpeg_takes_the_draft_path(images: ImagesConfig) -> None:
     assert decoded.decoded_size == (1000, 750)  # 1/4: longest side >= 640, shorter >= 256
     assert decoded.gray is not None
     assert decoded.gray.shape == (480, 640)
+    assert decoded.rgb is not None  # the detectors' colour twin, same size
+    assert decoded.rgb.shape == (480, 640, 3)
+
+
+def test_detector_rgb_is_the_colour_twin_of_detector_gray(images: ImagesConfig) -> None:
+    data = encode(solid("RGB", (200, 30, 60), (1200, 900)), "JPEG", quality=90)
+    decoded = decode_image(data, images)
+    assert decoded.rgb is not None
+    assert decoded.gray is not None
+    assert decoded.rgb.shape == (*decoded.gray.shape, 3) == (480, 640, 3)
+    np.testing.assert_allclose(decoded.rgb[240, 320], (200, 30, 60), atol=4)
+    gray_of_rgb = decoded.rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    np.testing.assert_allclose(gray_of_rgb, decoded.gray, atol=2)
 
 
 @pytest.mark.parametrize(

@@ -24,11 +24,19 @@ art, logos) have their ImageNet content votes halved: ImageNet's nearest class f
 a silhouette says little about the album category.
 
 The confidence is that winning evidence itself (a softmax mass, or the mass
-combined with detector strength), so it moves with the model's probabilities.
+combined with detector strength), so it moves with the model's probabilities. A
+face's detector strength is its size (a base plus its relative height) times its
+score: BlazeFace gives a cat's or a dog's face 0.6-0.85, and a weak face must not
+outvote a strong ``pets`` mass (tune half: ``cat.webp``, ``puppy.jpg``).
+
+:meth:`~LocalClassifier.statistics` counts the images, their time, the face
+detectors' work and the text path's (:class:`LocalStatistics`).
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,9 +52,16 @@ from ..model import INPUT_NAME, MODEL_NAME, OUTPUT_NAME, create_session, imagene
 from ._categories import GROUPS, Evidence
 from ._decode import CROP_SIZE, DecodedImage, decode_image
 from ._detect import Detectors, ImageSignals
+from ._faces import FaceStatistics
 from ._text import TextReader, TextSignals, TextStatistics, text_adjusted
 
-__all__ = ["IDCARD_THRESHOLD", "MIN_VOTE", "SCREENSHOT_THRESHOLD", "LocalClassifier"]
+__all__ = [
+    "IDCARD_THRESHOLD",
+    "MIN_VOTE",
+    "SCREENSHOT_THRESHOLD",
+    "LocalClassifier",
+    "LocalStatistics",
+]
 
 #: Evidence needed for the two signal-driven categories.
 IDCARD_THRESHOLD = 0.65
@@ -92,6 +107,25 @@ def _vote_matrix(num_classes: int) -> npt.NDArray[np.float64]:
 
 
 @dataclass(frozen=True, slots=True)
+class LocalStatistics:
+    """What one :class:`LocalClassifier` did since it was made (its ``statistics()``).
+
+    ``prepared``/``prepare_ms``: images through :meth:`~LocalClassifier.prepare`
+    (decode and face detection) and their wall-clock milliseconds;
+    ``inferred``/``infer_ms``: images through :meth:`~LocalClassifier.infer`
+    (EfficientNet, the rules and the text path); ``faces``: the face detectors'
+    counters; ``text``: the text path's (``None`` when it is off).
+    """
+
+    prepared: int
+    prepare_ms: float
+    inferred: int
+    infer_ms: float
+    faces: FaceStatistics
+    text: TextStatistics | None
+
+
+@dataclass(frozen=True, slots=True)
 class _Decision:
     category: Category
     confidence: float
@@ -129,20 +163,35 @@ class LocalClassifier:
         self._detectors = Detectors(model_path.parent)
         # Text signals (_text.py): off, with a warning, when the OCR models are absent.
         self._text = TextReader.beside(model_path, intra_op_threads=model.intra_op_threads)
+        self._lock = threading.Lock()
+        self._prepared = 0
+        self._prepare_ms = 0.0
+        self._inferred = 0
+        self._infer_ms = 0.0
 
     def prepare(self, data: bytes) -> DecodedImage:
         """Decode *data* and run the detectors; thread-safe (a decode thread's job).
 
-        Raises the errors of :func:`decode_image`. The returned image keeps the
-        detectors' grayscale copy only for the text path (at most 640x640 bytes),
-        which decides in :meth:`infer`, with ImageNet's answer, whether to read it.
+        Raises the errors of :func:`decode_image`. The faces are found in the
+        detectors' RGB image. The returned image keeps the detectors' gray and RGB
+        copies only for the text path (at most 640x640 pixels each), which decides
+        in :meth:`infer`, with ImageNet's answer, whether to look at them.
         """
+        started = time.perf_counter()
         decoded = decode_image(data, self._images)
-        if decoded.gray is None:  # pragma: no cover - decode_image always sets it
+        gray, rgb = decoded.gray, decoded.rgb
+        if gray is None or rgb is None:  # pragma: no cover - decode_image sets both
             return decoded
-        signals = self._detectors.detect(decoded.gray, decoded.signals)
-        gray = decoded.gray if self._text is not None else None
-        return replace(decoded, signals=signals, gray=gray)
+        signals = self._detectors.detect(rgb, decoded.signals, gray=gray)
+        keep = self._text is not None
+        prepared = replace(
+            decoded, signals=signals, gray=gray if keep else None, rgb=rgb if keep else None
+        )
+        elapsed = (time.perf_counter() - started) * 1000.0
+        with self._lock:
+            self._prepared += 1
+            self._prepare_ms += elapsed
+        return prepared
 
     def infer(self, batch: Sequence[DecodedImage]) -> list[Classification]:
         """Classify prepared images with one ``session.run``; thread-safe."""
@@ -151,6 +200,7 @@ class LocalClassifier:
         for item in batch:
             if item.tensor.shape != (3, CROP_SIZE, CROP_SIZE):
                 raise ValueError(f"tensor of shape {item.tensor.shape}, not (3, 224, 224)")
+        started = time.perf_counter()
         x = np.stack([item.tensor for item in batch]).astype(np.float32, copy=False)
         try:
             (logits,) = self._session.run([OUTPUT_NAME], {INPUT_NAME: x})
@@ -161,14 +211,34 @@ class LocalClassifier:
             raise ModelError(f"the local model failed on a batch of {len(batch)}") from exc
         probs = _softmax(np.asarray(logits, dtype=np.float64))
         votes = probs @ self._votes
-        return [
-            self._classify_one(p, v, item.signals, item.gray)
+        results = [
+            self._classify_one(p, v, item.signals, item.gray, item.rgb)
             for p, v, item in zip(probs, votes, batch, strict=True)
         ]
+        elapsed = (time.perf_counter() - started) * 1000.0
+        with self._lock:
+            self._inferred += len(batch)
+            self._infer_ms += elapsed
+        return results
 
     def classify(self, data: bytes) -> Classification:
         """:meth:`prepare` then :meth:`infer` on one image (tests, tools)."""
         return self.infer([self.prepare(data)])[0]
+
+    def statistics(self) -> LocalStatistics:
+        """A snapshot of the counters (images, time, face detection, text path);
+        thread-safe. Each process's classifier counts its own images."""
+        with self._lock:
+            prepared, prepare_ms = self._prepared, self._prepare_ms
+            inferred, infer_ms = self._inferred, self._infer_ms
+        return LocalStatistics(
+            prepared=prepared,
+            prepare_ms=round(prepare_ms, 1),
+            inferred=inferred,
+            infer_ms=round(infer_ms, 1),
+            faces=self._detectors.face_statistics(),
+            text=self.text_statistics(),
+        )
 
     def text_statistics(self) -> TextStatistics | None:
         """How often the text path ran and what it cost; ``None`` when it is off."""
@@ -182,12 +252,19 @@ class LocalClassifier:
         votes: npt.NDArray[np.float64],
         signals: ImageSignals,
         gray: npt.NDArray[np.uint8] | None = None,
+        rgb: npt.NDArray[np.uint8] | None = None,
     ) -> Classification:
         vote = {key: float(votes[i]) for i, key in enumerate(_VOTE_KEYS)}
         website = float(probs[_WEBSITE_INDEX])
         text = None
         if self._text is not None and gray is not None:
-            text = self._text.read_if_useful(gray, signals, vote)
+            text = self._text.read_if_useful(
+                gray,
+                signals,
+                vote,
+                colour=rgb,
+                decide=lambda t: _decide(vote, website, signals, t).category,
+            )
         decision = _decide(vote, website, signals, text)
         top = np.argsort(-probs)[:_TOP_K]
         top5 = [
@@ -270,7 +347,8 @@ def _person_evidence(person_mass: float, s: ImageSignals) -> float:
     detector = 0.0
     if s.person_faces:
         tallest = max(f.height for f in s.person_faces)
-        detector = min(1.0, _FACE_BASE + _FACE_SIZE_GAIN * tallest)
+        best = max(f.score for f in s.person_faces)
+        detector = best * min(1.0, _FACE_BASE + _FACE_SIZE_GAIN * tallest)
     imagenet = _PERSON_CLASS_FACTOR * person_mass
     return 1.0 - (1.0 - detector) * (1.0 - imagenet)
 

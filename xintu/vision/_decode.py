@@ -6,8 +6,11 @@ Two steps, kept apart:
   decode to an upright RGB *working image* (:class:`SafeImage`), no larger than the
   models need;
 - per-model preprocessing of that working image: :func:`classifier_tensor`
-  (EfficientNet-Lite0's resize, crop and normalisation) and :func:`detector_gray`
-  (the detectors' grayscale image, longest side :data:`DETECT_MAX_SIDE`).
+  (EfficientNet-Lite0's resize, crop and normalisation), :func:`detector_rgb` (the
+  RGB image BlazeFace and the text detector see, longest side
+  :data:`DETECT_MAX_SIDE`; both were trained on colour) and :func:`detector_gray`
+  (its grayscale twin, for the pixel statistics, the faces' contrast and the text
+  recogniser's strips).
 
 :func:`decode_image` runs both and the pixel statistics; it is what the classifier
 calls. :func:`decode_safely` is the only place where untrusted image bytes meet
@@ -75,6 +78,7 @@ __all__ = [
     "decode_image",
     "decode_safely",
     "detector_gray",
+    "detector_rgb",
     "draft_request",
 ]
 
@@ -115,10 +119,11 @@ class DecodedImage:
     RGB, normalised as ``(x - 127) / 128``. ``width``/``height`` are the full-size
     dimensions after EXIF orientation; ``format`` is Pillow's format name.
     ``decoded_size`` is the size Pillow actually decoded (smaller than the image
-    when JPEG draft mode applied). ``gray`` is the detectors' uint8 grayscale
-    image (longest side at most :data:`DETECT_MAX_SIDE`);
-    :meth:`LocalClassifier.prepare` drops it once the detectors have run, so
-    queued images hold only the tensor.
+    when JPEG draft mode applied). ``gray`` and ``rgb`` are the detectors' uint8
+    images, ``(H, W)`` and ``(H, W, 3)`` of the same size (longest side at most
+    :data:`DETECT_MAX_SIDE`); :meth:`LocalClassifier.prepare` keeps them only for
+    the text path (which decides in ``infer``, with ImageNet's answer, whether to
+    look), and drops them when the text models are absent.
     """
 
     tensor: _FloatArray
@@ -128,6 +133,7 @@ class DecodedImage:
     signals: ImageSignals
     decoded_size: tuple[int, int] = (0, 0)
     gray: _U8Array | None = field(default=None, repr=False, compare=False)
+    rgb: _U8Array | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +355,16 @@ def detector_gray(rgb: Image.Image, max_side: int = DETECT_MAX_SIDE) -> _U8Array
     return gray
 
 
+def detector_rgb(rgb: Image.Image, max_side: int = DETECT_MAX_SIDE) -> _U8Array:
+    """The detectors' uint8 RGB image, ``(H, W, 3)``: *rgb* with its longest side at
+    most *max_side* (bilinear, Pillow's antialiasing), the size of :func:`detector_gray`."""
+    size = _fit(rgb.size, max_side)
+    if size != rgb.size:
+        rgb = rgb.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    out: _U8Array = np.asarray(rgb, dtype=np.uint8)
+    return out
+
+
 def draft_request(
     size: tuple[int, int], long_side: int = WORK_LONG_SIDE, short_side: int = WORK_SHORT_SIDE
 ) -> tuple[int, int]:
@@ -431,6 +447,7 @@ def decode_image(data: bytes, images: ImagesConfig) -> DecodedImage:
     rgb = safe.rgb
     tensor = classifier_tensor(rgb)
     gray = detector_gray(rgb, DETECT_MAX_SIDE)
+    colour = detector_rgb(rgb, DETECT_MAX_SIDE)
     ssize = _fit(rgb.size, STATS_MAX_SIDE)
     small = rgb.resize(ssize, Image.Resampling.NEAREST) if ssize != rgb.size else rgb
     signals = measure_pixels(
@@ -449,6 +466,7 @@ def decode_image(data: bytes, images: ImagesConfig) -> DecodedImage:
         signals=signals,
         decoded_size=safe.decoded_size,
         gray=gray,
+        rgb=colour,
     )
 
 

@@ -45,7 +45,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from ._faces import Face, FaceDetector
+from ._faces import Face, FaceDetector, FaceStatistics
 
 __all__ = [
     "SCREEN_RESOLUTIONS",
@@ -450,10 +450,20 @@ class Detectors:
         """Open the face models in *models_dir* (raises :class:`~xintu.errors.ModelError`)."""
         self._faces = FaceDetector(models_dir)
 
-    def detect(self, image: _U8Array, signals: ImageSignals) -> ImageSignals:
-        """*signals* with faces and people filled in from *image* (gray or RGB)."""
+    def face_statistics(self) -> FaceStatistics:
+        """The face detectors' counters (:meth:`FaceDetector.statistics`)."""
+        return self._faces.statistics()
+
+    def detect(
+        self, image: _U8Array, signals: ImageSignals, *, gray: _U8Array | None = None
+    ) -> ImageSignals:
+        """*signals* with faces and people filled in from *image* (RGB, or gray).
+
+        *gray* is *image* in gray levels, for the faces' contrast (computed when
+        not given)."""
         faces = self._faces.detect(image)
-        gray = image if image.ndim == 2 else _to_gray(image)
+        if gray is None:
+            gray = image if image.ndim == 2 else _to_gray(image)
         return dataclasses.replace(
             signals,
             detectors_run=True,

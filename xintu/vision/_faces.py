@@ -5,9 +5,12 @@ look at the same image: the short-range model (128x128 input, faces within about
 2 m: portraits, selfies, ID photos) and the full-range model (192x192, smaller and
 more distant faces, as in group photos and street scenes). For each:
 
-1. the image is letterboxed into the model's square (aspect kept, black bars, as
-   MediaPipe's ``ImageToTensorCalculator`` with ``keep_aspect_ratio``) and scaled to
-   ``x / 127.5 - 1``; a grayscale image is fed as three equal channels;
+1. the RGB image (what BlazeFace was trained on; the classifier passes the
+   detectors' RGB copy, longest side 640) is letterboxed into the model's square
+   (aspect kept, black bars, as MediaPipe's ``ImageToTensorCalculator`` with
+   ``keep_aspect_ratio``) and scaled to ``x / 127.5 - 1``; a grayscale image, if
+   given, is fed as three equal channels (on the evaluation set that lost faces in
+   group photos: t1.jpg 6 -> 3, sample2.jpg 3 -> 2, bus.jpg 2 -> 1);
 2. every anchor (MediaPipe's SSD anchor layout: fixed-size anchors on 16x16 and
    8x8 grids for short range, one 48x48 grid for full range) gets a score
    ``sigmoid(clip(logit, -100, 100))`` and a box: centre ``anchor + offset / S``,
@@ -17,7 +20,8 @@ more distant faces, as in group photos and street scenes). For each:
    (IoU above 0.3 joins a cluster; the cluster's box is the score-weighted mean, its
    score the best one), and are mapped back to relative image coordinates.
 
-Each :class:`Face` remembers which models saw it. onnxruntime sessions accept
+Each :class:`Face` remembers which models saw it. :meth:`FaceDetector.statistics`
+counts the images, the faces and the time (behind a lock). onnxruntime sessions accept
 concurrent ``run`` calls, so one :class:`FaceDetector` serves all decode threads;
 each session uses one intra-op thread (the detectors are small: about 1 ms and 3 ms
 per image here, and several decode threads run at once).
@@ -25,6 +29,8 @@ per image here, and several decode threads run at once).
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +49,7 @@ from ..model import (
     face_model_path,
 )
 
-__all__ = ["MIN_FACE_SCORE", "NMS_IOU", "Face", "FaceDetector", "ssd_anchors"]
+__all__ = ["MIN_FACE_SCORE", "NMS_IOU", "Face", "FaceDetector", "FaceStatistics", "ssd_anchors"]
 
 #: MediaPipe's default ``min_score_thresh`` for both face detection models.
 MIN_FACE_SCORE = 0.5
@@ -78,6 +84,20 @@ class Face:
             "score": round(self.score, 3),
             "models": list(self.models),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class FaceStatistics:
+    """What the face detectors did since they were opened (:meth:`FaceDetector.statistics`)."""
+
+    images: int  # images both models ran on
+    with_faces: int  # of those, images with at least one face
+    faces: int  # faces found (after suppression)
+    total_ms: float  # wall-clock milliseconds in detection (both models, decoding)
+
+    @property
+    def mean_ms(self) -> float:
+        return self.total_ms / self.images if self.images else 0.0
 
 
 def ssd_anchors(spec: FaceModelSpec) -> _F32Array:
@@ -128,12 +148,36 @@ class FaceDetector:
                 raise ModelError(f"the face model at {path} has unexpected inputs or outputs")
             models.append(_Model(spec, session, ssd_anchors(spec)))
         self._models = tuple(models)
+        self._lock = threading.Lock()
+        self._images = 0
+        self._with_faces = 0
+        self._faces = 0
+        self._total_ms = 0.0
+
+    def statistics(self) -> FaceStatistics:
+        """A snapshot of the counters; thread-safe."""
+        with self._lock:
+            return FaceStatistics(
+                self._images, self._with_faces, self._faces, round(self._total_ms, 1)
+            )
 
     def detect(self, image: _U8Array) -> tuple[Face, ...]:
-        """Faces in *image* (uint8, ``(H, W)`` gray or ``(H, W, 3)`` RGB), best first."""
+        """Faces in *image* (uint8, ``(H, W, 3)`` RGB as the models were trained on,
+        or ``(H, W)`` gray, fed as three equal channels), best first."""
         h, w = image.shape[:2]
         if h < 2 or w < 2:
             return ()
+        started = time.perf_counter()
+        faces = self._detect(image)
+        elapsed = (time.perf_counter() - started) * 1000.0
+        with self._lock:
+            self._images += 1
+            self._with_faces += bool(faces)
+            self._faces += len(faces)
+            self._total_ms += elapsed
+        return faces
+
+    def _detect(self, image: _U8Array) -> tuple[Face, ...]:
         boxes: list[_F64Array] = []
         scores: list[_F64Array] = []
         sources: list[npt.NDArray[np.int64]] = []

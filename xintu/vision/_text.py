@@ -11,15 +11,36 @@ CTC recogniser, and turns both into evidence for :mod:`._classifier`:
   Chinese citizen number with a valid check digit) and field labels that make it
   likely in pairs (``姓名``, ``出生``, ``SURNAME``, ``DATE OF BIRTH``, ...).
 
-Both models run on the detectors' grayscale image (longest side 640, see
-:data:`~._decode.DETECT_MAX_SIDE`), replicated to three channels. The work is
-bounded: at most :data:`MAX_CANDIDATES` regions, :data:`MAX_RECOGNISED` boxes read,
-:data:`MAX_REC_COLUMNS` input columns for the recogniser, and reading stops at the
-first strong keyword. On two CPU cores detection takes ~100 ms and reading ~25 ms
-per short line, so the text path runs only where it can change the answer
-(:func:`text_gate`): never on a photo with camera EXIF unless a card outline,
-ImageNet or the heuristics point at a screen or document, and never on a capture at
-an exact screen size that the heuristics already call a screenshot.
+Inputs, as the models were trained (PaddleOCR's training configurations): the
+detector sees the detectors' RGB image (:func:`~._decode.detector_rgb`) in BGR order,
+``(x / 255 - mean) / std`` with ImageNet's mean and deviation, its longest side
+scaled to :data:`DETECT_SIDE` (480; sides multiples of 32); the recogniser sees
+strips cut from the grayscale image (longest side 640, three equal channels, ``x /
+127.5 - 1``), 48 pixels high. (rapidocr's own defaults, feeding the detector ``x /
+127.5 - 1``, gave the same answers on the evaluation set's tune half.)
+
+The cost is per pixel and per column: the detector takes ~68 ms of one core at 640
+pixels a side, ~36 ms at 480 and ~13 ms at 320 (320 lost two identity cards of the
+tune half, 480 none); the recogniser ~0.06 ms per input column per line, read one
+line per run (a batch is padded to its widest line and cost more than its lines one
+by one). So the text path runs only where it can change the answer, cheapest check
+first (:meth:`TextReader.read_if_useful`):
+
+1. :func:`text_gate`, on the cheap signals and ImageNet's votes: a card shape, a
+   screenshot or idcard score near its threshold, or ImageNet's mass on screens and
+   printed paper; never a capture at an exact screen size that the heuristics already
+   call a screenshot. (Text-like lines alone no longer open it: on the tune half they
+   opened it for 5 ordinary photos and changed no answer.)
+2. the classifier's own rules, asked about the outcomes that bound what text can do
+   (no text at all, a full page of aligned rows, an identity keyword): when none
+   changes the category, nothing runs (``settled``);
+3. detection; then the words are read only if at least :data:`READ_MIN_BOXES` boxes
+   were found and an identity keyword would change the category (an image the
+   signals already call an identity card is not read). At most
+   :data:`MAX_CANDIDATES` regions, :data:`MAX_RECOGNISED` boxes (largest first) and
+   :data:`MAX_REC_COLUMNS` input columns; reading stops at the first strong keyword.
+
+:meth:`TextReader.statistics` counts each outcome and the time.
 
 :class:`TextReader` is thread-safe: onnxruntime sessions accept concurrent ``run``
 calls, the cv2 functions used are stateless, and its counters sit behind a lock.
@@ -33,8 +54,8 @@ import re
 import threading
 import time
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +71,9 @@ from ._categories import Evidence
 from ._detect import ImageSignals
 
 __all__ = [
+    "DETECT_SIDE",
     "MAX_RECOGNISED",
+    "READ_MIN_BOXES",
     "TextReader",
     "TextSignals",
     "TextStatistics",
@@ -66,6 +89,11 @@ _F32Array = npt.NDArray[np.float32]
 
 # --- detection (DB post-processing, as PaddleOCR's DBPostProcess) -------------------
 _DET_STRIDE = 32  # the detector's input sides are multiples of this
+#: Longest side of the detector's input (module docstring: the cost is per pixel).
+DETECT_SIDE = 480
+#: The detector's input normalisation, per BGR channel (module docstring).
+_DET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(3, 1, 1)
+_DET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(3, 1, 1)
 _DET_PIXEL_THRESHOLD = 0.3  # probability map -> text mask
 _DET_BOX_THRESHOLD = 0.5  # a region's mean probability to count as a text box
 _DET_UNCLIP_RATIO = 1.6  # DB shrinks text regions; grow them back by area * r / perimeter
@@ -75,10 +103,15 @@ MAX_CANDIDATES = 200
 # --- recognition --------------------------------------------------------------------
 _REC_HEIGHT = 48
 _REC_MAX_WIDTH = 1280  # a longer line is squeezed to this width
-_REC_BATCH = 4
+#: Lines read per recogniser run: one, since a batch is padded to its widest line
+#: and costs more than its lines one by one (~0.06 ms per input column either way).
+_REC_BATCH = 1
 _REC_MIN_BOX_HEIGHT = 6  # px in the grayscale image: smaller text is not read
 #: Boxes read per image (largest first), and the recogniser's total input width.
 MAX_RECOGNISED = 8
+#: Fewest text boxes worth reading: an identity document has a title, a name, a
+#: number, dates (the specimens of the tune half show 7 to 18 at 480 px).
+READ_MIN_BOXES = 4
 MAX_REC_COLUMNS = 2400
 # --- layout -------------------------------------------------------------------------
 _HORIZONTAL_DEG = 5.0
@@ -89,8 +122,6 @@ _LAYOUT_BOXES_LO, _LAYOUT_BOXES_HI = 2, 12
 _GATE_NEAR = 0.4
 #: ImageNet mass on screens, web sites and printed paper that makes text worth reading.
 _GATE_HINT = 0.10
-#: Text-like lines (the cheap counter) that make an image without camera EXIF a candidate.
-_GATE_TEXT_LINES = 6
 #: A capture at an exact screen size scoring this high is a screenshot whatever it says.
 _GATE_SCREEN_DONE = 0.85
 # --- evidence -----------------------------------------------------------------------
@@ -164,6 +195,10 @@ class TextSignals:
     recognised: int  # boxes read
     keywords: tuple[str, ...]  # STRONG_KEYWORDS, FIELD_LABELS, MRZ, CITIZEN_NUMBER found
     elapsed_ms: float
+    detect_ms: float = 0.0  # of elapsed_ms, the detector's share
+    #: Why nothing was read: "few_boxes" (fewer than a document has), "settled" (a
+    #: keyword would not change the answer), "" when the boxes were read (or none).
+    read_skipped: str = ""
     lines: tuple[str, ...] = field(default=(), repr=False)  # what was read (not exported)
 
     @property
@@ -199,23 +234,37 @@ class TextSignals:
             "rows": self.rows,
             "recognised": self.recognised,
             "keywords": list(self.keywords),
+            "read_skipped": self.read_skipped,
             "layout_score": round(self.layout_score, 3),
             "document_score": round(self.document_score, 3),
             "elapsed_ms": round(self.elapsed_ms, 1),
+            "detect_ms": round(self.detect_ms, 1),
         }
 
 
 @dataclass(frozen=True, slots=True)
 class TextStatistics:
-    """How often the text path ran, and what it cost (since the reader was made)."""
+    """How often the text path ran, and what it cost (since the reader was made).
 
-    considered: int  # images the gate looked at
-    ran: int  # images it let through
-    by_reason: dict[str, int]
+    Of the images ``considered``, ``gated_out`` had nothing pointing at text
+    (:func:`text_gate`), ``settled`` had an answer no text could change, and ``ran``
+    (detection) the rest; of those, ``read`` had their largest boxes read and
+    ``read_skipped`` had boxes whose words could not change the answer. Times are
+    wall-clock milliseconds (``total_ms`` includes ``detect_ms``).
+    """
+
+    considered: int
+    ran: int
+    by_reason: dict[str, int]  # the images that ran, by the gate's reason
     boxes_detected: int
     boxes_recognised: int
     documents: int  # images where a keyword made an identity document likely
-    total_ms: float  # time spent in the text path
+    total_ms: float
+    gated_out: int = 0
+    settled: int = 0
+    read: int = 0
+    read_skipped: int = 0
+    detect_ms: float = 0.0
 
     @property
     def run_rate(self) -> float:
@@ -224,6 +273,13 @@ class TextStatistics:
     @property
     def mean_ms(self) -> float:
         return self.total_ms / self.ran if self.ran else 0.0
+
+
+#: The text outcomes that bound what the text path can do to an answer: no text at
+#: all, a full page of aligned rows, and an identity keyword.
+_NO_TEXT = TextSignals("probe", 0, 0.0, 0.0, 0.0, 0, 0, (), 0.0)
+_FULL_PAGE = TextSignals("probe", _LAYOUT_BOXES_HI, 0.5, 1.0, 1.0, _LAYOUT_BOXES_HI, 0, (), 0.0)
+_STRONG_WORD = STRONG_KEYWORDS[0]
 
 
 def text_gate(signals: ImageSignals, *, hint: float) -> str | None:
@@ -244,8 +300,6 @@ def text_gate(signals: ImageSignals, *, hint: float) -> str | None:
         return "near_threshold"
     if hint >= _GATE_HINT:
         return "imagenet_hint"
-    if not signals.exif_camera and signals.text_lines >= _GATE_TEXT_LINES:
-        return "text_lines"
     return None
 
 
@@ -303,6 +357,11 @@ class TextReader:
         self._recognised = 0
         self._documents = 0
         self._total_ms = 0.0
+        self._gated_out = 0
+        self._settled = 0
+        self._read = 0
+        self._read_skipped = 0
+        self._detect_ms = 0.0
 
     @classmethod
     def beside(cls, model_path: Path, *, intra_op_threads: int) -> TextReader | None:
@@ -317,27 +376,61 @@ class TextReader:
         return cls(models, intra_op_threads=intra_op_threads)
 
     def read_if_useful(
-        self, gray: _U8Array, signals: ImageSignals, vote: Mapping[Category | Evidence, float]
+        self,
+        gray: _U8Array,
+        signals: ImageSignals,
+        vote: Mapping[Category | Evidence, float],
+        *,
+        colour: _U8Array | None = None,
+        decide: Callable[[TextSignals | None], object] | None = None,
     ) -> TextSignals | None:
-        """:meth:`read` where :func:`text_gate` lets it, counting both outcomes.
+        """:meth:`read` where the text can change the answer, counting every outcome.
 
         *vote* is the classifier's ImageNet votes (:mod:`._categories`): its
-        ``screen`` and ``document`` mass is the gate's ImageNet hint.
+        ``screen`` and ``document`` mass is the hint of :func:`text_gate`, the first
+        and cheapest check. *decide*, when given, is the classifier's answer (any
+        comparable value: its category) with a given text outcome (``None``: no text
+        path); the path is skipped when no outcome (:data:`_NO_TEXT`,
+        :data:`_FULL_PAGE`, an identity keyword) changes it, and the words are not
+        read when, after detection, a keyword would not change it.
         """
         reason = text_gate(signals, hint=vote[Evidence.SCREEN] + vote[Evidence.DOCUMENT])
+        words_matter = None
+        if reason is not None and decide is not None:
+            answer = decide(None)
+            probes = (_NO_TEXT, _FULL_PAGE, replace(_NO_TEXT, keywords=(_STRONG_WORD,)))
+            if all(decide(probe) == answer for probe in probes):
+                with self._lock:
+                    self._considered += 1
+                    self._settled += 1
+                return None
+
+            def words_matter(layout: TextSignals) -> bool:
+                return decide(replace(layout, keywords=(_STRONG_WORD,))) != decide(layout)
+
         if reason is None:
             with self._lock:
                 self._considered += 1
+                self._gated_out += 1
             return None
-        text = self.read(gray, reason=reason)
+        text = self.read(
+            gray,
+            reason=reason,
+            colour=colour,
+            min_boxes=READ_MIN_BOXES,
+            words_matter=words_matter,
+        )
         with self._lock:
             self._considered += 1
             self._ran += 1
             self._by_reason[reason] = self._by_reason.get(reason, 0) + 1
             self._boxes += text.boxes
             self._recognised += text.recognised
+            self._read += text.recognised > 0
+            self._read_skipped += bool(text.read_skipped)
             self._documents += text.document_score > 0.0
             self._total_ms += text.elapsed_ms
+            self._detect_ms += text.detect_ms
         return text
 
     def statistics(self) -> TextStatistics:
@@ -350,16 +443,68 @@ class TextReader:
                 boxes_recognised=self._recognised,
                 documents=self._documents,
                 total_ms=round(self._total_ms, 1),
+                gated_out=self._gated_out,
+                settled=self._settled,
+                read=self._read,
+                read_skipped=self._read_skipped,
+                detect_ms=round(self._detect_ms, 1),
             )
 
-    def read(self, gray: _U8Array, *, reason: str = "asked") -> TextSignals:
-        """Detect text boxes in *gray*, read the largest, and measure the layout."""
+    def read(
+        self,
+        gray: _U8Array,
+        *,
+        reason: str = "asked",
+        colour: _U8Array | None = None,
+        min_boxes: int = 1,
+        words_matter: Callable[[TextSignals], bool] | None = None,
+    ) -> TextSignals:
+        """Detect text boxes, measure the layout and read the largest boxes.
+
+        Boxes are detected in *colour* (the same image as *gray*, in RGB) when it is
+        given, else in *gray*; lines are read from *gray*. Nothing is read
+        (``read_skipped``) when fewer than *min_boxes* boxes were found, or when
+        *words_matter*, asked with the layout alone (no keywords), says that words
+        could not change the answer.
+        """
         started = time.perf_counter()
-        quads = self.detect(gray)
+        if colour is not None and colour.shape[:2] != gray.shape[:2]:
+            raise ValueError(f"colour image {colour.shape[:2]} is not the gray {gray.shape[:2]}")
+        quads = self.detect(gray if colour is None else colour)
+        detected = time.perf_counter()
         h, w = gray.shape[:2]
-        lines: list[str] = []
-        keywords: tuple[str, ...] = ()
+        layout = _layout(quads, w, h)
+        signals = TextSignals(
+            reason=reason,
+            boxes=len(quads),
+            area_fraction=layout[0],
+            horizontal_fraction=layout[1],
+            aligned_fraction=layout[2],
+            rows=layout[3],
+            recognised=0,
+            keywords=(),
+            elapsed_ms=0.0,
+            detect_ms=(detected - started) * 1000.0,
+        )
         readable = [q for q in quads if _quad_size(q)[1] >= _REC_MIN_BOX_HEIGHT]
+        skipped = ""
+        if readable and len(quads) < min_boxes:
+            skipped = "few_boxes"
+        elif readable and words_matter is not None and not words_matter(signals):
+            skipped = "settled"
+        lines = [] if skipped else self._read_lines(gray, readable)
+        return replace(
+            signals,
+            recognised=len(lines),
+            keywords=find_keywords(lines),
+            read_skipped=skipped,
+            elapsed_ms=(time.perf_counter() - started) * 1000.0,
+            lines=tuple(lines),
+        )
+
+    def _read_lines(self, gray: _U8Array, readable: Sequence[_F32Array]) -> list[str]:
+        """The text of the largest *readable* boxes, until a strong keyword is read."""
+        lines: list[str] = []
         budget = MAX_REC_COLUMNS
         strips = [_crop(gray, quad) for quad in readable[:MAX_RECOGNISED]]
         turn = self._turn(strips)
@@ -374,34 +519,32 @@ class TextReader:
             chosen.append(strip)
         for start in range(0, len(chosen), _REC_BATCH):
             lines.extend(self.recognise(chosen[start : start + _REC_BATCH]))
-            keywords = find_keywords(lines)
-            if any(k not in FIELD_LABELS for k in keywords):
+            if any(k not in FIELD_LABELS for k in find_keywords(lines)):
                 break  # nearly certain already: the rest cannot change the answer
-        layout = _layout(quads, w, h)
-        return TextSignals(
-            reason=reason,
-            boxes=len(quads),
-            area_fraction=layout[0],
-            horizontal_fraction=layout[1],
-            aligned_fraction=layout[2],
-            rows=layout[3],
-            recognised=len(lines),
-            keywords=keywords,
-            elapsed_ms=(time.perf_counter() - started) * 1000.0,
-            lines=tuple(lines),
-        )
+        return lines
 
-    def detect(self, gray: _U8Array) -> list[_F32Array]:
-        """Text boxes in *gray* as (4, 2) float32 corner arrays (image pixels),
-        largest first."""
-        h, w = gray.shape[:2]
+    def detect(self, image: _U8Array) -> list[_F32Array]:
+        """Text boxes in *image* (uint8 RGB ``(H, W, 3)``, or gray ``(H, W)``) as
+        (4, 2) float32 corner arrays in *image*'s pixels, largest first.
+
+        The detector sees *image* with its longest side at most :data:`DETECT_SIDE`
+        (sides rounded to multiples of 32), in BGR order, normalised with
+        :data:`_DET_MEAN` and :data:`_DET_STD` (see the module docstring)."""
+        h, w = image.shape[:2]
         if h < 8 or w < 8:
             return []
-        rh = max(_DET_STRIDE, round(h / _DET_STRIDE) * _DET_STRIDE)
-        rw = max(_DET_STRIDE, round(w / _DET_STRIDE) * _DET_STRIDE)
-        resized = cv2.resize(gray, (rw, rh), interpolation=cv2.INTER_LINEAR)
-        x = (resized.astype(np.float32) / 127.5 - 1.0)[np.newaxis, np.newaxis]
-        x = np.ascontiguousarray(np.repeat(x, 3, axis=1))
+        scale = min(1.0, DETECT_SIDE / max(h, w))
+        rh = max(_DET_STRIDE, round(h * scale / _DET_STRIDE) * _DET_STRIDE)
+        rw = max(_DET_STRIDE, round(w * scale / _DET_STRIDE) * _DET_STRIDE)
+        interpolation = cv2.INTER_AREA if rw < w and rh < h else cv2.INTER_LINEAR
+        resized = np.asarray(cv2.resize(image, (rw, rh), interpolation=interpolation))
+        if resized.ndim == 2:
+            bgr = np.repeat(resized[:, :, np.newaxis], 3, axis=2)
+        else:
+            bgr = resized[:, :, ::-1]
+        chw = bgr.transpose(2, 0, 1).astype(np.float32)
+        x = ((chw * np.float32(1 / 255.0) - _DET_MEAN) / _DET_STD)[np.newaxis]
+        x = np.ascontiguousarray(x, dtype=np.float32)
         try:
             (prob,) = self._det.run(None, {self._det_in: x})
         except MemoryError:
