@@ -152,10 +152,8 @@ async def test_reclassify_by_source_replaces_local_answers(tmp_path: Path) -> No
         ({"source": "cache"}, "source must be 'local' or 'llm'"),
         ({"limit": 0}, "limit must be an integer from 1 to 10000"),
         ({"since": "yesterday"}, "since must be an ISO 8601 date or time"),
-        (
-            {"since": "2026-02-01", "until": "2026-01-01"},
-            "since must be before until",
-        ),
+        ({"source": "local", "user_id": "u"}, "unknown field 'user_id'"),
+        ({"image_hashes": ["a" * 64] * 501}, "image_hashes must be a list of 1 to 500 hashes"),
         ({"image_hashes": ["xyz"]}, "image_hashes[0] must be 64 hexadecimal characters"),
     ],
 )
@@ -195,12 +193,22 @@ def test_openapi_describes_the_admin_endpoints(tmp_path: Path) -> None:
 
     doc = openapi_document(config_for(tmp_path, security={"admin_key_sha256": [sha(b"k")]}))
     purge = doc["paths"]["/admin/purge"]["post"]
-    assert set(purge["responses"]) == {"200", "400", "401", "403", "413", "422", "429"}
+    assert set(purge["responses"]) == {
+        "200",
+        "400",
+        "401",
+        "403",
+        "408",
+        "409",
+        "413",
+        "422",
+        "429",
+        "503",
+    }
     schema = doc["paths"]["/admin/reclassify"]["post"]["requestBody"]["content"]
-    assert schema["application/json"]["schema"]["properties"]["source"]["enum"] == [
-        "local",
-        "llm",
-    ]
+    by_hashes, by_query = schema["application/json"]["schema"]["oneOf"]
+    assert by_hashes["properties"]["image_hashes"]["maxItems"] == 500
+    assert by_query["properties"]["source"]["enum"] == ["local", "llm"]
 
 
 # --- from outside ---------------------------------------------------------------------

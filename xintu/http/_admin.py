@@ -4,14 +4,15 @@ With ``security.admin_key_sha256`` set, the guard lets only admin keys through
 (:func:`~._auth.is_admin_path`); without, the ordinary keys, as for ``/metrics``.
 
 - ``POST /admin/reclassify`` with ``{"image_hashes": [...]}`` (1 to
-  :data:`MAX_HASHES`), or with a query ``{"source": "local"|"llm", "since": ISO,
-  "until": ISO, "limit": N}`` (any of them; ``limit`` 1 to :data:`MAX_HASHES`,
-  default :data:`DEFAULT_LIMIT`): queues an LLM re-classification of each entry
-  whose photo's bytes this replica has spooled; the answer replaces the stored one,
-  an LLM answer included. Paced by ``store.upgrades_per_minute``; answers what it
-  did: ``matched``, ``queued``, ``no_bytes`` (no spooled bytes here: these cannot
-  be re-classified by this replica), ``dropped`` (the operators' queue was full),
-  ``already_queued``.
+  :data:`MAX_LISTED`: a JSON body is at most ``server.max_json_bytes``), or with a
+  query ``{"source": "local"|"llm", "since": ISO, "until": ISO, "limit": N}`` (any
+  of them, entries made from ``since`` until before ``until``; ``limit`` 1 to
+  :data:`MAX_HASHES`, default :data:`DEFAULT_LIMIT`); no other key. It queues an
+  LLM re-classification of each entry whose photo's bytes this replica has
+  spooled; the answer replaces the stored one, an LLM answer included. Paced by
+  ``store.upgrades_per_minute``; answers what it did: ``matched``, ``queued``,
+  ``no_bytes`` (no spooled bytes here: these cannot be re-classified by this
+  replica), ``dropped`` (the operators' queue was full), ``already_queued``.
 - ``POST /admin/purge`` with ``{"image_hash": H}``: deletes the entry, its aliases,
   its in-flight claim and its spooled bytes; ``purged`` says whether there was one.
   This replica's LRU forgets it at once; other replicas' LRUs keep it until it
@@ -33,14 +34,17 @@ from ._app import current_xintu
 from ._respond import json_response, now_iso
 from ._v1 import _hash_field, _json_body
 
-__all__ = ["DEFAULT_LIMIT", "MAX_HASHES", "admin"]
+__all__ = ["DEFAULT_LIMIT", "MAX_HASHES", "MAX_LISTED", "admin"]
 
 admin = Blueprint("admin", __name__, url_prefix="/admin")
 
-# Most entries one re-classification request may name or select.
+# Most entries one re-classification request may select, and name (500 hashes are
+# about 34 KB of JSON, within the default server.max_json_bytes).
 MAX_HASHES = 10_000
+MAX_LISTED = 500
 DEFAULT_LIMIT = 1000
 _SOURCES = ("local", "llm")
+_QUERY = ("source", "since", "until", "limit")
 
 
 def _time_field(body: dict[str, Any], name: str) -> datetime | None:
@@ -49,10 +53,15 @@ def _time_field(body: dict[str, Any], name: str) -> datetime | None:
         return None
     if not isinstance(value, str):
         raise ValidationFailed(f"{name} must be an ISO 8601 date or time")
+    text = value.strip().upper().replace("Z", "+00:00")
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        parsed = datetime.fromisoformat(text)
     except ValueError:
-        raise ValidationFailed(f"{name} must be an ISO 8601 date or time") from None
+        # RFC 3339 allows a leap second, which datetime does not.
+        try:
+            parsed = datetime.fromisoformat(text.replace(":60", ":59", 1))
+        except ValueError:
+            raise ValidationFailed(f"{name} must be an ISO 8601 date or time") from None
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
@@ -60,24 +69,27 @@ def _time_field(body: dict[str, Any], name: str) -> datetime | None:
 async def reclassify() -> Response:
     body = await _json_body()
     runtime = current_xintu().runtime
+    unknown = sorted(set(body) - {"image_hashes", *_QUERY})
+    if unknown:
+        raise ValidationFailed(f"unknown field {unknown[0]!r}")
     hashes = body.get("image_hashes")
-    query = {k: body[k] for k in ("source", "since", "until", "limit") if k in body}
-    if hashes is not None and query:
+    query = {k: body[k] for k in _QUERY if k in body}
+    if "image_hashes" in body and query:
         raise ValidationFailed("give image_hashes or a query (source, since, until), not both")
-    if hashes is not None:
-        if not isinstance(hashes, list) or not 1 <= len(hashes) <= MAX_HASHES:
-            raise ValidationFailed(f"image_hashes must be a list of 1 to {MAX_HASHES} hashes")
+    if "image_hashes" in body:
+        if not isinstance(hashes, list) or not 1 <= len(hashes) <= MAX_LISTED:
+            raise ValidationFailed(f"image_hashes must be a list of 1 to {MAX_LISTED} hashes")
         wanted = [_hash_field(h, f"image_hashes[{i}]") for i, h in enumerate(hashes)]
     else:
         source = body.get("source")
         if source is not None and source not in _SOURCES:
             raise ValidationFailed("source must be 'local' or 'llm'")
         limit = body.get("limit", DEFAULT_LIMIT)
+        if isinstance(limit, float) and limit.is_integer():
+            limit = int(limit)  # 1000.0 is an integer to JSON Schema
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_HASHES:
             raise ValidationFailed(f"limit must be an integer from 1 to {MAX_HASHES}")
         since, until = _time_field(body, "since"), _time_field(body, "until")
-        if since is not None and until is not None and since >= until:
-            raise ValidationFailed("since must be before until")
         wanted = await runtime.find_hashes(source=source, since=since, until=until, limit=limit)
     report = await runtime.reclassify(wanted)
     return json_response(
@@ -93,6 +105,9 @@ async def reclassify() -> Response:
 @admin.post("/purge")
 async def purge() -> Response:
     body = await _json_body()
+    unknown = sorted(set(body) - {"image_hash"})
+    if unknown:
+        raise ValidationFailed(f"unknown field {unknown[0]!r}")
     image_hash = _hash_field(body.get("image_hash"), "image_hash")
     purged = await current_xintu().runtime.purge(image_hash)
     return json_response(

@@ -10,6 +10,7 @@ from .._types import CATEGORIES
 from ..llm._errors import FAILURE_KINDS
 from ._admin import DEFAULT_LIMIT as ADMIN_DEFAULT_LIMIT
 from ._admin import MAX_HASHES as ADMIN_MAX_HASHES
+from ._admin import MAX_LISTED as ADMIN_MAX_LISTED
 
 __all__ = ["openapi_document"]
 
@@ -405,29 +406,42 @@ def openapi_document(config: Config) -> dict[str, Any]:
                     "parameters": [_IDEMPOTENCY_KEY],
                     "requestBody": _json_body(
                         {
-                            "type": "object",
-                            "description": "image_hashes, or any of source, since, until "
-                            "and limit; not both",
-                            "properties": {
-                                "image_hashes": {
-                                    "type": "array",
-                                    "items": _HASH,
-                                    "minItems": 1,
-                                    "maxItems": ADMIN_MAX_HASHES,
+                            "oneOf": [
+                                {
+                                    "type": "object",
+                                    "required": ["image_hashes"],
+                                    "properties": {
+                                        "image_hashes": {
+                                            "type": "array",
+                                            "items": _HASH,
+                                            "minItems": 1,
+                                            "maxItems": ADMIN_MAX_LISTED,
+                                        }
+                                    },
+                                    "additionalProperties": False,
                                 },
-                                "source": {"type": "string", "enum": ["local", "llm"]},
-                                "since": {"type": "string", "format": "date-time"},
-                                "until": {"type": "string", "format": "date-time"},
-                                "limit": {
-                                    "type": "integer",
-                                    "minimum": 1,
-                                    "maximum": ADMIN_MAX_HASHES,
-                                    "default": ADMIN_DEFAULT_LIMIT,
+                                {
+                                    "type": "object",
+                                    "description": "entries made from since until before "
+                                    "until, oldest first",
+                                    "properties": {
+                                        "source": {"type": "string", "enum": ["local", "llm"]},
+                                        "since": {"type": "string", "format": "date-time"},
+                                        "until": {"type": "string", "format": "date-time"},
+                                        "limit": {
+                                            "type": "integer",
+                                            "minimum": 1,
+                                            "maximum": ADMIN_MAX_HASHES,
+                                            "default": ADMIN_DEFAULT_LIMIT,
+                                        },
+                                    },
+                                    "additionalProperties": False,
                                 },
-                            },
+                            ]
                         }
                     ),
-                    "responses": _ok(reclassified) | _errors(400, 413, 422, 429, *admin_auth),
+                    "responses": _ok(reclassified)
+                    | _errors(400, 408, 409, 413, 422, 429, 503, *admin_auth),
                 }
             },
             "/admin/purge": {
@@ -440,9 +454,11 @@ def openapi_document(config: Config) -> dict[str, Any]:
                             "type": "object",
                             "required": ["image_hash"],
                             "properties": {"image_hash": _HASH},
+                            "additionalProperties": False,
                         }
                     ),
-                    "responses": _ok(purged) | _errors(400, 413, 422, 429, *admin_auth),
+                    "responses": _ok(purged)
+                    | _errors(400, 408, 409, 413, 422, 429, 503, *admin_auth),
                 }
             },
             "/openapi.json": {
