@@ -26,6 +26,7 @@ from xintu._config import ImagesConfig
 from xintu.errors import BadImage, ClientError, PayloadTooLarge, TooManyPixels, UnsupportedFormat
 from xintu.vision import DecodedImage, decode_image
 from xintu.vision._decode import (
+    DETECT_MAX_SIDE,
     RESIZE_SHORTER,
     WORK_LONG_SIDE,
     WORK_SHORT_SIDE,
@@ -283,13 +284,13 @@ def test_detector_rgb_is_the_colour_twin_of_detector_gray(images: ImagesConfig) 
 
 
 @pytest.mark.parametrize(
-    ("size", "decoded_size", "gray_shape", "classifier_only"),
+    ("size", "decoded_size", "gray_shape", "both_640"),
     [
         ((4000, 3000), (1000, 750), (480, 640), (1000, 750)),  # 1/4 either way
-        ((1920, 1080), (1920, 1080), (360, 640), (960, 540)),
-        ((4000, 2250), (2000, 1125), (360, 640), (1000, 563)),
-        ((2250, 4000), (1125, 2000), (640, 360), (563, 1000)),  # portrait: the same
-        ((6000, 4000), (1500, 1000), (427, 640), (750, 500)),
+        ((1920, 1080), (960, 540), (360, 640), (1920, 1080)),
+        ((4000, 2250), (1000, 563), (360, 640), (2000, 1125)),
+        ((2250, 4000), (563, 1000), (640, 360), (1125, 2000)),  # portrait: the same
+        ((6000, 4000), (750, 500), (427, 640), (1500, 1000)),
         ((5200, 300), (5200, 300), (37, 640), (5200, 300)),  # its shorter side decides
         ((800, 200), (800, 200), (160, 640), (800, 200)),  # under 2x: full size
     ],
@@ -299,11 +300,12 @@ def test_jpeg_draft_decodes_at_what_the_models_need(
     size: tuple[int, int],
     decoded_size: tuple[int, int],
     gray_shape: tuple[int, int],
-    classifier_only: tuple[int, int],
+    both_640: tuple[int, int],
 ) -> None:
-    """The working image keeps both sides >= 640 where the photo has them (what the
-    detectors were tuned on), and is no larger than that allows; asked only for the
-    classifier's shorter side of 256 it is smaller still."""
+    """The working image keeps the longest side >= 640 (the detectors' images) and
+    the shorter >= 256 (the classifier's) where the photo has them, and is no larger
+    than that allows; the detectors' images are the same size as from a decode that
+    keeps both sides >= 640 (the default until the detectors were checked on it)."""
     data = encode(solid("RGB", (120, 140, 160), size), "JPEG", quality=80)
     decoded = decode_image(data, images)
     assert (decoded.width, decoded.height) == size
@@ -311,10 +313,11 @@ def test_jpeg_draft_decodes_at_what_the_models_need(
     assert decoded.gray is not None
     assert decoded.gray.shape == gray_shape
     np.testing.assert_allclose(centre(decoded), (120, 140, 160), atol=3)
-    small = decode_safely(data, images, short_side=RESIZE_SHORTER)
-    assert small.decoded_size == small.rgb.size == classifier_only
-    assert min(small.rgb.size) >= min(RESIZE_SHORTER, *size)
-    np.testing.assert_allclose(centre_of(classifier_tensor(small.rgb)), (120, 140, 160), atol=3)
+    assert min(decoded_size) >= min(RESIZE_SHORTER, *size)
+    larger = decode_safely(data, images, short_side=DETECT_MAX_SIDE)
+    assert larger.decoded_size == larger.rgb.size == both_640
+    assert detector_gray(larger.rgb).shape == gray_shape
+    np.testing.assert_allclose(centre_of(classifier_tensor(larger.rgb)), (120, 140, 160), atol=3)
 
 
 def centre_of(tensor: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
@@ -323,7 +326,7 @@ def centre_of(tensor: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
 
 
 def test_draft_request_in_the_images_orientation() -> None:
-    assert draft_request((4000, 3000)) == (WORK_LONG_SIDE, WORK_SHORT_SIDE)
+    assert draft_request((4000, 3000)) == (WORK_LONG_SIDE, WORK_SHORT_SIDE) == (640, 256)
     assert draft_request((4000, 3000), short_side=RESIZE_SHORTER) == (640, 256)
     assert draft_request((3000, 4000), short_side=RESIZE_SHORTER) == (256, 640)
     assert draft_request((300, 200)) == (300, 200)  # never more than the image
