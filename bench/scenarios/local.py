@@ -11,9 +11,10 @@ and thread count, measured in the same run:
    (``LocalPool``, ``model.decode_threads`` + ``model.inference_threads``) with a
    backlog of queued photos at ``max_batch`` 1 and 8, alternated, for what batching
    gives on this machine;
-2. the service: ``POST /api/v1/classify`` on distinct photos (every one a miss), a
-   closed loop for the maximum images/s and its P99, then an open loop at 70 % of
-   it for the latency a client sees below saturation.
+2. the service (its configured ``model.executor``: worker processes by default,
+   ``--env XINTU_MODEL_EXECUTOR=thread`` for threads): ``POST /api/v1/classify`` on
+   distinct photos (every one a miss), a closed loop for the maximum images/s and its
+   P99, then an open loop at 70 % of it for the latency a client sees below saturation.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def _config(bench: Bench) -> Any:
 
 
 def _in_process(bench: Bench, config: Any) -> dict[str, Any]:
-    from xintu.vision import LocalClassifier, decode_image
+    from xintu.vision import build_local_model, decode_image
 
     path = bench.model_path()
     m = config.model
@@ -55,7 +56,7 @@ def _in_process(bench: Bench, config: Any) -> dict[str, Any]:
     shapes = [(1, 1), (threads, 1), (threads, 8)]
     if bench.settings.quick:
         shapes = [(threads, 1), (threads, 8)]
-    classifier = LocalClassifier(config.model, config.images, path)
+    classifier = build_local_model(config)  # model.kind, in the run's data directory (path)
     photos = bench.photos(64, "inproc")
     out: dict[str, Any] = {"intra_op_threads": m.intra_op_threads, "runs": []}
     for n_threads, batch in shapes:
@@ -227,7 +228,8 @@ def run(bench: Bench) -> Outcome:
             "img/s",
             f"bare onnxruntime batch {best['batch']}, {best['threads']} thr",
             best["ort_img_s"],
-            f"{_CLOSED_CONNECTIONS} connections; P50 {lat['p50']} ms; "
+            f"{_CLOSED_CONNECTIONS} connections; model.executor "
+            f"{getattr(config.model, 'executor', 'thread')}; P50 {lat['p50']} ms; "
             f"service CPU {closed['service_cpu_s']} s, generator CPU {closed['generator_cpu_s']} s"
             + ("; **ran out of photos**" if closed["photos_exhausted"] else ""),
         ),

@@ -126,7 +126,7 @@ class _Gone(Exception):
     """The worker process closed its pipe (it died)."""
 
 
-def frame(payload: bytes) -> bytes:
+def _frame(payload: bytes) -> bytes:
     return _HEADER.pack(len(payload)) + payload
 
 
@@ -155,7 +155,7 @@ class _Worker:
 
     async def send(self, payload: bytes) -> None:
         try:
-            await self._stdin.send_all(frame(payload))
+            await self._stdin.send_all(_frame(payload))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _Gone from exc
 
