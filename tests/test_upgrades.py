@@ -236,3 +236,22 @@ def test_the_settings_are_checked(key: str) -> None:
 
     with pytest.raises(ConfigError, match=f"store.{key}"):
         load_config(env={f"XINTU_STORE_{key.upper()}": "-1"})
+
+
+async def test_photos_held_in_memory_are_bounded(tmp_path: Path) -> None:
+    """Uploads of known photos bring their bytes; past the bound the queue keeps only
+    the hash and the photo goes to the spool, whence the worker reads it."""
+    llm = FakeLlm()
+    spool = Spool(tmp_path / "spool", max_bytes=MB)
+    async with trio.open_nursery() as nursery:
+        upgrades = Upgrades(llm, spool, per_minute=60, queue_size=10, max_held_bytes=10)
+        await nursery.start(upgrades.run)
+        small, big = b"12345", b"x" * 100
+        assert upgrades.offer(sha(small), small)
+        assert upgrades.offer(sha(big), big)
+        await until(lambda: len(llm.sent) == 2)
+        assert llm.sent == [(sha(small), small), (sha(big), big)]
+        assert await spool.get(sha(big)) == big  # it went through the spool
+        assert await spool.get(sha(small)) is None  # held in memory
+        assert upgrades.statistics().no_bytes == 0
+        upgrades.close()

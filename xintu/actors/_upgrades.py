@@ -50,7 +50,7 @@ import trio
 from ..llm import LlmPoolStatistics
 from ._spool import Spool, SpoolStatistics
 
-__all__ = ["POLL_S", "ReclassifyReport", "Upgrades", "UpgradesStatistics"]
+__all__ = ["MAX_HELD_BYTES", "POLL_S", "ReclassifyReport", "Upgrades", "UpgradesStatistics"]
 
 log = structlog.get_logger("xintu.upgrades")
 
@@ -58,6 +58,9 @@ log = structlog.get_logger("xintu.upgrades")
 POLL_S = 0.5
 # Photos offered for spooling at once, waiting for their file to be written.
 _SPOOL_INBOX = 16
+#: Bytes of photos the queue holds in memory (an upload of a known photo brings its
+#: own); past it, an offer's photo goes to the spool and the queue keeps its hash.
+MAX_HELD_BYTES = 64 * 1024 * 1024
 
 
 class UpgradeTarget(Protocol):
@@ -146,7 +149,13 @@ class Upgrades:
     """The upgrade actor; see the module docstring. *llm*: the LLM pool."""
 
     def __init__(
-        self, llm: UpgradeTarget, spool: Spool, *, per_minute: int, queue_size: int
+        self,
+        llm: UpgradeTarget,
+        spool: Spool,
+        *,
+        per_minute: int,
+        queue_size: int,
+        max_held_bytes: int = MAX_HELD_BYTES,
     ) -> None:
         if per_minute < 0 or queue_size < 1:
             raise ValueError(f"need per_minute >= 0, queue_size >= 1: {per_minute}, {queue_size}")
@@ -158,7 +167,13 @@ class Upgrades:
         # Hashes waiting: (hash, bytes if the caller had them). Hits first.
         self._hits: OrderedDict[str, bytes | None] = OrderedDict()
         self._asked: OrderedDict[str, None] = OrderedDict()  # an operator's
-        self._forced: set[str] = set()  # an operator's, sent: their answer replaces any
+        # An operator's, sent: their answer replaces any (bounded: a recheck that
+        # failed leaves its hash here until it is pushed out).
+        self._forced: OrderedDict[str, None] = OrderedDict()
+        self._held_bytes = 0  # photo bytes in self._hits
+        self._max_held_bytes = max_held_bytes
+        # Photos handed to the spooler and not written yet: the worker waits for them.
+        self._spooling: dict[str, trio.Event] = {}
         self._wake = trio.Event()
         self._spool_send, self._spool_receive = trio.open_memory_channel[tuple[str, bytes]](
             _SPOOL_INBOX
@@ -219,10 +234,14 @@ class Upgrades:
         (never waits; a full spool inbox drops the photo, counted)."""
         if not self.enabled or not self.spool.enabled or not data:
             return
+        if image_hash in self._spooling:
+            return
         try:
             self._spool_send.send_nowait((image_hash, data))
         except (trio.WouldBlock, trio.ClosedResourceError):
             self._spool_dropped += 1
+        else:
+            self._spooling[image_hash] = trio.Event()
 
     def offer(self, image_hash: str, data: bytes | None = None) -> bool:
         """A hit on a local answer: queue its upgrade if the budget and the queue
@@ -237,7 +256,11 @@ class Upgrades:
         if not self._budget.take():
             self._dropped_budget += 1
             return False
+        if data and self._held_bytes + len(data) > self._max_held_bytes:
+            self.local_answered(image_hash, data)  # the worker reads it from the spool
+            data = None
         self._hits[image_hash] = data or None
+        self._held_bytes += len(data or b"")
         self._queued += 1
         self._wake.set()
         return True
@@ -275,16 +298,17 @@ class Upgrades:
         """An LLM answer for *image_hash* replaces the cached one: delete its spooled
         bytes; ``True`` if an operator asked for it (the answer replaces any)."""
         forced = image_hash in self._forced
-        self._forced.discard(image_hash)
+        self._forced.pop(image_hash, None)
         self._upgraded += 1
         await self.spool.delete(image_hash)
         return forced
 
     async def purged(self, image_hash: str) -> None:
         """The entry of *image_hash* was purged: forget it here too."""
-        self._hits.pop(image_hash, None)
+        data = self._hits.pop(image_hash, None)
+        self._held_bytes -= len(data or b"")
         self._asked.pop(image_hash, None)
-        self._forced.discard(image_hash)
+        self._forced.pop(image_hash, None)
         await self.spool.delete(image_hash)
 
     # --- the workers ---------------------------------------------------------------
@@ -292,7 +316,10 @@ class Upgrades:
     async def _spooler(self) -> None:
         async with self._spool_receive:
             async for image_hash, data in self._spool_receive:
-                await self.spool.put(image_hash, data)
+                try:
+                    await self.spool.put(image_hash, data)
+                finally:
+                    self._spooling.pop(image_hash, trio.Event()).set()
 
     async def _work(self) -> None:
         while not self._closed:
@@ -302,6 +329,7 @@ class Upgrades:
                 continue
             if self._hits:
                 image_hash, data = self._hits.popitem(last=False)
+                self._held_bytes -= len(data or b"")
                 forced = False
             else:
                 # An operator's: paced by the budget, waiting for a token.
@@ -316,6 +344,8 @@ class Upgrades:
                 image_hash, _ = self._asked.popitem(last=False)
                 data, forced = None, True
             if data is None:
+                if (writing := self._spooling.get(image_hash)) is not None:
+                    await writing.wait()
                 data = await self.spool.get(image_hash)
             if data is None:
                 self._no_bytes += 1
@@ -334,12 +364,14 @@ class Upgrades:
         if self._closed:
             return
         if forced:
-            self._forced.add(image_hash)
+            self._forced[image_hash] = None
+            while len(self._forced) > 2 * self._queue_size:
+                self._forced.popitem(last=False)
         if self._llm.offer_recheck(data, image_hash):
             self._sent += 1
             log.info("llm_upgrade_sent", image_hash=image_hash[:12], operator=forced)
         else:
-            self._forced.discard(image_hash)
+            self._forced.pop(image_hash, None)
             self._dropped_llm += 1
 
     def _llm_has_room(self) -> bool:
