@@ -3,11 +3,14 @@
 The service classifies N generated photos (the seeding), then gets only
 ``check-cache`` requests for their hashes: a closed loop finds the maximum
 throughput, then open loops run at 25, 50 and 75 % of it. A closed loop on
-``batch-check-cache`` with 100 hashes per request follows. The hello-world app on
-the same Hypercorn settings runs beside it (idle while the service is measured) and
-gets the same loads interleaved with the service's: the closed loops alternate in
-short runs (service, hello, service, hello, ...), and each open-loop rate runs on the
-service and then at the same absolute rate on hello-world. The ratios compare the two.
+``batch-check-cache`` with 100 hashes per request follows, alternated with the
+same requests asking for the local model's evidence (``?evidence=true``): hashes/s
+and the bytes of one answer, lean and with evidence, measured in the same run.
+The hello-world app on the same Hypercorn settings runs beside it (idle while the
+service is measured) and gets the same loads interleaved with the service's: the
+closed loops alternate in short runs (service, hello, service, hello, ...), and
+each open-loop rate runs on the service and then at the same absolute rate on
+hello-world. The ratios compare the two.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import httpx
 import numpy as np
 
 from .._context import Bench, missing_service
@@ -109,15 +113,18 @@ def measure_hits(
             h_open, h_span = _open(bench, hello, h_single, frac * max_rps, bench.settings.seed + i)
             hello_open[frac] = summarize(h_open.samples, start=0.0, end=h_span)
         if batch:
-            out["batch"], hello_batch = _closed_pairs(
+            lean = bench.batch_payloads(svc, hashes, size)
+            out["batch"], hello_batch, out["batch_evidence"] = _closed_pairs(
                 bench,
                 [
-                    (svc, bench.batch_payloads(svc, hashes, size)),
+                    (svc, lean),
                     (hello, bench.batch_payloads(hello, hashes, size)),
+                    (svc, [_with_evidence(p) for p in lean]),
                 ],
                 duration_s=bench.dur(6.0, 1.0),
                 reps=int(bench.dur(2, 1)),
             )
+            out["batch_bytes"] = _answer_bytes(svc, hashes[:size])
     out["hello"] = {"closed": hello_closed} | {
         f"open_{round(f * 100)}%": v for f, v in hello_open.items()
     }
@@ -174,9 +181,54 @@ def measure_hits(
                 f"P50 {b_lat['p50']} ms, P99 {b_lat['p99']} ms",
             )
         )
+    if batch:
+        ev, sizes = out["batch_evidence"], out["batch_bytes"]
+        rows += [
+            Row(
+                f"batch-check-cache x{size} answer, lean ({w})",
+                sizes["lean"],
+                "bytes",
+                "with ?evidence=true",
+                sizes["evidence"],
+                "every item a hit; the local model's evidence left out unless asked for",
+            ),
+            Row(
+                f"batch-check-cache x{size} throughput, lean ({w})",
+                out["batch"]["goodput_rps"] * size,
+                "hashes/s",
+                "with ?evidence=true",
+                ev["goodput_rps"] * size,
+                "closed loops alternated in one run; "
+                f"P99 {out['batch']['latency_accepted_ms']['p99']} ms lean, "
+                f"{ev['latency_accepted_ms']['p99']} ms with evidence",
+            ),
+        ]
     rows.append(bench.rss_row(label, f"hello-w{workers}"))
     plots = [_plot(bench, label, open_runs)] if open_runs else []
     return out, rows, plots
+
+
+_BATCH_LINE = b"POST /api/v1/classify/batch-check-cache HTTP/1.1"
+
+
+def _with_evidence(request: bytes) -> bytes:
+    """A batch-check-cache request that asks for the local model's evidence."""
+    assert request.startswith(_BATCH_LINE), request[:80]
+    return request.replace(b"batch-check-cache ", b"batch-check-cache?evidence=true ", 1)
+
+
+def _answer_bytes(svc: Service, hashes: Sequence[str]) -> dict[str, int]:
+    """Body bytes of one batch-check-cache answer for *hashes*, lean and with evidence."""
+    out = {}
+    for name, query in (("lean", ""), ("evidence", "?evidence=true")):
+        resp = httpx.post(
+            f"{svc.url}/api/v1/classify/batch-check-cache{query}",
+            json={"image_hashes": list(hashes)},
+            timeout=30.0,
+        )
+        resp.raise_for_status()
+        out[name] = len(resp.content)
+    return out
 
 
 def _cpu_ms(s: dict[str, Any]) -> str:
