@@ -32,6 +32,7 @@ __all__ = [
     "SeededService",
     "StatsPoller",
     "fake_llm",
+    "hedge_counters",
     "llm_missing",
     "llm_settings",
     "seeded_llm_service",
@@ -135,20 +136,35 @@ _BREAKER_POLL_S = 0.2
 
 # Counters of the service's /metrics that say where LLM work went.
 _COUNTERS = ("xintu_llm_fallbacks_total", "xintu_shed_requests_total", "xintu_llm_calls_total")
+_HEDGE_METRICS = ("xintu_llm_hedges_total", "xintu_llm_hedge_after_seconds")
+
+
+def _metric_values(svc: Service, prefixes: tuple[str, ...]) -> dict[str, Any]:
+    """The samples on ``/metrics`` whose line starts with one of *prefixes*, by
+    their name and labels; raises :class:`httpx.HTTPError`."""
+    text = httpx.get(f"{svc.url}/metrics", timeout=5.0).text
+    out: dict[str, Any] = {}
+    for line in text.splitlines():
+        if line.startswith(prefixes):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
 
 
 def service_counters(svc: Service) -> dict[str, Any]:
     """Fallbacks by reason, sheds by reason and LLM calls by outcome, from ``/metrics``."""
     try:
-        text = httpx.get(f"{svc.url}/metrics", timeout=5.0).text
+        return _metric_values(svc, _COUNTERS)
     except httpx.HTTPError as exc:
         return {"error": repr(exc)}
-    out: dict[str, Any] = {}
-    for line in text.splitlines():
-        if line.startswith(_COUNTERS):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
+
+
+def hedge_counters(svc: Service) -> dict[str, float]:
+    """The service's hedge counters and current hedge budget, from ``/metrics``."""
+    try:
+        return _metric_values(svc, _HEDGE_METRICS)
+    except httpx.HTTPError:
+        return {}
 
 
 def lognormal_mean_s(median_ms: float, sigma: float) -> float:

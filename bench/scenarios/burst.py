@@ -21,18 +21,11 @@ from typing import Any
 
 from .._context import Bench, missing_service
 from .._loadgen import poisson_schedule
-from .._plots import plot_timeline
 from .._report import Check, Outcome, Row
-from .._stats import summarize, timeline
-from ._llm import (
-    StatsPoller,
-    llm_missing,
-    llm_settings,
-    lognormal_mean_s,
-    seeded_llm_service,
-    service_counters,
-)
+from .._stats import summarize
+from ._llm import llm_missing, llm_settings, lognormal_mean_s, seeded_llm_service, service_counters
 from ._mixed import TAG_HIT, TAG_MISS, mixed_load
+from ._open import drive, lag_check, plot_run, refusal_checks, run_details, unreached
 
 __all__ = ["run"]
 
@@ -79,29 +72,15 @@ def run(bench: Bench) -> Outcome:
     ) as seeded:
         params["seeding"] = seeded.seeding
         if not seeded.reached_upstream:
-            return Outcome(
-                "burst", status="failed", reason="the service never called the LLM upstream"
-            )
-        fake, svc, known = seeded.fake, seeded.svc, seeded.known
+            return unreached("burst")
+        svc, known = seeded.svc, seeded.known
         offsets = poisson_schedule(phases, seed=bench.settings.seed + 2)
         payloads, choice, tags = mixed_load(
             bench, svc, offsets, hit_share=HIT_SHARE, known=known, salt="burst-new"
         )
-        poller = StatsPoller(fake)
-        poller.start()
-        result = bench.open(
-            svc,
-            payloads,
-            offsets,
-            choice,
-            tags=tags,
-            timeout_s=settings.deadline_s + 10.0,
-            grace_s=settings.deadline_s + 5.0,
-            max_conns=2048,
-        )
-        poller.stop()
-        upstream = fake.stats()
+        run = drive(bench, seeded, settings, payloads, offsets, choice, tags, max_conns=2048)
         counters = service_counters(svc)
+    result, upstream = run.result, run.upstream
     s = result.samples
     b0, b1 = before, before + burst_s
     windows = {
@@ -114,26 +93,18 @@ def run(bench: Bench) -> Outcome:
         "burst_misses": summarize(s, start=b0, end=b1, tag=TAG_MISS),
     }
     misses = int((tags == TAG_MISS).sum())
-    details = {
-        "params": params,
-        "windows": windows,
-        "upstream": {k: v for k, v in upstream.items() if k != "images"},
-        "upstream_series": poller.series(result.t0),
-        "service_counters": counters,
-        "load": result.params,
-        "generator_cpu_s": round(result.generator_cpu_s, 2),
-        "client_errors": result.client_errors,
-    }
-    plot = bench.out_dir / "burst.png"
-    plot_timeline(
-        plot,
-        timeline(s, bin_s=1.0),
+    details = run_details(
+        params, run, series_t0=result.t0, windows=windows, service_counters=counters
+    )
+    plot = plot_run(
+        bench,
+        "burst",
+        run,
+        settings,
         title=f"burst: {steady:.0f} -> {burst:.0f} -> {steady:.0f} req/s, 70% hits, LLM ~1.5 s",
         windows=[(b0, b1, f"{BURST_FACTOR:.0f}x burst")],
-        deadline_ms=settings.deadline_s * 1000,
-        extra_rates={"upstream LLM calls": poller.call_rate(result.t0)},
     )
-    out = Outcome("burst", details=details, plots=[plot.name])
+    out = Outcome("burst", details=details, plots=[plot])
     deadline_ms = settings.deadline_s * 1000.0
     for name in ("before", "burst", "after"):
         w = windows[name]
@@ -194,14 +165,12 @@ def run(bench: Bench) -> Outcome:
     ]
     out.rows.append(bench.rss_row("burst"))
     out.checks = _checks(windows, deadline_ms)
-    out.checks.append(_lag_check(windows["all"]))
+    out.checks.append(lag_check(windows["all"]))
     out.seconds = time.monotonic() - t_start
     return out
 
 
 def _checks(windows: dict[str, dict[str, Any]], deadline_ms: float) -> list[Check]:
-    w = windows["all"]
-    refused = w["latency_refused_ms"]
     phases = ("before", "burst", "after")
     p99s = {name: windows[name]["latency_accepted_ms"]["p99"] or 0.0 for name in phases}
     return [
@@ -211,28 +180,5 @@ def _checks(windows: dict[str, dict[str, Any]], deadline_ms: float) -> list[Chec
             ", ".join(f"{k} {v:.0f} ms" for k, v in p99s.items())
             + f"; deadline {deadline_ms:.0f} ms",
         ),
-        Check(
-            "refusals are 503/429 with Retry-After",
-            w["refused_with_retry_after"] == w["refused"],
-            f"{w['refused']} refused, {w['refused_with_retry_after']} with Retry-After",
-        ),
-        Check(
-            f"refusals are fast (P99 <= {REFUSAL_FAST_MS:.0f} ms)",
-            refused["count"] == 0 or (refused["p99"] or 0.0) <= REFUSAL_FAST_MS,
-            f"refused P99 {refused['p99']} ms over {refused['count']}",
-        ),
-        Check(
-            "nothing else fails",
-            w["errors"] == 0,
-            f"statuses {w['status_counts']}",
-        ),
+        *refusal_checks(windows["all"], REFUSAL_FAST_MS),
     ]
-
-
-def _lag_check(w: dict[str, Any]) -> Check:
-    late = w["lateness"]
-    return Check(
-        "generator kept its schedule",
-        not late["generator_lagged"],
-        f"lateness P99 {late['p99_ms']} ms, {late['share_over_10ms']:.2%} over 10 ms",
-    )

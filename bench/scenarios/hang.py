@@ -31,20 +31,18 @@ import time
 from typing import Any
 
 from .._context import Bench, missing_service
-from .._loadgen import poisson_schedule
-from .._plots import plot_timeline
 from .._report import Check, Outcome, Row
-from .._stats import summarize, timeline
+from .._stats import summarize
 from ._llm import (
-    StatsPoller,
+    hedge_counters,
     llm_missing,
     llm_settings,
     lognormal_mean_s,
     seeded_llm_service,
     service_counters,
 )
-from ._mixed import TAG_MISS, mixed_load
-from .missburst import hedge_counters
+from ._mixed import TAG_MISS
+from ._open import drive, mixed_with_outage, plot_run, run_details, unreached
 
 __all__ = ["run"]
 
@@ -88,41 +86,39 @@ def run(bench: Bench) -> Outcome:
     ) as seeded:
         params["seeding"] = seeded.seeding
         if not seeded.reached_upstream:
-            return Outcome(
-                "hang", status="failed", reason="the service never called the LLM upstream"
-            )
-        fake, svc, known = seeded.fake, seeded.svc, seeded.known
-        offsets = poisson_schedule([(total, rate)], seed=bench.settings.seed + 9)
-        payloads, choice, tags = mixed_load(
-            bench, svc, offsets, hit_share=HIT_SHARE, known=known, salt="hang-new"
-        )
-        t0 = bench.gen.start_time(sum(len(p) for p in payloads)) + 0.5
+            return unreached("hang")
+        svc = seeded.svc
         at_hang: dict[str, float] = {}
+        load = mixed_with_outage(
+            bench,
+            seeded,
+            rate=rate,
+            total_s=total,
+            hit_share=HIT_SHARE,
+            seed=9,
+            salt="hang-new",
+            outage_at_s=before,
+            outage_s=hang_s,
+            error_mode="hang",
+        )
+        t0 = load.t0
         reader = threading.Timer(
             max(t0 + before - time.monotonic(), 0.0), lambda: at_hang.update(hedge_counters(svc))
         )
         reader.start()
-        poller = StatsPoller(fake)
-        poller.start()
-        fake.control(
-            error_mode="hang",
-            outage_start_s=t0 + before - time.monotonic(),
-            outage_duration_s=hang_s,
-        )
-        result = bench.open(
-            svc,
-            payloads,
-            offsets,
-            choice,
-            tags=tags,
-            timeout_s=settings.deadline_s + 10.0,
-            grace_s=settings.deadline_s + 5.0,
+        run = drive(
+            bench,
+            seeded,
+            settings,
+            load.payloads,
+            load.offsets,
+            load.choice,
+            load.tags,
             start_at=t0,
         )
-        poller.stop()
         reader.join(5)
-        upstream = fake.stats()
         counters = service_counters(svc) | hedge_counters(svc)
+    result = run.result
     s = result.samples
     h0, h1 = before, before + hang_s
     windows = {
@@ -135,27 +131,24 @@ def run(bench: Bench) -> Outcome:
     budget_s = at_hang.get("xintu_llm_hedge_after_seconds")
     local_p99 = bench.measured.get("local_open_p99_ms")
     baseline = budget_s * 1000.0 + local_p99 if budget_s and local_p99 else None
-    details: dict[str, Any] = {
-        "params": params,
-        "windows": windows,
-        "hedge_budget_at_hang_s": budget_s,
-        "metrics_at_hang": at_hang,
-        "service_counters": counters,
-        "upstream": {k: v for k, v in upstream.items() if k != "images"},
-        "upstream_series": poller.series(t0),
-        "generator_cpu_s": round(result.generator_cpu_s, 2),
-        "client_errors": result.client_errors,
-    }
-    plot = bench.out_dir / "hang.png"
-    plot_timeline(
-        plot,
-        timeline(s, bin_s=1.0),
+    details = run_details(
+        params,
+        run,
+        series_t0=t0,
+        windows=windows,
+        hedge_budget_at_hang_s=budget_s,
+        metrics_at_hang=at_hang,
+        service_counters=counters,
+    )
+    plot = plot_run(
+        bench,
+        "hang",
+        run,
+        settings,
         title=f"hang: {rate:.0f} req/s, 70% hits; upstream hangs for {hang_s:.0f} s",
         windows=[(h0, h1, "LLM hangs")],
-        deadline_ms=settings.deadline_s * 1000,
-        extra_rates={"upstream LLM calls": poller.call_rate(result.t0)},
     )
-    out = Outcome("hang", details=details, plots=[plot.name])
+    out = Outcome("hang", details=details, plots=[plot])
     hm, bm = windows["hang_misses"], windows["before_misses"]
     hang_p99 = hm["latency_accepted_ms"]["p99"]
 

@@ -22,19 +22,23 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import httpx
 import numpy as np
 
 from .._context import Bench, missing_service
 from .._loadgen import poisson_schedule
-from .._plots import plot_timeline
 from .._report import Check, Outcome, Row
-from .._services import Service
-from .._stats import summarize, timeline
-from ._llm import StatsPoller, llm_missing, llm_settings, seeded_llm_service, service_counters
+from .._stats import summarize
+from ._llm import (
+    hedge_counters,
+    llm_missing,
+    llm_settings,
+    seeded_llm_service,
+    service_counters,
+)
 from ._mixed import TAG_MISS
+from ._open import drive, lag_check, plot_run, refusal_checks, run_details, unreached
 
-__all__ = ["hedge_counters", "run"]
+__all__ = ["run"]
 
 RATE_RPS = 100.0
 BURST_S = 10.0
@@ -42,22 +46,6 @@ LATENCY_MEDIAN_MS = 1500.0
 LATENCY_SIGMA = 0.4
 #: A refusal slower than this is not "fast".
 REFUSAL_FAST_MS = 200.0
-
-_HEDGE_METRICS = ("xintu_llm_hedges_total", "xintu_llm_hedge_after_seconds")
-
-
-def hedge_counters(svc: Service) -> dict[str, float]:
-    """The service's hedge counters and current hedge budget, from ``/metrics``."""
-    try:
-        text = httpx.get(f"{svc.url}/metrics", timeout=5.0).text
-    except httpx.HTTPError:
-        return {}
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith(_HEDGE_METRICS):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
 
 
 def run(bench: Bench) -> Outcome:
@@ -93,52 +81,28 @@ def run(bench: Bench) -> Outcome:
     ) as seeded:
         params["seeding"] = seeded.seeding
         if not seeded.reached_upstream:
-            return Outcome(
-                "missburst", status="failed", reason="the service never called the LLM upstream"
-            )
-        fake, svc = seeded.fake, seeded.svc
+            return unreached("missburst")
+        svc = seeded.svc
         offsets = poisson_schedule([(burst_s, RATE_RPS)], seed=bench.settings.seed + 7)
         fresh = bench.photos(len(offsets), "missburst-new")
         payloads = bench.classify_payloads(svc, fresh)
         choice = np.arange(len(offsets), dtype=np.int64)
         tags = np.full(len(offsets), TAG_MISS, dtype=np.int16)
-        poller = StatsPoller(fake)
-        poller.start()
-        result = bench.open(
-            svc,
-            payloads,
-            offsets,
-            choice,
-            tags=tags,
-            timeout_s=settings.deadline_s + 10.0,
-            grace_s=settings.deadline_s + 5.0,
-            max_conns=2048,
-        )
-        poller.stop()
-        upstream = fake.stats()
+        run = drive(bench, seeded, settings, payloads, offsets, choice, tags, max_conns=2048)
         counters = service_counters(svc) | hedge_counters(svc)
+    result, upstream = run.result, run.upstream
     s = result.samples
     w = summarize(s, start=0.0, end=burst_s)
-    details = {
-        "params": params,
-        "window": w,
-        "upstream": {k: v for k, v in upstream.items() if k != "images"},
-        "upstream_series": poller.series(result.t0),
-        "service_counters": counters,
-        "load": result.params,
-        "generator_cpu_s": round(result.generator_cpu_s, 2),
-        "client_errors": result.client_errors,
-    }
-    plot = bench.out_dir / "missburst.png"
-    plot_timeline(
-        plot,
-        timeline(s, bin_s=1.0),
+    details = run_details(params, run, series_t0=result.t0, window=w, service_counters=counters)
+    plot = plot_run(
+        bench,
+        "missburst",
+        run,
+        settings,
         title=f"missburst: {RATE_RPS:.0f} new photos/s for {burst_s:.0f} s, LLM ~1.5 s",
         windows=[(0.0, burst_s, "burst")],
-        deadline_ms=settings.deadline_s * 1000,
-        extra_rates={"upstream LLM calls": poller.call_rate(result.t0)},
     )
-    out = Outcome("missburst", details=details, plots=[plot.name])
+    out = Outcome("missburst", details=details, plots=[plot])
     lat, refused = w["latency_accepted_ms"], w["latency_refused_ms"]
     out.rows = [
         Row(
@@ -176,29 +140,16 @@ def run(bench: Bench) -> Outcome:
         ),
     ]
     out.rows.append(bench.rss_row("missburst"))
-    late = w["lateness"]
+    checks = refusal_checks(w, REFUSAL_FAST_MS)
     out.checks = [
-        Check(
-            "refusals are 503/429 with Retry-After",
-            w["refused_with_retry_after"] == w["refused"],
-            f"{w['refused']} refused, {w['refused_with_retry_after']} with Retry-After",
-        ),
-        Check(
-            f"refusals are fast (P99 <= {REFUSAL_FAST_MS:.0f} ms)",
-            refused["count"] == 0 or (refused["p99"] or 0.0) <= REFUSAL_FAST_MS,
-            f"refused P99 {refused['p99']} ms over {refused['count']}",
-        ),
+        *checks[:2],
         Check(
             "accepted P99 within the deadline",
             (lat["p99"] or 0.0) <= settings.deadline_s * 1000.0,
             f"{lat['p99']} ms; deadline {settings.deadline_s * 1000:.0f} ms",
         ),
-        Check("nothing else fails", w["errors"] == 0, f"statuses {w['status_counts']}"),
-        Check(
-            "generator kept its schedule",
-            not late["generator_lagged"],
-            f"lateness P99 {late['p99_ms']} ms, {late['share_over_10ms']:.2%} over 10 ms",
-        ),
+        *checks[2:],
+        lag_check(w),
     ]
     out.seconds = time.monotonic() - t_start
     return out

@@ -33,10 +33,8 @@ import numpy as np
 
 from .._context import Bench, missing_service
 from .._http import SOURCES
-from .._loadgen import poisson_schedule
-from .._plots import plot_timeline
 from .._report import Check, Outcome, Row
-from .._stats import summarize, timeline
+from .._stats import summarize
 from ._llm import (
     BreakerPoller,
     StatsPoller,
@@ -45,7 +43,8 @@ from ._llm import (
     lognormal_mean_s,
     seeded_llm_service,
 )
-from ._mixed import TAG_MISS, mixed_load
+from ._mixed import TAG_MISS
+from ._open import drive, mixed_with_outage, plot_run, run_details, unreached
 
 __all__ = ["run"]
 
@@ -106,33 +105,28 @@ def run(bench: Bench) -> Outcome:
     ) as seeded:
         params["seeding"] = seeded.seeding
         if not seeded.reached_upstream:
-            return Outcome(
-                "outage", status="failed", reason="the service never called the LLM upstream"
-            )
-        fake, svc, known = seeded.fake, seeded.svc, seeded.known
-        offsets = poisson_schedule([(total, rate)], seed=bench.settings.seed + 3)
-        payloads, choice, tags = mixed_load(
-            bench, svc, offsets, hit_share=HIT_SHARE, known=known, salt="outage-new"
-        )
-        t0 = bench.gen.start_time(sum(len(p) for p in payloads)) + 0.5
-        poller = StatsPoller(fake)
-        poller.start()
-        breaker = BreakerPoller(svc, "openai")
+            return unreached("outage")
+        breaker = BreakerPoller(seeded.svc, "openai")
         breaker.start()
-        fake.control(outage_start_s=t0 + before - time.monotonic(), outage_duration_s=outage_s)
-        result = bench.open(
-            svc,
-            payloads,
-            offsets,
-            choice,
-            tags=tags,
-            timeout_s=settings.deadline_s + 10.0,
-            grace_s=settings.deadline_s + 5.0,
-            start_at=t0,
+        load = mixed_with_outage(
+            bench,
+            seeded,
+            rate=rate,
+            total_s=total,
+            hit_share=HIT_SHARE,
+            seed=3,
+            salt="outage-new",
+            outage_at_s=before,
+            outage_s=outage_s,
         )
-        poller.stop()
-        breaker.stop()
-        upstream = fake.stats()
+        t0, tags = load.t0, load.tags
+        try:
+            run = drive(
+                bench, seeded, settings, load.payloads, load.offsets, load.choice, tags, start_at=t0
+            )
+        finally:
+            breaker.stop()
+    result, poller = run.result, run.poller
     s = result.samples
     o0, o1 = before, before + outage_s
     quiet = _breaker_opened(poller, t0 + o0, t0 + o1)
@@ -158,29 +152,26 @@ def run(bench: Bench) -> Outcome:
     opened_after = None if opened is None else round(opened - (t0 + o0), 2)
     quiet_after = None if quiet is None else round(quiet - (t0 + o0), 2)
     recovered_after = None if recovered is None else round(recovered, 2)
-    details: dict[str, Any] = {
-        "params": params,
-        "windows": windows,
-        "breaker_opened_after_s": opened_after,
-        "breaker_state_read": state_open is not None,
-        "upstream_quiet_after_s": quiet_after,
-        "upstream_calls_during_outage": calls_during,
-        "recovered_after_s": recovered_after,
-        "upstream": {k: v for k, v in upstream.items() if k != "images"},
-        "upstream_series": poller.series(t0),
-        "generator_cpu_s": round(result.generator_cpu_s, 2),
-        "client_errors": result.client_errors,
-    }
-    plot = bench.out_dir / "outage.png"
-    plot_timeline(
-        plot,
-        timeline(s, bin_s=1.0),
+    details = run_details(
+        params,
+        run,
+        series_t0=t0,
+        windows=windows,
+        breaker_opened_after_s=opened_after,
+        breaker_state_read=state_open is not None,
+        upstream_quiet_after_s=quiet_after,
+        upstream_calls_during_outage=calls_during,
+        recovered_after_s=recovered_after,
+    )
+    plot = plot_run(
+        bench,
+        "outage",
+        run,
+        settings,
         title=f"outage: {rate:.0f} req/s, 70% hits; upstream fails for {outage_s:.0f} s",
         windows=[(o0, o1, "LLM outage")],
-        deadline_ms=settings.deadline_s * 1000,
-        extra_rates={"upstream LLM calls": poller.call_rate(result.t0)},
     )
-    out = Outcome("outage", details=details, plots=[plot.name])
+    out = Outcome("outage", details=details, plots=[plot])
     local_p99 = bench.measured.get("local_open_p99_ms")
     bm, om = windows["before_misses"], windows["outage_misses"]
     out.rows = [
