@@ -183,6 +183,29 @@ def _print_reliability(title: str, rows: list[Row], markdown: bool) -> None:
     print()
 
 
+def _print_other_cap(rows: list[Row]) -> None:
+    """What a flat ``other`` confidence would do: the tune half's ``other`` accuracy
+    as a ceiling on every ``other`` answer's confidence, scored on each half."""
+    tune_other = [r for r in rows if r[0].split == "tune" and r[1] == "other"]
+    if not tune_other:
+        return
+    cap = sum(r[0].label == "other" for r in tune_other) / len(tune_other)
+    capped: list[Row] = [
+        (i, p, min(c, cap) if p == "other" else c, rule, desc) for i, p, c, rule, desc in rows
+    ]
+    for half in ("tune", "report"):
+        before = [r for r in rows if r[0].split == half]
+        after = [r for r in capped if r[0].split == half]
+        others = [r for r in after if r[1] == "other"]
+        print(
+            f"{half} half, `other` confidence capped at the tune half's `other` accuracy "
+            f"({cap:.2f}): ECE {_ece(before):.3f} -> {_ece(after):.3f}; "
+            f"`other` alone {_ece([r for r in before if r[1] == 'other']):.3f} -> "
+            f"{_ece(others):.3f}"
+        )
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", action="store_true")
@@ -250,6 +273,7 @@ def main() -> None:
         _print_reliability(f"{half} half", [r for r in rows if r[0].split == half], args.markdown)
     if len(halves) > 1:
         _print_reliability("both halves", rows, args.markdown)
+        _print_other_cap(rows)
     for item, why in skipped:
         print(f"skipped: {item.source} ({why})")
     print(f"{len(rows)} images classified in {time.monotonic() - started:.0f} s")
