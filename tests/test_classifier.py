@@ -311,7 +311,8 @@ def test_content_categories_do_not_overlap() -> None:
 
 
 def test_exports() -> None:
-    assert set(xintu.vision.__all__) == {
+    # At least the classifier's own (the model factory adds its names beside them).
+    assert set(xintu.vision.__all__) >= {
         "DecodedImage",
         "ImageSignals",
         "LocalClassifier",
