@@ -34,9 +34,11 @@ from xintu.actors._envelope import open_reply
 from xintu.errors import Overloaded
 from xintu.http import create_app
 from xintu.http._app import XintuApp
+from xintu.llm import LlmPool
 from xintu.store import CachedEntry, Lru
 
 from .fakes import FakeDecoded, FakeModel, FakePool, MemoryStore
+from .test_llm_pool import config as llm_pool_config
 from .test_service import multipart
 
 # --- the tickets ------------------------------------------------------------------------
@@ -313,3 +315,29 @@ class CountingPool(FakePool):
 
     async def answer(self, data: bytes, image_hash: str, deadline: float) -> Classification:
         return Classification(Category.OTHER, 0.5, Source.LOCAL, "fake", "fake")
+
+
+# --- where the work ahead goes: the LLM pool's room first -------------------------------
+
+
+async def test_the_llm_pools_room_then_the_local_pools_queue(autojump_clock: object) -> None:
+    """Two idle workers and an inbox of three: room for five jobs sent now (nothing
+    measured yet, so none would wait past the target). The chain sends the work
+    ahead where a miss goes: five to the LLM pool, the rest to the local pool,
+    which is asked about that rest only."""
+    pool = LlmPool(llm_pool_config(workers=2, inbox_size=3))
+    deadline = trio.current_time() + 10
+    assert pool.room(deadline, most=10) == 5
+    assert pool.room(deadline, most=4) == 4
+    assert pool.would_take(deadline, ahead=4)
+    assert not pool.would_take(deadline, ahead=5)
+    local = CountingPool()
+    local.room = 2
+    chain = Chain(local, llm=pool, latency_target_s=3.0)
+    assert chain.would_take(deadline, ahead=4)  # the LLM pool takes it: local not asked
+    assert local.asked_ahead == []
+    assert chain.would_take(deadline, ahead=6)  # 5 to the LLM, 1 to the local pool
+    assert not chain.would_take(deadline, ahead=7)  # 5 + 2: the local pool is full
+    assert local.asked_ahead == [1, 2]
+    pool.close()
+    assert pool.room(deadline, most=10) == 0  # closed: every job goes local

@@ -82,6 +82,8 @@ class LlmSettings:
     breaker_min_calls: int
     breaker_consecutive_failures: int
     fallback_reserve_s: float
+    # 0 where the service predates the slow-call rule.
+    breaker_slow_call_s: float = 0.0
 
 
 def llm_settings(bench: Bench, extra_env: Mapping[str, str] | None = None) -> LlmSettings:
@@ -98,6 +100,7 @@ def llm_settings(bench: Bench, extra_env: Mapping[str, str] | None = None) -> Ll
         breaker_min_calls=llm.breaker_min_calls,
         breaker_consecutive_failures=llm.breaker_consecutive_failures,
         fallback_reserve_s=llm.fallback_reserve_s,
+        breaker_slow_call_s=getattr(llm, "breaker_slow_call_s", 0.0),
     )
 
 

@@ -2,11 +2,12 @@
 
 ``outage`` makes the upstream fail fast (HTTP 500), which the breaker sees. A hung
 upstream is worse: no answer, no error, and a call ends only at the caller's
-deadline less ``llm.fallback_reserve_s`` (8.5 s by default), which the breaker
-does not count against the upstream (the caller's deadline came first). What
-bounds a caller's wait then is the hedge: after the pool's recent P95 call time
-(``llm.hedge_quantile``, within ``llm.hedge_min_s``..``hedge_after_s``) the local
-model classifies the photo beside the hung call and answers.
+deadline less ``llm.fallback_reserve_s`` (8.5 s by default). The breaker counts a
+call still unanswered after ``llm.breaker_slow_call_s`` (5 s) as a failure, so it
+opens a few seconds into the hang. What bounds a caller's wait meanwhile is the
+hedge: after the pool's recent P95 call time (``llm.hedge_quantile``, within
+``llm.hedge_min_s``..``hedge_after_s``) the local model classifies the photo
+beside the hung call and answers.
 
 Steady open-loop classify load as in ``outage`` (70 % known photos, 30 % new; the
 fake answers in ~0.5 s median while healthy; the rate is half of what the LLM pool
@@ -15,7 +16,9 @@ or the local model could take, whichever is less). Phases: 10 s healthy, 20 s hu
 ``--quick``). It stops by itself: the load ends after the last phase and the
 stragglers' wait is bounded by the deadline.
 
-Measured: the new photos' accepted P99 during the hang against the hedge budget
+Measured: the time until the breaker opens (``xintu_breaker_state`` on
+``/metrics``, as in ``outage``), the new photos' accepted P99 during the hang
+against the hedge budget
 (read from the service's ``xintu_llm_hedge_after_seconds`` when the hang starts)
 plus the local path's P99 (the ``local`` scenario's open-loop P99 at 70 %, when it
 ran first: ``python -m bench local hang``); answered and refused counts and the
@@ -34,6 +37,7 @@ from .._context import Bench, missing_service
 from .._report import Check, Outcome, Row
 from .._stats import summarize
 from ._llm import (
+    BreakerPoller,
     hedge_counters,
     llm_missing,
     llm_settings,
@@ -106,16 +110,21 @@ def run(bench: Bench) -> Outcome:
             max(t0 + before - time.monotonic(), 0.0), lambda: at_hang.update(hedge_counters(svc))
         )
         reader.start()
-        run = drive(
-            bench,
-            seeded,
-            settings,
-            load.payloads,
-            load.offsets,
-            load.choice,
-            load.tags,
-            start_at=t0,
-        )
+        breaker = BreakerPoller(svc, "openai")
+        breaker.start()
+        try:
+            run = drive(
+                bench,
+                seeded,
+                settings,
+                load.payloads,
+                load.offsets,
+                load.choice,
+                load.tags,
+                start_at=t0,
+            )
+        finally:
+            breaker.stop()
         reader.join(5)
         counters = service_counters(svc) | hedge_counters(svc)
     result = run.result
@@ -128,6 +137,9 @@ def run(bench: Bench) -> Outcome:
         "after_misses": summarize(s, start=h1, end=total, tag=TAG_MISS),
         "all": summarize(s, start=0.0, end=total),
     }
+    opened = breaker.first_open(t0 + h0, t0 + h1)
+    opened_after = None if opened is None else round(opened - (t0 + h0), 2)
+    calls = 'xintu_llm_calls_total{outcome="%s",provider="openai"}'
     budget_s = at_hang.get("xintu_llm_hedge_after_seconds")
     local_p99 = bench.measured.get("local_open_p99_ms")
     baseline = budget_s * 1000.0 + local_p99 if budget_s and local_p99 else None
@@ -136,6 +148,7 @@ def run(bench: Bench) -> Outcome:
         run,
         series_t0=t0,
         windows=windows,
+        breaker_opened_after_s=opened_after,
         hedge_budget_at_hang_s=budget_s,
         metrics_at_hang=at_hang,
         service_counters=counters,
@@ -156,6 +169,17 @@ def run(bench: Bench) -> Outcome:
         return counters.get(_HEDGES % outcome, 0.0) - at_hang.get(_HEDGES % outcome, 0.0)
 
     out.rows = [
+        Row(
+            "time until the breaker opens while it hangs",
+            opened_after,
+            "s",
+            "llm.breaker_slow_call_s",
+            settings.breaker_slow_call_s,
+            "read from xintu_breaker_state on /metrics; LLM calls in the run: "
+            f"{counters.get(calls % 'failure', 0):.0f} failed (slow counts), "
+            f"{counters.get(calls % 'abandoned', 0):.0f} abandoned; upstream calls "
+            f"{run.upstream['calls']}, still in flight at the end {run.upstream['in_flight']}",
+        ),
         Row(
             "new photos' P99 while the upstream hangs",
             hang_p99,
