@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.eval import sources
+from tests.eval.run import Item, Row, _ece, _reliability
 from tests.eval.sources import IMAGES_DIR, KINDS, SourceUnavailable, rcc_member
 from tests.eval.split import assign_splits, expected_splits, split_for_new
 from xintu import CATEGORIES
@@ -197,3 +198,26 @@ def test_two_runs_unpacking_one_package_keep_one_tree(
     assert (root / "usr" / "photo.jpg").read_bytes() == b"photo"
     assert (root / ".unpacked").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == [root.name]
+
+
+def test_reliability_bins_and_calibration_error() -> None:
+    def row(label: str, predicted: str, conf: float) -> Row:
+        return (
+            Item(f"file:{label}{conf}", "0" * 64, label, "tune", "x", ""),
+            predicted,
+            conf,
+            "r",
+            "",
+        )
+
+    rows = [
+        row("other", "other", 0.95),
+        row("pets", "other", 0.91),  # two answers at ~0.93, one right: 50 %
+        row("pets", "pets", 0.65),  # one at 0.65, right: 100 %
+    ]
+    table = _reliability(rows)
+    assert [(b, n) for b, n, _m, _a in table] == [("0.6-0.7", 1), ("0.9-1.0", 2)]
+    assert table[1][2] == pytest.approx(0.93)
+    assert table[1][3] == 0.5
+    # |0.65 - 1| * 1 + |0.93 - 0.5| * 2, over 3 answers
+    assert _ece(rows) == pytest.approx((0.35 + 0.86) / 3)
