@@ -4,6 +4,7 @@ the capacity, not after the bodies arrived; and a ticket never outlives its requ
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -232,21 +233,6 @@ async def test_a_burst_of_uploads_is_refused_at_the_headers(tmp_path: Path) -> N
     assert not any(b"photo 3" in data for data in model.prepared)
 
 
-async def test_a_request_that_fails_before_submitting_frees_its_ticket_at_the_ttl(
-    tmp_path: Path,
-) -> None:
-    """A 422 after the header check (no image field): the ticket stops counting at
-    the latency target at the latest."""
-    async with service(tmp_path, latency_target_s=0.2) as (app, _model):
-        client = app.test_client()
-        resp = await client.post(
-            "/api/v1/classify", files={"other": FileStorage(io.BytesIO(b"x"), filename="p")}
-        )
-        assert resp.status_code == 400
-        await trio.sleep(0.25)
-        assert len(app.runtime.reservations) == 0
-
-
 # --- flights still looking the cache up -------------------------------------------------
 
 
@@ -341,3 +327,75 @@ async def test_the_llm_pools_room_then_the_local_pools_queue(autojump_clock: obj
     assert local.asked_ahead == [1, 2]
     pool.close()
     assert pool.room(deadline, most=10) == 0  # closed: every job goes local
+
+
+# --- a ticket never outlives its request ------------------------------------------------
+
+
+async def test_a_ticket_stops_counting_when_its_task_ends(autojump_clock: object) -> None:
+    """A request's task that ends without submitting or releasing (an error it
+    answered, a cancellation) leaves nothing counted, long before the ttl."""
+    reservations = Reservations(ttl_s=3.0)
+
+    async def fails_after_the_check() -> None:
+        reservations.take()
+        raise ValueError("a bad field")
+
+    async def disconnects() -> None:
+        reservations.take()
+        await trio.sleep_forever()
+
+    with trio.fail_after(10):
+        with pytest.raises(ValueError, match=r"^a bad field$"):
+            await fails_after_the_check()  # in this task, which goes on: still counts
+        assert len(reservations) == 1
+        held_here = held()
+        assert held_here is not None
+        held_here.release()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(disconnects)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(reservations) == 1
+            nursery.cancel_scope.cancel()
+        assert len(reservations) == 0
+        assert (reservations.ended, reservations.expired) == (1, 0)
+
+        async def answered_an_error() -> None:
+            with contextlib.suppress(ValueError):
+                await fails_after_the_check()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answered_an_error)
+        assert len(reservations) == 0
+        assert reservations.ended == 2
+
+
+async def test_the_requests_end_frees_its_ticket(tmp_path: Path) -> None:
+    """Over HTTP: a request that fails after the header check (no image field: 400)
+    and one whose client disconnects before its body arrived leave no ticket."""
+    async with service(tmp_path) as (app, _model):
+        client = app.test_client()
+        resp = await client.post(
+            "/api/v1/classify", files={"other": FileStorage(io.BytesIO(b"x"), filename="p")}
+        )
+        assert resp.status_code == 400
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(app.runtime.reservations) == 0
+        body, headers = multipart([("image", "p.jpg", b"photo " * 500)])
+        # The test connection waits forever for a response after a disconnect:
+        # the cancel scope ends that wait (the assertions come before it).
+        released = False
+        with trio.move_on_after(2):
+            async with client.request(
+                "/api/v1/classify",
+                method="POST",
+                headers=headers | {"Content-Length": str(len(body))},
+            ) as connection:
+                await connection.send(body[:100])
+                await trio.testing.wait_all_tasks_blocked()
+                assert len(app.runtime.reservations) == 1
+                await connection.disconnect()
+                await trio.testing.wait_all_tasks_blocked()
+                released = len(app.runtime.reservations) == 0
+        assert released
+        assert (app.runtime.reservations.ended, app.runtime.reservations.expired) == (2, 0)

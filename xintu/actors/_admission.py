@@ -25,11 +25,13 @@ comes first:
   ticket the request holds, with no checkpoint before the envelope is queued, so
   the work is never counted twice nor not at all);
 - the request ends without submitting (an error, a client that disconnects, a
-  cancellation): the HTTP layer releases it in its teardown, or a caller holding
-  the ticket as a context manager on leaving the block;
+  cancellation): the task that took the ticket (the request's) has ended, which
+  the count sees (:meth:`Reservations.__len__` drops such tickets), or a caller
+  holding the ticket as a context manager leaves the block. So no path can leave
+  a ticket counting after its request: every task ends;
 - its ``ttl_s`` (the latency target) passes: past it the work could no longer be
-  answered by the target anyway, and a ticket whose release was missed stops
-  counting instead of shrinking the capacity for good.
+  answered by the target anyway (an upload whose body takes longer than that
+  stops being counted ahead).
 
 A request holds its ticket in a context variable (:func:`held`), set by
 :meth:`Reservations.take` in the request's task; tasks the request starts (a
@@ -39,6 +41,7 @@ batch's items) see the same ticket, so the first item submitted releases it.
 from __future__ import annotations
 
 import contextvars
+import inspect
 import itertools
 from types import TracebackType
 
@@ -71,7 +74,8 @@ class Ticket:
 
     @property
     def released(self) -> bool:
-        """Whether it no longer counts (released, or expired and pruned)."""
+        """Whether it no longer counts (released, or expired or its task ended,
+        and pruned)."""
         return self._id not in self._owner._live
 
     def release(self) -> None:
@@ -98,11 +102,12 @@ class Reservations:
         if not ttl_s > 0:
             raise ValueError(f"ttl_s must be > 0, got {ttl_s!r}")
         self._ttl_s = ttl_s
-        # ticket id -> expiry; insertion order is expiry order (one ttl for all).
-        self._live: dict[int, float] = {}
+        # ticket id -> (expiry, the task that took it).
+        self._live: dict[int, tuple[float, trio.lowlevel.Task]] = {}
         self._ids = itertools.count()
         self._taken = 0
         self._expired = 0
+        self._ended = 0
 
     def __len__(self) -> int:
         self._prune(trio.current_time())
@@ -115,16 +120,23 @@ class Reservations:
 
     @property
     def expired(self) -> int:
-        """Tickets that stopped counting at their ttl, never released (a missed
-        release, or a body that took longer than the latency target to arrive)."""
+        """Tickets that stopped counting at their ttl, never released (a body
+        that took longer than the latency target to arrive)."""
         return self._expired
+
+    @property
+    def ended(self) -> int:
+        """Tickets that stopped counting because the task that took them ended
+        without releasing them (a request that failed or was cancelled before it
+        submitted its work)."""
+        return self._ended
 
     def take(self) -> Ticket:
         """A new ticket, held by the current request (:func:`held`)."""
         now = trio.current_time()
         self._prune(now)
         ticket = Ticket(self, next(self._ids), now + self._ttl_s)
-        self._live[ticket._id] = ticket.expires_at
+        self._live[ticket._id] = (ticket.expires_at, trio.lowlevel.current_task())
         self._taken += 1
         _held.set(ticket)
         return ticket
@@ -136,9 +148,19 @@ class Reservations:
             ticket.release()
 
     def _prune(self, now: float) -> None:
-        while self._live:
-            first = next(iter(self._live))
-            if self._live[first] > now:
-                return
-            del self._live[first]
-            self._expired += 1
+        gone = [
+            (i, expires_at <= now)
+            for i, (expires_at, task) in self._live.items()
+            if expires_at <= now or _ended(task)
+        ]
+        for i, expired in gone:
+            del self._live[i]
+            if expired:
+                self._expired += 1
+            else:
+                self._ended += 1
+
+
+def _ended(task: trio.lowlevel.Task) -> bool:
+    """Whether *task* has finished (its coroutine has returned or raised)."""
+    return inspect.getcoroutinestate(task.coro) == inspect.CORO_CLOSED

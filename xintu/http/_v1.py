@@ -144,10 +144,9 @@ def _refuse_early(budget: float) -> None:
     Asked from the headers, before the body is read: the body is left unread, so
     the app answers ``Connection: close`` with the refusal. The ticket counts as
     work queued ahead of the next uploads' checks until the runtime's ``classify``
-    submits this one's work; it is kept on ``g`` so that the request's end
-    releases it if the work is never submitted.
+    submits this one's work, or the request's task ends without it.
     """
-    g.admission_ticket = _runtime().reserve(trio.current_time() + budget)
+    _runtime().reserve(trio.current_time() + budget)
 
 
 async def _sha256(data: bytes) -> str:
