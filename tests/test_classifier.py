@@ -206,6 +206,18 @@ def test_statistics_count_images_faces_and_text(classifier: LocalClassifier) -> 
     assert after.text == classifier.text_statistics()
     assert after.text is not None
     assert after.text.considered == before.text.considered + 2
+    # The pool's worker processes each count their own; their sum is the service's.
+    both = after + before
+    assert (both.prepared, both.faces.images) == (
+        after.prepared + before.prepared,
+        after.faces.images + before.faces.images,
+    )
+    assert both.text is not None
+    assert both.text.considered == after.text.considered + before.text.considered
+    assert both.text.by_reason == {
+        k: after.text.by_reason.get(k, 0) + before.text.by_reason.get(k, 0)
+        for k in after.text.by_reason.keys() | before.text.by_reason.keys()
+    }
 
 
 def test_prepare_runs_detectors_and_keeps_gray_only_for_text(

@@ -124,6 +124,21 @@ class LocalStatistics:
     faces: FaceStatistics
     text: TextStatistics | None
 
+    def __add__(self, other: LocalStatistics) -> LocalStatistics:
+        """Both counts together: the local pool's worker processes each have their
+        own classifier, and ``sum(parts[1:], parts[0])`` is the service's total."""
+        text = self.text if other.text is None else other.text
+        if self.text is not None and other.text is not None:
+            text = self.text + other.text
+        return LocalStatistics(
+            prepared=self.prepared + other.prepared,
+            prepare_ms=round(self.prepare_ms + other.prepare_ms, 1),
+            inferred=self.inferred + other.inferred,
+            infer_ms=round(self.infer_ms + other.infer_ms, 1),
+            faces=self.faces + other.faces,
+            text=text,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class _Decision:

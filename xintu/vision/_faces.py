@@ -99,6 +99,15 @@ class FaceStatistics:
     def mean_ms(self) -> float:
         return self.total_ms / self.images if self.images else 0.0
 
+    def __add__(self, other: FaceStatistics) -> FaceStatistics:
+        """Both counts together (e.g. the classifiers of several processes)."""
+        return FaceStatistics(
+            self.images + other.images,
+            self.with_faces + other.with_faces,
+            self.faces + other.faces,
+            round(self.total_ms + other.total_ms, 1),
+        )
+
 
 def ssd_anchors(spec: FaceModelSpec) -> _F32Array:
     """Anchor centres ``(A, 2)`` (x, y in 0..1) of MediaPipe's SSD anchor calculator.

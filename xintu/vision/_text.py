@@ -274,6 +274,26 @@ class TextStatistics:
     def mean_ms(self) -> float:
         return self.total_ms / self.ran if self.ran else 0.0
 
+    def __add__(self, other: TextStatistics) -> TextStatistics:
+        """Both counts together (e.g. the classifiers of several processes)."""
+        reasons = dict(self.by_reason)
+        for reason, n in other.by_reason.items():
+            reasons[reason] = reasons.get(reason, 0) + n
+        return TextStatistics(
+            considered=self.considered + other.considered,
+            ran=self.ran + other.ran,
+            by_reason=reasons,
+            boxes_detected=self.boxes_detected + other.boxes_detected,
+            boxes_recognised=self.boxes_recognised + other.boxes_recognised,
+            documents=self.documents + other.documents,
+            total_ms=round(self.total_ms + other.total_ms, 1),
+            gated_out=self.gated_out + other.gated_out,
+            settled=self.settled + other.settled,
+            read=self.read + other.read,
+            read_skipped=self.read_skipped + other.read_skipped,
+            detect_ms=round(self.detect_ms + other.detect_ms, 1),
+        )
+
 
 #: The text outcomes that bound what the text path can do to an answer: no text at
 #: all, a full page of aligned rows, and an identity keyword.
