@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from xintu import load_config
 from xintu.errors import ModelError
@@ -404,3 +404,30 @@ def test_no_opencv_cascade_or_hog_code_remains() -> None:
         text = path.read_text()
         for word in ("CascadeClassifier", "HOGDescriptor", "haarcascade", "cv2.data"):
             assert word not in text, f"{path} still uses {word}"
+
+
+def test_the_card_outline_is_looked_for_at_half_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Canny and the contour search on 320x240 instead of 640x480 (a quarter of the
+    work); the outline found is relative to the image either way."""
+    import xintu.vision._detect as detect
+
+    seen: list[tuple[int, ...]] = []
+    real = detect._card_outline
+
+    def recording(gray: Any) -> Any:
+        seen.append(gray.shape)
+        return real(gray)
+
+    monkeypatch.setattr(detect, "_card_outline", recording)
+    card = Image.new("L", (640, 480), 40)
+    ImageDraw.Draw(card).rectangle((120, 120, 120 + 342, 120 + 216), fill=220)  # 85.6:54
+    buf = io.BytesIO()
+    card.save(buf, "PNG")  # lossless: the outline's edges stay sharp
+    decoded = decode_image(buf.getvalue(), load_config(env={}).images)
+    assert seen == [(240, 320)]
+    assert decoded.signals.card_box is not None
+    x, y, w, h = decoded.signals.card_box
+    assert abs(x - 120 / 640) < 0.02
+    assert abs(y - 120 / 480) < 0.02
+    assert abs(w - 343 / 640) < 0.03
+    assert abs(h - 217 / 480) < 0.03
