@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from xintu import Classification, Config, Source
@@ -28,10 +29,28 @@ from .fakes import fake_category
 HOLD_S = 30.0
 
 
+@dataclass(frozen=True)
+class FakeStatistics:
+    """What one process's model counted; adds up like ``LocalStatistics``."""
+
+    prepared: int
+    pids: frozenset[int]
+
+    def __add__(self, other: FakeStatistics) -> FakeStatistics:
+        return FakeStatistics(self.prepared + other.prepared, self.pids | other.pids)
+
+
 class ProcFakeModel:
     model_name = "proc-fake-model"
 
+    def __init__(self) -> None:
+        self.prepared = 0
+
+    def statistics(self) -> FakeStatistics:
+        return FakeStatistics(self.prepared, frozenset({os.getpid()}))
+
     def prepare(self, data: bytes) -> bytes:
+        self.prepared += 1
         if data.startswith(b"bad"):
             raise BadImage("not an image")
         if data == b"boom":

@@ -88,6 +88,7 @@ async def test_photos_are_answered_in_the_processes_errors_per_photo(config: Con
                     callers.start_soon(one, data)
             urgent = await pool.classify_now(ClassifyRequest(b"pid", h(b"pid"), "r"))
             pids = procs(pool).pids()
+            counted = pool.model_statistics()
             pool.close()
     assert all(results[d].unwrap().category == fake_category(d) for d in images[:12])
     bad, boom = results[b"bad-1"], results[b"boom"]
@@ -102,8 +103,13 @@ async def test_photos_are_answered_in_the_processes_errors_per_photo(config: Con
     stats = pool.statistics()
     assert (stats.completed, stats.failed, stats.urgent) == (13, 2, 1)
     assert procs(pool).statistics().died == 0
-    # Closed: every process has exited (stdin closed after the queue was done).
+    # Each process's model counts its own; the pool adds them up (15 photos, errors too).
+    assert counted.prepared == 15
+    assert counted.pids <= set(pids)
+    # Closed: every process has exited (stdin closed after the queue was done), and
+    # what their models counted is kept.
     assert not any(alive(p) for p in pids)
+    assert pool.model_statistics() == counted
     with pytest.raises(Draining):
         await procs(pool).classify(b"late")
 

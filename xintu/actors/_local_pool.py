@@ -283,6 +283,15 @@ class LocalPool:
             **self._process_statistics(),
         )
 
+    def model_statistics(self) -> Any:
+        """The model's own ``statistics()`` (``xintu.vision.LocalStatistics`` for the
+        default model): the model's in threads, the sum over the worker processes'
+        models otherwise; ``None`` when the model has none."""
+        if self._procs is not None:
+            return self._procs.model_statistics()
+        statistics = getattr(self._threads, "statistics", None)
+        return statistics() if callable(statistics) else None
+
     def _process_statistics(self) -> dict[str, int]:
         if self._procs is None:
             return {}

@@ -138,6 +138,8 @@ class _Worker:
         self.index = index
         self.pid = proc.pid
         self._buffer = bytearray()
+        #: Its model's ``statistics()`` after its last photo (None: none yet, or no such method).
+        self.model_statistics: Any = None
         assert proc.stdin is not None
         assert proc.stdout is not None
         self._stdin = proc.stdin
@@ -228,6 +230,7 @@ class ProcessModel:
         self._workers: set[_Worker] = set()
         self._closed = trio.Event()
         self._firsts: list[_Worker] | None = None
+        self._retired_statistics: list[Any] = []
         self._running = False
         self._busy = 0
         self._started = 0
@@ -243,6 +246,22 @@ class ProcessModel:
             died=self._died,
             startup_s=round(self._startup_s, 3),
         )
+
+    def model_statistics(self) -> Any:
+        """The sum of the processes' model ``statistics()`` (each counts its own),
+        those that have died or stopped included; ``None`` before any or when the
+        model has none. Its type must support ``+`` (``xintu.vision.LocalStatistics``
+        does)."""
+        parts = [*self._retired_statistics]
+        parts += [w.model_statistics for w in self._workers if w.model_statistics is not None]
+        return sum(parts[1:], parts[0]) if parts else None
+
+    def _retire(self, worker: _Worker) -> None:
+        """*worker* is gone: keep what its model counted."""
+        self._workers.discard(worker)
+        if worker.model_statistics is not None:
+            self._retired_statistics.append(worker.model_statistics)
+            worker.model_statistics = None
 
     def pids(self) -> list[int]:
         """The process ids of the live worker processes (tests, diagnostics)."""
@@ -312,7 +331,7 @@ class ProcessModel:
         finally:
             self._busy -= 1
         self._put(worker)
-        kind, value = pickle.loads(reply)
+        kind, value, worker.model_statistics = pickle.loads(reply)
         if kind == "ok" and isinstance(value, Classification):
             return value
         if isinstance(value, XintuError):
@@ -370,7 +389,7 @@ class ProcessModel:
             return
         self._put(worker)
         await worker.proc.wait()
-        self._workers.discard(worker)
+        self._retire(worker)
         await worker.stop(0.0)  # closes the parent's ends of its pipes
         if self._closed.is_set():
             return
@@ -420,4 +439,5 @@ class ProcessModel:
         async with trio.open_nursery() as nursery:
             for worker in workers:
                 nursery.start_soon(worker.stop, grace_s)
-        self._workers.difference_update(workers)
+        for worker in workers:
+            self._retire(worker)

@@ -5,7 +5,9 @@ whole design). On stdin it reads frames (an 8-byte big-endian length, then the
 bytes): first the set-up (the parent's ``sys.path``, then the model's builder and
 the configuration, pickled), then one photo per frame. On stdout it writes one
 pickled frame per frame read: ``("ready", facts)`` or ``("failed", why)`` for the
-set-up, then ``("ok", Classification)`` or ``("error", XintuError)`` per photo.
+set-up, then ``("ok", Classification, stats)`` or ``("error", XintuError, stats)``
+per photo, where ``stats`` is the model's ``statistics()`` after it (``None`` for a
+model without one), which the service adds up over its processes.
 
 Anything else written to stdout (a stray ``print``, a library's warning) goes to
 stderr, which is the service's: the protocol has a descriptor of its own. The
@@ -38,14 +40,14 @@ def _read_frame(stream: IO[bytes]) -> bytes | None:
     return payload if len(payload) == size else None
 
 
-def _write_frame(stream: IO[bytes], reply: tuple[str, Any]) -> None:
+def _write_frame(stream: IO[bytes], reply: tuple[Any, ...]) -> None:
     try:
         payload = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
         pickle.loads(payload)  # an error that cannot be rebuilt must not reach the parent
     except Exception:
         from ..errors import ClassifierError
 
-        reply = ("error", ClassifierError("the local classifier's answer could not be sent"))
+        reply = ("error", ClassifierError("the local classifier's answer could not be sent"), None)
         payload = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
     stream.write(_HEADER.pack(len(payload)) + payload)
     stream.flush()
@@ -59,21 +61,23 @@ def _watch_parent(parent: int) -> None:
             os._exit(3)
 
 
-def _classify(model: Any, data: bytes) -> tuple[str, Any]:
+def _classify(model: Any, data: bytes) -> tuple[str, Any, Any]:
     from ..errors import ClassifierError, XintuError
 
+    statistics = getattr(model, "statistics", None)
     try:
         results = model.infer([model.prepare(data)])
         if len(results) != 1:
             raise ClassifierError(f"model answered {len(results)} of 1 images")
-        return ("ok", results[0])
+        reply: tuple[str, Any] = ("ok", results[0])
     except XintuError as exc:
-        return ("error", exc)
+        reply = ("error", exc)
     except Exception as exc:
         import structlog
 
         structlog.get_logger("xintu.local_pool").exception("local_inference_failed")
-        return ("error", ClassifierError(f"local classifier failed: {type(exc).__name__}"))
+        reply = ("error", ClassifierError(f"local classifier failed: {type(exc).__name__}"))
+    return (*reply, statistics() if callable(statistics) else None)
 
 
 def main() -> int:
