@@ -8,7 +8,9 @@ This classifies every ``tune`` image once per candidate weight, one group at a t
 with the others as they are, and prints the tune accuracy of each candidate; the
 ``report`` half is never read. The best value is the one with the most tune images
 right; ties keep the current value, or else take the value nearest to it (a tie
-says the tune half cannot tell them apart). Only the vote matrix changes between
+says the tune half cannot tell them apart). The default candidates stay within 0..1:
+a context group (a bottle, a boat, a monitor) never weighs more than the classes
+that name the category themselves. Only the vote matrix changes between
 candidates: decoding, the detectors and the model's probabilities are the
 classifier's own, so the text path runs as it would in service.
 
