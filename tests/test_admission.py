@@ -128,6 +128,38 @@ async def test_a_batch_under_overload_says_when_to_retry(tmp_path: Path) -> None
     assert int(refused.headers["Retry-After"]) >= 1
 
 
+async def test_a_deadline_too_short_for_the_client_alone_still_validates_the_body(
+    tmp_path: Path,
+) -> None:
+    """A client's own short X-Deadline-Ms that an idle service cannot meet is not a
+    refusal from the headers: a malformed upload is still its 4xx (schemathesis found
+    503 for a missing image with ``X-Deadline-Ms: 1``), a valid one still a 503/504."""
+    config = load_config(env={}, data={"dir": str(tmp_path)})
+    app = create_app(config, model_factory=lambda _c: SlowModel())
+    async with app.test_app():
+        client = app.test_client()
+        warm = await client.post(
+            "/api/v1/classify", files={"image": FileStorage(io.BytesIO(b"warm"), filename="w")}
+        )
+        assert warm.status_code == 200  # the pool has measured its service time
+        body, headers = multipart([("other", "x.txt", b"not the image field")])
+        malformed = await client.post(
+            "/api/v1/classify", data=body, headers=headers | {"X-Deadline-Ms": "1"}
+        )
+        valid = await client.post(
+            "/api/v1/classify",
+            files={"image": FileStorage(io.BytesIO(b"new photo"), filename="p")},
+            headers={"X-Deadline-Ms": "1"},
+        )
+    assert malformed.status_code == 400, await malformed.get_data()
+    assert (await malformed.get_json())["error_code"] == "bad_request"
+    # Refused after the body (no classifier by then), or its 1 ms passed first.
+    assert (valid.status_code, (await valid.get_json())["error_code"]) in {
+        (503, "overloaded"),
+        (504, "deadline_exceeded"),
+    }
+
+
 # --- refusals from the headers (issue 14) ----------------------------------------------
 
 

@@ -323,6 +323,21 @@ class Runtime:
             deadline, reserved + self.dispatcher.before_chain()
         )
 
+    def only_deadline_too_short(self, deadline: float, standard: float) -> bool:
+        """Whether work for *deadline* would not be taken now although work for the
+        *standard* deadline would: the request's own short deadline (``X-Deadline-Ms``),
+        not the service's capacity, stands in the way. Counts nothing.
+
+        The HTTP layer then does not refuse from the headers: it reads and validates
+        the body first, so a malformed upload is a 4xx whatever deadline it asked for,
+        and a valid one is refused (or times out) as usual after that.
+        """
+        if self._draining:
+            return False
+        reserved = len(self.reservations)
+        ahead = reserved + self.dispatcher.before_chain()
+        return not self.chain.would_take(deadline, ahead) and self.chain.would_take(standard, ahead)
+
     def reserve(self, deadline: float) -> Ticket:
         """:meth:`refusal`'s answer raised, else an admission ticket for the upload,
         held by the current request (:mod:`._admission`): it counts as work queued

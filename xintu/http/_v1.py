@@ -145,8 +145,20 @@ def _refuse_early(budget: float) -> None:
     the app answers ``Connection: close`` with the refusal. The ticket counts as
     work queued ahead of the next uploads' checks until the runtime's ``classify``
     submits this one's work, or the request's task ends without it.
+
+    A deadline the client shortened (``X-Deadline-Ms``) that only it cannot meet,
+    while the standard one could be, is not refused here: see
+    :meth:`Runtime.only_deadline_too_short`.
     """
-    _runtime().reserve(trio.current_time() + budget)
+    runtime = _runtime()
+    now = trio.current_time()
+    standard = _config().server.request_deadline_s
+    if budget < standard and runtime.only_deadline_too_short(now + budget, now + standard):
+        # The client's own deadline is too short, not the service too busy: the body
+        # is read and validated first (a malformed upload is a 4xx, whatever its
+        # deadline), and the work is refused or times out after that as usual.
+        return
+    runtime.reserve(now + budget)
 
 
 async def _sha256(data: bytes) -> str:
