@@ -278,14 +278,26 @@ class Metrics:
             registry=r,
         )
         self._last: dict[str, float] = {}
+        # (route, method, status, source) -> (histogram child, counter child): the
+        # labels are bounded (routes, known methods, statuses, sources), and a
+        # child looked up once is not looked up again on every request (issue 14).
+        self._request_children: dict[tuple[str, str, int, str], tuple[Any, Any]] = {}
 
     # --- per request -------------------------------------------------------------
 
     def observe_request(
         self, route: str, method: str, status: int, source: str, seconds: float
     ) -> None:
-        self.request_seconds.labels(route, method, source).observe(seconds)
-        self.requests.labels(route, method, str(status)).inc()
+        key = (route, method, status, source)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (
+                self.request_seconds.labels(route, method, source),
+                self.requests.labels(route, method, str(status)),
+            )
+            self._request_children[key] = children
+        children[0].observe(seconds)
+        children[1].inc()
 
     # --- sampling ----------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 import trio
-from quart import Response, current_app, g, request
+from quart import Request, Response, current_app, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -122,23 +122,27 @@ def create_app(config: Config, *, model_factory: ModelFactory | None = None) -> 
 
     @app.before_request
     async def _request_id() -> None:
-        g.request_id = uuid.uuid4().hex
-        g.started = trio.current_time()
+        ctx = g._get_current_object()
+        ctx.request_id = rid = uuid.uuid4().hex
+        ctx.started = trio.current_time()
         # Every log line of this request, the actors' included, carries its id.
         structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=g.request_id)
+        structlog.contextvars.bind_contextvars(request_id=rid)
 
     @app.after_request
     async def _finish(response: Response) -> Response:
-        rid = getattr(g, "request_id", None)
+        # The request and g once each: every ``request.``/``g.`` is a context lookup.
+        req: Request = request._get_current_object()  # type: ignore[attr-defined]
+        ctx = g._get_current_object()
+        rid = getattr(ctx, "request_id", None)
         if rid:
             response.headers["X-Request-ID"] = rid
-        if _body_unread():
+        if _body_unread(req):
             # Answered (usually refused) before the whole body arrived: Hypercorn
             # will close this connection after the response, so say so, or a
             # keep-alive client may send its next request into the closing socket.
             response.headers["Connection"] = "close"
-        _observe(app, response)
+        _observe(app, req, ctx, response)
         return response
 
     @app.errorhandler(XintuError)
@@ -213,44 +217,50 @@ _CLOSE_STORE_S = 5.0
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
-def _observe(app: XintuApp, response: Response) -> None:
-    """One latency observation and one structured log event per request."""
-    started = getattr(g, "started", None)
+def _observe(app: XintuApp, req: Request, ctx: Any, response: Response) -> None:
+    """One latency observation and one structured log event per request (*req* and
+    *ctx*, the request's ``g``, as the proxies resolve them)."""
+    started = getattr(ctx, "started", None)
     if started is None:
         return
     seconds = trio.current_time() - started
-    rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    source = getattr(g, "source", None) or "none"
+    url_rule = req.url_rule
+    rule = url_rule.rule if url_rule is not None else "unmatched"
+    source = getattr(ctx, "source", None) or "none"
+    status = response.status_code
     # Labels never take client input as it came: any other method string would
     # make a new series (unmatched paths are "unmatched" for the same reason).
-    method = request.method if request.method in _KNOWN_METHODS else "other"
-    app.metrics.observe_request(rule, method, response.status_code, source, seconds)
+    method = req.method
+    app.metrics.observe_request(
+        rule, method if method in _KNOWN_METHODS else "other", status, source, seconds
+    )
     if rule in _QUIET_ROUTES:
         return
-    image_hash = getattr(g, "image_hash", None)
+    image_hash = getattr(ctx, "image_hash", None)
     log.info(
         "request",
-        method=request.method,
+        method=method,
         route=rule,
-        status=response.status_code,
+        status=status,
         latency_ms=round(seconds * 1000.0, 2),
-        user_id=getattr(g, "user_id", None),
+        user_id=getattr(ctx, "user_id", None),
         image_hash=image_hash[:12] if image_hash else None,
         source=source,
-        provider=getattr(g, "provider", None),
-        client_ip=getattr(g, "client_ip", None) or request.remote_addr,
+        provider=getattr(ctx, "provider", None),
+        client_ip=getattr(ctx, "client_ip", None) or req.remote_addr,
     )
 
 
-def _body_unread() -> bool:
+def _body_unread(req: Request) -> bool:
     """True when the request declared a body that has not been received in full."""
-    declared = request.content_length
-    chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
-    if not chunked and not declared:
+    # quart's Body sets ``_complete`` once the last ASGI body message arrived: a
+    # body received in full (every hit) needs no look at the headers.
+    complete = getattr(req.body, "_complete", None)
+    if complete is None or complete.is_set():
         return False
-    # quart's Body sets ``_complete`` once the last ASGI body message arrived.
-    complete = getattr(request.body, "_complete", None)
-    return complete is not None and not complete.is_set()
+    declared = req.content_length
+    chunked = "chunked" in req.headers.get("Transfer-Encoding", "").lower()
+    return bool(chunked or declared)
 
 
 def _rid() -> str:

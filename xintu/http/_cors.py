@@ -12,11 +12,20 @@ credentials are never allowed; an allowed origin may send any request header
 headers a client acts on are exposed to its script. The guard lets preflights
 through without a key (they carry none, by the CORS rules) and without charging
 the rate limit: a preflight answer holds no data.
+
+A request without an ``Origin`` header is not a cross-origin request: its answer
+gets only ``Vary: Origin`` (what Quart-CORS adds then), set here directly, without
+Quart-CORS's per-request work (it re-reads its settings and the view function
+each time; issue 14, the hit path's cost). Requests with an ``Origin`` go through
+Quart-CORS unchanged.
 """
 
 from __future__ import annotations
 
-from quart import request
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+from quart import Quart, Response, request
 from quart_cors import cors
 from quart_trio import QuartTrio
 
@@ -40,8 +49,9 @@ def install_cors(app: QuartTrio, config: Config) -> None:
     origins = config.api.cors_origins
     if not origins:
         return
+    hooks = _Hooks()
     cors(
-        app,
+        cast(Quart, hooks),
         allow_origin="*" if "*" in origins else list(origins),
         allow_credentials=False,
         allow_headers=["*"],
@@ -50,3 +60,33 @@ def install_cors(app: QuartTrio, config: Config) -> None:
         max_age=_PREFLIGHT_MAX_AGE_S,
         send_origin_wildcard=True,
     )
+    cors_after = hooks.after_request_hook
+    assert cors_after is not None
+    assert hooks.websocket_hook is not None
+
+    async def after_request(response: Response) -> Response:
+        if not request.headers.get("Origin"):
+            # Not cross-origin: Quart-CORS would add this header and nothing else.
+            response.vary.add("Origin")
+            return response
+        return cast(Response, await cors_after(response))
+
+    app.after_request(after_request)
+    app.before_websocket(hooks.websocket_hook)
+
+
+class _Hooks:
+    """Takes the hooks Quart-CORS registers (its ``cors`` registers an after-request
+    and a before-websocket function), for :func:`install_cors` to wrap."""
+
+    def __init__(self) -> None:
+        self.after_request_hook: Callable[[Response], Awaitable[Any]] | None = None
+        self.websocket_hook: Callable[[], Awaitable[Any]] | None = None
+
+    def after_request(self, fn: Callable[[Response], Awaitable[Any]]) -> Any:
+        self.after_request_hook = fn
+        return fn
+
+    def before_websocket(self, fn: Callable[[], Awaitable[Any]]) -> Any:
+        self.websocket_hook = fn
+        return fn

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import structlog
 import trio
-from quart import Response, g, request
+from quart import Request, Response, g, request
 from quart_trio import QuartTrio
 
 from .._config import Config
@@ -144,26 +144,31 @@ class Guard:
 
     async def before_request(self) -> Response | None:
         """The hook: sets ``g.client`` and ``g.client_ip``; answers refusals itself."""
+        # The request and its headers are looked up once (each ``request.`` goes
+        # through Quart's context-local proxy).
+        req: Request = request._get_current_object()  # type: ignore[attr-defined]
+        headers = req.headers
         client = self.identify(
-            peer=request.remote_addr,
-            forwarded_for=request.headers.getlist("X-Forwarded-For"),
-            authorization=request.headers.get("Authorization"),
-            user_id=request.headers.get("X-User-ID"),
+            peer=req.remote_addr,
+            forwarded_for=headers.getlist("X-Forwarded-For") if self.proxies else (),
+            authorization=headers.get("Authorization"),
+            user_id=headers.get("X-User-ID"),
         )
-        g.client = client
-        g.client_ip = client.ip
-        if is_preflight():
+        ctx = g._get_current_object()
+        ctx.client = client
+        ctx.client_ip = client.ip
+        if req.method == "OPTIONS" and is_preflight():
             # A CORS preflight carries no key by the CORS rules and no data comes
             # back: the CORS layer answers it (see :mod:`._cors`).
             return None
-        refusal = self.check(client, request.path)
+        refusal = self.check(client, req.path)
         if refusal is None:
             return None
-        rid = g.get("request_id")
+        rid = ctx.get("request_id")
         response = error_response(refusal, rid if isinstance(rid, str) else "")
         if isinstance(refusal, Unauthorized):
             challenge = 'Bearer realm="xintu"'
-            if request.headers.get("Authorization"):
+            if headers.get("Authorization"):
                 challenge += ', error="invalid_token"'
             response.headers["WWW-Authenticate"] = challenge
         return response

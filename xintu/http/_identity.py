@@ -78,6 +78,9 @@ def alias_scope(user_id: str | None = None) -> str:
     return client.identity
 
 
+# Bound on TrustedProxies' memo of peer addresses.
+_PEER_MEMO = 4096
+
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -111,6 +114,13 @@ class TrustedProxies:
                     "security.trusted_proxies", f"not an IP address or network: {entry!r}"
                 ) from None
         self._networks = tuple(networks)
+        # peer -> its address as text, when no proxy is configured (the same few
+        # peers again and again; cleared when it reaches _PEER_MEMO entries).
+        self._peers: dict[str, str] = {}
+
+    def __bool__(self) -> bool:
+        """Whether any proxy is configured (``X-Forwarded-For`` is read only then)."""
+        return bool(self._networks)
 
     def trusted(self, addr: _Address) -> bool:
         return any(addr in net for net in self._networks)
@@ -119,6 +129,15 @@ class TrustedProxies:
         """The client's address: *peer*, unless *peer* is a trusted proxy; then the
         rightmost ``X-Forwarded-For`` hop that is not one (the leftmost if all are).
         A malformed hop stops the walk at the last good address."""
+        if not self._networks and peer:
+            known = self._peers.get(peer)
+            if known is None:
+                addr = _parse_address(peer)
+                known = peer if addr is None else str(addr)
+                if len(self._peers) >= _PEER_MEMO:
+                    self._peers.clear()
+                self._peers[peer] = known
+            return known
         peer_addr = _parse_address(peer or "")
         if peer_addr is None:
             return peer or "unknown"
