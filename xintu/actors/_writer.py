@@ -4,7 +4,9 @@ Producers hand it :class:`~xintu.store.ResultWrite`, :class:`~xintu.store.HitInc
 :class:`~xintu.store.RequestLogRow` and :class:`~xintu.store.AliasWrite` operations.
 The writer gathers up to ``writer_batch`` operations or ``writer_flush_ms`` of them,
 whichever comes first, and applies the lot as one :class:`~xintu.store.WriteBatch`
-in one transaction.
+in one transaction. While it gathers, an operation offered does not wake it: it
+wakes when the inbox holds the rest of a batch (or is half full), when closed or
+when a spill took the queue, and takes what came when the window ends.
 
 Hit increments are folded as they are offered: a table in memory keeps one count
 per image (+1 ... +1 becomes +N), so a hit never takes a slot of the inbox, and the
@@ -198,6 +200,9 @@ class Writer:
         self._closing = trio.Event()
         # Something for the writer to do (set by producers, the guard and close).
         self._work = trio.Event()
+        # While the writer gathers a batch: the inbox depth that wakes it (0: any
+        # operation does). See _gather.
+        self._wake_at = 0
         # Operations taken from the inbox, and the batch made of them being committed
         # (and when it was made): what the journal must keep if the writer stops now.
         self._taken: list[WriteOp] = []
@@ -350,7 +355,8 @@ class Writer:
     def _busy(self) -> None:
         if self._idle.is_set():
             self._idle = trio.Event()
-        self._work.set()
+        if not self._wake_at or self._accepted - self._received >= self._wake_at:
+            self._work.set()
 
     def _has_work(self) -> bool:
         return bool(
@@ -458,11 +464,22 @@ class Writer:
                 return ops
         with trio.move_on_after(self._flush_s):
             while len(ops) < self._max_batch and not self._closing.is_set():
+                # Woken only once the inbox holds the rest of a batch (or is half
+                # full), by a close or a spill: not by every operation offered
+                # (one wake-up per request was most of the writer's cost on the
+                # event loop under hits; issue 14). What came meanwhile is taken
+                # when the window ends.
+                self._wake_at = min(self._max_batch - len(ops), max(1, self._max_queued // 2))
                 self._work = trio.Event()
-                await self._work.wait()
+                try:
+                    await self._work.wait()
+                finally:
+                    self._wake_at = 0
                 if self._spill_gen != gen:
-                    break
+                    return ops
                 self._take_queued(ops)
+        if self._spill_gen == gen:
+            self._take_queued(ops)
         return ops
 
     def _take_queued(self, ops: list[WriteOp]) -> bool:

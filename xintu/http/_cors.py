@@ -67,7 +67,10 @@ def install_cors(app: QuartTrio, config: Config) -> None:
     async def after_request(response: Response) -> Response:
         if not request.headers.get("Origin"):
             # Not cross-origin: Quart-CORS would add this header and nothing else.
-            response.vary.add("Origin")
+            if "Vary" in response.headers:
+                response.vary.add("Origin")
+            else:
+                response.headers["Vary"] = "Origin"
             return response
         return cast(Response, await cors_after(response))
 
