@@ -140,6 +140,34 @@ class Metrics:
             "photo one was classifying was answered with an error.",
             registry=r,
         )
+        # The local model's own counters (LocalClassifier.statistics()), summed over
+        # the local pool's classifiers (threads: one; processes: one per worker).
+        self.local_faces = Counter(
+            "xintu_local_face_images",
+            "Images the local model's face detectors ran on (detected), and those of "
+            "them with at least one face (with_faces).",
+            ["outcome"],
+            registry=r,
+        )
+        self.local_faces_found = Counter(
+            "xintu_local_faces_found", "Faces the local model's detectors found.", registry=r
+        )
+        self.local_text = Counter(
+            "xintu_local_text_images",
+            "Images the local model's text path looked at, by outcome: gated_out (nothing "
+            "pointed at text), settled (no text could change the answer), detected (text "
+            "boxes detected), read (words read) and read_skipped (boxes found, but too "
+            "few, or words could not change the answer).",
+            ["outcome"],
+            registry=r,
+        )
+        self.local_seconds = Counter(
+            "xintu_local_model_seconds",
+            "Wall-clock seconds in the local model, by stage: prepare (decode and "
+            "faces), infer (EfficientNet, rules and text), faces, text, text_detect.",
+            ["stage"],
+            registry=r,
+        )
         self.batch_size = Gauge(
             "xintu_local_batch_size",
             "Images per ONNX session run: the last one and the mean since start.",
@@ -165,7 +193,7 @@ class Metrics:
         self.llm_last_failure = Gauge(
             "xintu_llm_provider_last_failure",
             "1 for the kind of the provider's last failed call (unauthorized, forbidden, "
-            "rate_limited, server_error, rejected, timeout, connect_error, bad_answer, "
+            "rate_limited, server_error, rejected, timeout, slow, connect_error, bad_answer, "
             "other), 0 for the others (summed over live workers).",
             ["provider", "kind"],
             registry=r,
@@ -354,6 +382,9 @@ class Metrics:
         self._advance(self.classifications.labels("local"), "local_done", lp.completed)
         self.batch_size.labels("last").set(lp.last_batch_size)
         self.batch_size.labels("mean").set(lp.mean_batch_size)
+        model = getattr(stats, "local_model", None)  # LocalPool.model_statistics()
+        if model is not None:
+            self._sample_local_model(model)
         self._sample_llm(stats.llm, stats.fallbacks)
         self._advance(self.llm_upgrades, "upgrades", stats.upgrades_queued)
         self.llm_hedge_after.set(stats.llm.hedge_after_s or 0.0)
@@ -373,6 +404,26 @@ class Metrics:
                 self._advance(self.upgrades.labels(name), f"upgrade:{name}", getattr(up, name))
             self.upgrade_queue.set(up.queue_depth)
             self.spool_bytes.set(up.spool.bytes if up.spool is not None else 0)
+
+    def _sample_local_model(self, m: Any) -> None:
+        """The local model's counters: faces, the text path's outcomes, time."""
+        f, t = m.faces, m.text
+        self._advance(self.local_faces.labels("detected"), "lm:faces", f.images)
+        self._advance(self.local_faces.labels("with_faces"), "lm:with_faces", f.with_faces)
+        self._advance(self.local_faces_found, "lm:faces_found", f.faces)
+        seconds = {"prepare": m.prepare_ms, "infer": m.infer_ms, "faces": f.total_ms}
+        if t is not None:
+            for outcome, total in (
+                ("gated_out", t.gated_out),
+                ("settled", t.settled),
+                ("detected", t.ran),
+                ("read", t.read),
+                ("read_skipped", t.read_skipped),
+            ):
+                self._advance(self.local_text.labels(outcome), f"lm:text:{outcome}", total)
+            seconds |= {"text": t.total_ms, "text_detect": t.detect_ms}
+        for stage, ms in seconds.items():
+            self._advance(self.local_seconds.labels(stage), f"lm:s:{stage}", ms / 1000.0)
 
     def sample_guard(self, guard: Any) -> None:
         """Bring the guard's metrics up to date from a ``GuardStatistics``."""

@@ -92,6 +92,9 @@ class RuntimeStatistics:
     hedges: Mapping[str, int] = dataclasses.field(default_factory=dict)
     # Upgrades of local answers served from the cache (:mod:`._upgrades`).
     upgrades: UpgradesStatistics | None = None
+    # The local model's own counters (LocalPool.model_statistics(): faces, the text
+    # path, time), summed over its worker processes; None when the model has none.
+    local_model: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +252,7 @@ class Runtime:
                 "replaced": chain.hedges_replaced,
             },
             upgrades=self.upgrades.statistics(),
+            local_model=self.local.model_statistics(),
         )
 
     # --- lifetime ------------------------------------------------------------------
