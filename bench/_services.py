@@ -57,11 +57,16 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def _children(pid: int) -> list[int]:
-    try:
-        raw = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(p) for p in raw.split()]
+    """Children of every thread of *pid*: Trio starts the local model's worker
+    processes from a worker thread, and /proc lists a child under the thread that
+    started it, so the main thread's list alone misses them."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
 
 
 def _tree(pid: int) -> list[int]:

@@ -217,3 +217,23 @@ async def test_connection_parses_source_and_retry_after() -> None:
     with trio.fail_after(5):
         resp = await conn.request(json_request("/p", {"a": 1}, host="h"))
     assert (resp.status, resp.source, resp.retry_after, resp.keep_alive) == (200, 1, False, True)
+
+
+def test_the_process_tree_includes_children_started_from_threads() -> None:
+    """The service's local model processes are started from a Trio worker thread:
+    the harness's CPU and memory readings must include them."""
+    import os
+    import subprocess
+    import threading
+
+    from bench._services import _tree
+
+    started: list[subprocess.Popen[bytes]] = []
+    thread = threading.Thread(target=lambda: started.append(subprocess.Popen(["sleep", "5"])))
+    thread.start()
+    thread.join()
+    try:
+        assert started[0].pid in _tree(os.getpid())
+    finally:
+        started[0].kill()
+        started[0].wait()
