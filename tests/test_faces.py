@@ -431,3 +431,26 @@ def test_the_card_outline_is_looked_for_at_half_size(monkeypatch: pytest.MonkeyP
     assert abs(y - 120 / 480) < 0.02
     assert abs(w - 343 / 640) < 0.03
     assert abs(h - 217 / 480) < 0.03
+
+
+def test_a_face_not_counted_as_a_person_is_no_id_photo() -> None:
+    """A dog photographed in a card's shape (ybc_animal's test.jpg in the evaluation
+    set): the detectors see "faces" on it that do not count as people, and it was
+    filed as an ID card. Only a face counted as a person can be the ID photo."""
+    a = (0.05, 0.3, 0.15, 0.25)
+    signals = ImageSignals(
+        width=1420,
+        height=1000,
+        format="JPEG",
+        exif_camera=True,
+        screen_resolution=False,
+        flat_fraction=0.1,
+        top_colours_fraction=0.1,
+        text_lines=0,
+        card_box=(0.0, 0.0, 1.0, 1.0),
+        detectors_run=True,
+        face_list=(Face(a, 0.6, FULL),),
+        person_faces=(),
+    )
+    assert not signals.face_on_side
+    assert dataclasses.replace(signals, person_faces=signals.face_list).face_on_side

@@ -245,7 +245,8 @@ class ImageSignals:
 
     @property
     def face_on_side(self) -> bool:
-        """A face inside the card, in its left or right part, sized like an ID photo.
+        """A face counted as a person (not a pet's, nor a weak detection) inside the
+        card, in its left or right part, sized like an ID photo.
 
         An identity document shows one person: with two or more people counted on
         the "card" (a group photo that has a card's aspect) there is no ID photo.
@@ -255,7 +256,7 @@ class ImageSignals:
         kx, ky, kw, kh = self.card_box
         if sum(_centre_inside(f.box, self.card_box) for f in self.person_faces) >= 2:
             return False
-        for x, y, w, h in self.face_boxes:
+        for x, y, w, h in (f.box for f in self.person_faces):
             cx = (x + w / 2 - kx) / kw
             cy = (y + h / 2 - ky) / kh
             rel_h = h / kh
