@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from xintu import Config, load_config
+import xintu._log
 from xintu._log import reset_logging
 
 pytest_plugins = ["tests.backends"]
@@ -24,6 +25,11 @@ def data_dir(tmp_path: Path) -> Path:
 def config(data_dir: Path) -> Config:
     """Defaults on a fresh data directory, ignoring the caller's environment."""
     return load_config(env={}, data={"dir": str(data_dir)})
+
+
+# A logger cached under one test's logging configuration would hide its events from
+# a later test's structlog.testing.capture_logs (a failure that depended on test order).
+xintu._log.CACHE_LOGGERS = False
 
 
 @pytest.fixture(autouse=True)

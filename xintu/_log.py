@@ -32,6 +32,11 @@ __all__ = ["configure_logging", "reset_logging"]
 
 # The handler configure_logging installed on the root logger, for reset_logging.
 _HANDLER_NAME = "xintu"
+#: structlog's ``cache_logger_on_first_use`` for :func:`configure_logging`. The test
+#: suite turns it off (tests/conftest.py): a module's logger cached under one test's
+#: configuration would keep its processors, and ``structlog.testing.capture_logs`` in
+#: a later test would not see its events.
+CACHE_LOGGERS = True
 
 
 class _Sink:
@@ -150,7 +155,7 @@ def configure_logging(cfg: LogConfig, stream: TextIO | None = None) -> None:
         processors=processors,
         logger_factory=factory,
         wrapper_class=_LevelFiltered,
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=CACHE_LOGGERS,
     )
     root = logging.getLogger()
     root.handlers[:] = [h for h in root.handlers if h.get_name() != _HANDLER_NAME] + [handler]

@@ -202,6 +202,8 @@ def _wants_evidence() -> bool:
     """Cache checks leave the local model's evidence out (null, as the original's
     LLM answers had it) unless the client asks with ``?evidence=true``: an album
     syncing 100 hashes a request should not pay about 1 KB a hit for it."""
+    if not request.query_string:  # most requests: no query string to parse
+        return False
     value = request.args.get("evidence")
     if value is None or value in ("false", "0"):
         return False
