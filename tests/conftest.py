@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from xintu import Config, load_config
 import xintu._log
+from xintu import Config, load_config
 from xintu._log import reset_logging
 
 pytest_plugins = ["tests.backends"]
