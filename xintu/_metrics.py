@@ -218,7 +218,8 @@ class Metrics:
             "dropped_budget (no token of store.upgrades_per_minute left), dropped_full "
             "(the queue was full), dropped_llm (the LLM pool refused the recheck), "
             "no_bytes (no spooled photo to send), sent (to the LLM pool), upgraded "
-            "(an LLM answer replaced the local one).",
+            "(an LLM re-classification finished and its answer was written over the "
+            "cached one; also counts a hedge's late LLM answer).",
             ["outcome"],
             registry=r,
         )

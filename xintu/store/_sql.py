@@ -626,8 +626,10 @@ class SqlStore(Store):
             await conn.commit()
             return bool(rows)
 
-        # Idempotent: a second run finds nothing left to delete.
-        return await self._run("purge", op)
+        # Not re-run after an ambiguous commit: the re-run would find nothing left and
+        # answer "nothing to purge" for a purge that worked; the error lets the
+        # operator ask again instead.
+        return await self._run("purge", op, idempotent=False)
 
     # --- writes ------------------------------------------------------------------
 
