@@ -155,6 +155,9 @@ async def test_reclassify_by_source_replaces_local_answers(tmp_path: Path) -> No
         ({"source": "local", "user_id": "u"}, "unknown field 'user_id'"),
         ({"image_hashes": ["a" * 64] * 501}, "image_hashes must be a list of 1 to 500 hashes"),
         ({"image_hashes": ["xyz"]}, "image_hashes[0] must be 64 hexadecimal characters"),
+        # An empty query would re-classify the oldest entries of every source.
+        ({}, "give image_hashes or a query with at least one of source, since, until"),
+        ({"limit": 10}, "give image_hashes or a query with at least one of source, since"),
     ],
 )
 async def test_reclassify_refuses_bad_input(
@@ -188,6 +191,46 @@ async def test_admin_endpoints_need_an_admin_key_when_admin_keys_are_set(
     assert (none.status_code, ordinary.status_code, admin.status_code) == (401, 403, 200)
 
 
+def test_the_cli_refuses_to_reclassify_everything(capsys: Any) -> None:
+    """``xintu admin reclassify`` with no hash and no query sends nothing."""
+    argv = ["admin", "reclassify", "--server", "http://127.0.0.1:9", "--limit", "5"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "at least one of --source, --since, --until" in err
+    assert "cannot reach" not in err
+
+
+async def test_a_recheck_answer_after_a_purge_is_dropped(tmp_path: Path) -> None:
+    """An LLM recheck of the photo, under way when its entry was purged, answers
+    afterwards: its answer does not bring the entry back."""
+    from xintu._types import Category, Classification, Source
+
+    async with serving(config_for(tmp_path)) as (app, client):
+        data = photo(3)
+        await upload(client, data)
+        await app.runtime.writer.wait_idle()
+        resp = await client.post("/admin/purge", json={"image_hash": sha(data)})
+        assert (await resp.get_json())["purged"] is True
+        late = Classification(
+            category=Category.PETS, confidence=0.9, source=Source.LLM, model="fake-vl"
+        )
+        await app.runtime._recheck_done(sha(data), late)  # the LLM pool's on_recheck
+        await app.runtime.writer.wait_idle()
+        assert await app.store.get(sha(data)) is None
+        miss = await (
+            await client.post(f"{V1}/check-cache", json={"image_hash": sha(data)})
+        ).get_json()
+        assert miss["cached"] is False
+        assert await app.runtime.upgrades.spool.get(sha(data)) is None
+
+
+async def test_a_service_without_an_llm_makes_no_spool_directory(tmp_path: Path) -> None:
+    async with serving(config_for(tmp_path)) as (_app, client):
+        assert (await upload(client, photo(4)))["success"] is True
+    assert (tmp_path / "data").is_dir()
+    assert not (tmp_path / "data" / "spool").exists()
+
+
 def test_openapi_describes_the_admin_endpoints(tmp_path: Path) -> None:
     from xintu.http._openapi import openapi_document
 
@@ -209,6 +252,12 @@ def test_openapi_describes_the_admin_endpoints(tmp_path: Path) -> None:
     by_hashes, by_query = schema["application/json"]["schema"]["oneOf"]
     assert by_hashes["properties"]["image_hashes"]["maxItems"] == 500
     assert by_query["properties"]["source"]["enum"] == ["local", "llm"]
+    # An empty query is refused: at least one of source, since, until.
+    assert {tuple(r["required"]) for r in by_query["anyOf"]} == {
+        ("source",),
+        ("since",),
+        ("until",),
+    }
 
 
 # --- from outside ---------------------------------------------------------------------

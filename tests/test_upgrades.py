@@ -45,10 +45,17 @@ class FakeLlm:
     up: bool = True
     room: int = 100
     sent: list[tuple[str, bytes]] = field(default_factory=list)
+    providers: bool = True
+    rechecks: bool = True  # llm.recheck_queue > 0
+    full: bool = False  # its recheck queue is full now
 
     @property
     def enabled(self) -> bool:
-        return True
+        return self.providers
+
+    @property
+    def rechecks_enabled(self) -> bool:
+        return self.rechecks
 
     def healthy(self) -> bool:
         return self.up
@@ -58,6 +65,8 @@ class FakeLlm:
         return True
 
     def statistics(self) -> Any:
+        if self.full:
+            return _Stats(1, 1)
         return _Stats(len(self.sent) if self.room == 0 else 0, max(self.room, 1))
 
 
@@ -255,3 +264,123 @@ async def test_photos_held_in_memory_are_bounded(tmp_path: Path) -> None:
         assert await spool.get(sha(small)) is None  # held in memory
         assert upgrades.statistics().no_bytes == 0
         upgrades.close()
+
+
+# --- review findings: purges stick, nothing stalls when rechecks cannot run ----------
+
+
+class _GatedSpool(Spool):
+    """A spool whose writes wait for :attr:`gate` (a purge comes mid-put)."""
+
+    def __init__(self, directory: Path, *, max_bytes: int) -> None:
+        super().__init__(directory, max_bytes=max_bytes)
+        self.gate = trio.Event()
+        self.putting = trio.Event()
+
+    async def put(self, image_hash: str, data: bytes) -> bool:
+        self.putting.set()
+        await self.gate.wait()
+        return await super().put(image_hash, data)
+
+
+async def test_a_purge_mid_spool_write_leaves_no_bytes(tmp_path: Path) -> None:
+    """The spooler was writing the photo when its entry was purged: the bytes do
+    not stay in the spool."""
+    spool = _GatedSpool(tmp_path / "spool", max_bytes=MB)
+    async with trio.open_nursery() as nursery:
+        upgrades = await started(nursery, FakeLlm(), spool)
+        data = b"a photo being spooled"
+        upgrades.local_answered(sha(data), data)
+        await spool.putting.wait()
+        await upgrades.purged(sha(data))
+        spool.gate.set()
+        await until(lambda: not upgrades._spooling)
+        assert await spool.get(sha(data)) is None
+        assert spool.statistics().files == 0
+        assert upgrades.recently_purged(sha(data))
+        upgrades.close()
+
+
+async def test_a_purge_stops_an_upgrade_already_taken_by_the_worker(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """The worker had taken the photo and was waiting for room in the LLM pool when
+    the entry was purged: it is not sent; a hit within PURGED_TTL_S is refused, one
+    after it is taken again."""
+    from xintu.actors._upgrades import PURGED_TTL_S
+
+    llm = FakeLlm(full=True)
+    spool = Spool(tmp_path / "spool", max_bytes=MB)
+    async with trio.open_nursery() as nursery:
+        upgrades = await started(nursery, llm, spool)
+        data = b"a photo to upgrade"
+        await spool.put(sha(data), data)
+        assert upgrades.offer(sha(data))
+        await until(lambda: upgrades.statistics().queue_depth == 0)  # taken
+        await trio.testing.wait_all_tasks_blocked()
+        await upgrades.purged(sha(data))
+        llm.full = False
+        mock_clock.jump(1)  # the worker looks again
+        await trio.testing.wait_all_tasks_blocked()
+        assert llm.sent == []
+        assert not upgrades.offer(sha(data))
+        mock_clock.jump(PURGED_TTL_S + 1)
+        assert not upgrades.recently_purged(sha(data))
+        assert upgrades.offer(sha(data))
+        upgrades.close()
+
+
+async def test_nothing_is_spooled_nor_queued_when_the_llm_takes_no_rechecks(
+    tmp_path: Path,
+) -> None:
+    """llm.recheck_queue = 0: the upgrades are off; an operator's re-classification
+    is reported dropped, not queued for ever; nothing is spooled."""
+    spool = Spool(tmp_path / "spool", max_bytes=MB)
+    data = b"kept before"
+    assert await spool.put(sha(data), data)
+    async with trio.open_nursery() as nursery:
+        upgrades = await started(nursery, FakeLlm(rechecks=False), spool)
+        assert not upgrades.enabled
+        other = b"answered locally"
+        upgrades.local_answered(sha(other), other)
+        report = await upgrades.reclassify([sha(data)])
+        assert report == ReclassifyReport(matched=1, queued=0, no_bytes=0, dropped=1)
+        assert not upgrades.offer(sha(data))
+        await trio.testing.wait_all_tasks_blocked()
+        assert not upgrades._spooling
+        assert await spool.get(sha(other)) is None
+        upgrades.close()
+
+
+async def test_a_reclassification_is_dropped_when_the_budget_is_zero(tmp_path: Path) -> None:
+    """store.upgrades_per_minute = 0: an operator's hashes are reported dropped,
+    not queued for ever."""
+    spool = Spool(tmp_path / "spool", max_bytes=MB)
+    data = b"a local answer's photo"
+    assert await spool.put(sha(data), data)
+    async with trio.open_nursery() as nursery:
+        upgrades = await started(nursery, FakeLlm(), spool, per_minute=0)
+        report = await upgrades.reclassify([sha(data)])
+        assert report == ReclassifyReport(matched=1, queued=0, no_bytes=0, dropped=1)
+        assert upgrades.statistics().queue_depth == 0
+        upgrades.close()
+
+
+@pytest.mark.parametrize("setting", ["no_llm", "no_rechecks", "no_budget", "no_spool"])
+async def test_the_spool_directory_is_made_only_when_upgrades_can_run(
+    tmp_path: Path, setting: str
+) -> None:
+    """A service without an LLM (or without upgrades) starts without a writable
+    <data dir>/spool."""
+    llm = FakeLlm(providers=setting != "no_llm", rechecks=setting != "no_rechecks")
+    spool = Spool(tmp_path / "spool", max_bytes=0 if setting == "no_spool" else MB)
+    per_minute = 0 if setting == "no_budget" else 60
+    async with trio.open_nursery() as nursery:
+        upgrades = await started(nursery, llm, spool, per_minute=per_minute)
+        upgrades.close()
+    assert not (tmp_path / "spool").exists()
+    # And with all of them, it is made.
+    async with trio.open_nursery() as nursery:
+        upgrades = await started(nursery, FakeLlm(), Spool(tmp_path / "on", max_bytes=MB))
+        upgrades.close()
+    assert (tmp_path / "on").is_dir()

@@ -492,7 +492,11 @@ class Runtime:
     async def _recheck_done(self, image_hash: str, classification: Classification) -> None:
         """The LLM re-classified a cached local answer (a recheck, an upgrade, or a
         hedged call whose local answer came first): it replaces the local one (an
-        operator's re-classification replaces any), and the spooled bytes go."""
+        operator's re-classification replaces any), and the spooled bytes go. The
+        answer for an entry purged meanwhile is dropped: the purge sticks."""
+        if self.upgrades.recently_purged(image_hash):
+            log.info("llm_recheck_after_purge_dropped", image_hash=image_hash[:12])
+            return
         forced = await self.upgrades.upgraded(image_hash)
         old = self.cache.lru.get(image_hash)
         if old is not None:

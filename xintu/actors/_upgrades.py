@@ -34,6 +34,16 @@ uses the same worker and the same budget, waiting for tokens instead of being
 dropped: its hashes go to a queue of their own (same bound) behind the hits' ones,
 and their answers replace whatever is stored, an LLM answer included
 (``ResultWrite.replace``). Only the LLM pool's public methods are used.
+
+Nothing is spooled or queued unless the upgrades are :attr:`~Upgrades.enabled`: an
+LLM provider whose pool takes rechecks (``llm.recheck_queue`` > 0) and a budget
+(``store.upgrades_per_minute`` > 0); the spool's directory is made only then.
+
+A purge (:meth:`Upgrades.purged`) sticks: for :data:`PURGED_TTL_S` after it (at most
+:data:`PURGED_KEPT` hashes remembered) the photo is not offered nor sent again, a
+recheck's answer for it is dropped (:meth:`Upgrades.recently_purged`, asked by the
+runtime), and bytes handed to the spooler before the purge are not kept (not
+written, or deleted once written).
 """
 
 from __future__ import annotations
@@ -50,7 +60,15 @@ import trio
 from ..llm import LlmPoolStatistics
 from ._spool import Spool, SpoolStatistics
 
-__all__ = ["MAX_HELD_BYTES", "POLL_S", "ReclassifyReport", "Upgrades", "UpgradesStatistics"]
+__all__ = [
+    "MAX_HELD_BYTES",
+    "POLL_S",
+    "PURGED_KEPT",
+    "PURGED_TTL_S",
+    "ReclassifyReport",
+    "Upgrades",
+    "UpgradesStatistics",
+]
 
 log = structlog.get_logger("xintu.upgrades")
 
@@ -61,6 +79,11 @@ _SPOOL_INBOX = 16
 #: Bytes of photos the queue holds in memory (an upload of a known photo brings its
 #: own); past it, an offer's photo goes to the spool and the queue keeps its hash.
 MAX_HELD_BYTES = 64 * 1024 * 1024
+#: Seconds a purge is remembered: an LLM answer for the photo arriving meanwhile
+#: (a recheck sent, queued in the LLM pool, or under way at the purge) is dropped.
+PURGED_TTL_S = 600.0
+#: Most purged hashes remembered (the oldest are forgotten first).
+PURGED_KEPT = 10_000
 
 
 class UpgradeTarget(Protocol):
@@ -68,6 +91,9 @@ class UpgradeTarget(Protocol):
 
     @property
     def enabled(self) -> bool: ...
+
+    @property
+    def rechecks_enabled(self) -> bool: ...
 
     def healthy(self) -> bool: ...
 
@@ -175,9 +201,13 @@ class Upgrades:
         # Photos handed to the spooler and not written yet: the worker waits for them.
         self._spooling: dict[str, trio.Event] = {}
         self._wake = trio.Event()
-        self._spool_send, self._spool_receive = trio.open_memory_channel[tuple[str, bytes]](
+        # (hash, bytes, the purge count when it was handed over).
+        self._spool_send, self._spool_receive = trio.open_memory_channel[tuple[str, bytes, int]](
             _SPOOL_INBOX
         )
+        # Purged recently: hash -> (the purge count then, when), oldest first.
+        self._purges = 0
+        self._purged: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self._closed = False
         self._queued = 0
         self._dropped_budget = 0
@@ -190,8 +220,14 @@ class Upgrades:
 
     @property
     def enabled(self) -> bool:
-        """Whether local answers can be upgraded at all (an LLM, a budget, a spool)."""
-        return self._llm.enabled and self._per_minute > 0 and not self._closed
+        """Whether local answers can be upgraded at all: an LLM whose pool takes
+        rechecks (``llm.recheck_queue`` > 0), a budget, and not closed."""
+        return (
+            self._llm.enabled
+            and self._llm.rechecks_enabled
+            and self._per_minute > 0
+            and not self._closed
+        )
 
     def statistics(self) -> UpgradesStatistics:
         return UpgradesStatistics(
@@ -212,8 +248,10 @@ class Upgrades:
     # --- lifetime ------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Index the spool, then spool photos and send upgrades until :meth:`close`."""
-        await self.spool.open()
+        """Index the spool, then spool photos and send upgrades until :meth:`close`.
+        The spool (its directory) is opened only when upgrades are enabled."""
+        if self.enabled and self.spool.enabled:
+            await self.spool.open()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._spooler)
             task_status.started()
@@ -237,7 +275,7 @@ class Upgrades:
         if image_hash in self._spooling:
             return
         try:
-            self._spool_send.send_nowait((image_hash, data))
+            self._spool_send.send_nowait((image_hash, data, self._purges))
         except (trio.WouldBlock, trio.ClosedResourceError):
             self._spool_dropped += 1
         else:
@@ -246,7 +284,7 @@ class Upgrades:
     def offer(self, image_hash: str, data: bytes | None = None) -> bool:
         """A hit on a local answer: queue its upgrade if the budget and the queue
         allow (never waits). *data*: the photo's bytes when the caller has them."""
-        if not self.enabled or not self._llm.healthy():
+        if not self.enabled or not self._llm.healthy() or self.recently_purged(image_hash):
             return False
         if image_hash in self._hits or image_hash in self._asked:
             return True
@@ -270,7 +308,7 @@ class Upgrades:
         queued (paced by the budget, never dropped for it), their answers replacing
         whatever is stored."""
         wanted = list(dict.fromkeys(hashes))
-        if not self._llm.enabled or self._closed:
+        if not self.enabled:
             return ReclassifyReport(len(wanted), 0, 0, len(wanted))
         have = await self.spool.has(wanted) if self.spool.enabled else set()
         queued = dropped = already = 0
@@ -304,20 +342,50 @@ class Upgrades:
         return forced
 
     async def purged(self, image_hash: str) -> None:
-        """The entry of *image_hash* was purged: forget it here too."""
+        """The entry of *image_hash* was purged: forget it here too, and remember the
+        purge for a while (:meth:`recently_purged`)."""
+        self._purges += 1
+        self._purged.pop(image_hash, None)
+        self._purged[image_hash] = (self._purges, trio.current_time())
+        self._forget_old_purges()
         data = self._hits.pop(image_hash, None)
         self._held_bytes -= len(data or b"")
         self._asked.pop(image_hash, None)
         self._forced.pop(image_hash, None)
         await self.spool.delete(image_hash)
 
+    def recently_purged(self, image_hash: str) -> bool:
+        """Whether *image_hash* was purged less than :data:`PURGED_TTL_S` ago: an LLM
+        answer for it is then dropped."""
+        self._forget_old_purges()
+        return image_hash in self._purged
+
+    def _purged_since(self, image_hash: str, purges: int) -> bool:
+        """Whether *image_hash* was purged after the purge count was *purges*."""
+        self._forget_old_purges()
+        at = self._purged.get(image_hash)
+        return at is not None and at[0] > purges
+
+    def _forget_old_purges(self) -> None:
+        now = trio.current_time()
+        while self._purged:
+            _, (_, at) = next(iter(self._purged.items()))
+            if len(self._purged) <= PURGED_KEPT and now - at < PURGED_TTL_S:
+                break
+            self._purged.popitem(last=False)
+
     # --- the workers ---------------------------------------------------------------
 
     async def _spooler(self) -> None:
         async with self._spool_receive:
-            async for image_hash, data in self._spool_receive:
+            async for image_hash, data, purges in self._spool_receive:
                 try:
-                    await self.spool.put(image_hash, data)
+                    # Purged since it was handed over: not kept (deleted if the
+                    # purge came while it was being written).
+                    if not self._purged_since(image_hash, purges):
+                        await self.spool.put(image_hash, data)
+                        if self._purged_since(image_hash, purges):
+                            await self.spool.delete(image_hash)
                 finally:
                     self._spooling.pop(image_hash, trio.Event()).set()
 
@@ -361,7 +429,7 @@ class Upgrades:
             self._wake = trio.Event()
             with trio.move_on_after(POLL_S):
                 await self._wake.wait()
-        if self._closed:
+        if self._closed or self.recently_purged(image_hash):
             return
         if forced:
             self._forced[image_hash] = None

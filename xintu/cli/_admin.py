@@ -84,6 +84,13 @@ def admin_reclassify(
             return 2
         body = {"image_hashes": hashes}
     else:
+        if not (source or since or until):
+            print(
+                "xintu admin reclassify: give hashes, or at least one of --source, --since,"
+                " --until (refusing to re-classify every entry)",
+                file=sys.stderr,
+            )
+            return 2
         body = {}
         for name, value in (("source", source), ("since", since), ("until", until)):
             if value is not None:

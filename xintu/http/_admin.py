@@ -5,9 +5,10 @@ With ``security.admin_key_sha256`` set, the guard lets only admin keys through
 
 - ``POST /admin/reclassify`` with ``{"image_hashes": [...]}`` (1 to
   :data:`MAX_LISTED`: a JSON body is at most ``server.max_json_bytes``), or with a
-  query ``{"source": "local"|"llm", "since": ISO, "until": ISO, "limit": N}`` (any
-  of them, entries made from ``since`` until before ``until``; ``limit`` 1 to
-  :data:`MAX_HASHES`, default :data:`DEFAULT_LIMIT`); no other key. It queues an
+  query ``{"source": "local"|"llm", "since": ISO, "until": ISO, "limit": N}`` (at
+  least one of ``source``, ``since``, ``until``: an empty body is refused, 422, not
+  taken as "everything"; entries made from ``since`` until before ``until``;
+  ``limit`` 1 to :data:`MAX_HASHES`, default :data:`DEFAULT_LIMIT`); no other key. It queues an
   LLM re-classification of each entry whose photo's bytes this replica has
   spooled; the answer replaces the stored one, an LLM answer included. Paced by
   ``store.upgrades_per_minute``; answers what it did: ``matched``, ``queued``,
@@ -17,6 +18,15 @@ With ``security.admin_key_sha256`` set, the guard lets only admin keys through
   its in-flight claim and its spooled bytes; ``purged`` says whether there was one.
   This replica's LRU forgets it at once; other replicas' LRUs keep it until it
   is evicted there or they restart.
+  The purge sticks on this replica for ``PURGED_TTL_S`` (10 minutes,
+  :mod:`xintu.actors._upgrades`): an LLM re-classification of the photo already
+  queued, sent or under way (an upgrade, a recheck, an operator's) is dropped
+  when it answers, and bytes of it on their way to the spool are not kept. What
+  remains: a classification of the photo already in flight in the dispatcher
+  (an upload being classified at the time of the purge) still writes its answer,
+  which makes the entry again; purge again once it is done. Within those 10
+  minutes the photo, if uploaded again, is classified and stored, but its local
+  answer is not upgraded by the LLM.
 
 The spool is per replica: a re-classification asked of one replica can only
 re-classify the photos whose bytes that replica kept.
@@ -90,6 +100,11 @@ async def reclassify() -> Response:
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_HASHES:
             raise ValidationFailed(f"limit must be an integer from 1 to {MAX_HASHES}")
         since, until = _time_field(body, "since"), _time_field(body, "until")
+        if source is None and since is None and until is None:
+            # An empty query would select the oldest entries of every source.
+            raise ValidationFailed(
+                "give image_hashes or a query with at least one of source, since, until"
+            )
         wanted = await runtime.find_hashes(source=source, since=since, until=until, limit=limit)
     report = await runtime.reclassify(wanted)
     return json_response(

@@ -423,7 +423,13 @@ def openapi_document(config: Config) -> dict[str, Any]:
                                 {
                                     "type": "object",
                                     "description": "entries made from since until before "
-                                    "until, oldest first",
+                                    "until, oldest first; at least one of source, since, "
+                                    "until",
+                                    "anyOf": [
+                                        {"required": ["source"]},
+                                        {"required": ["since"]},
+                                        {"required": ["until"]},
+                                    ],
                                     "properties": {
                                         "source": {"type": "string", "enum": ["local", "llm"]},
                                         "since": {"type": "string", "format": "date-time"},

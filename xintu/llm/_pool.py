@@ -340,6 +340,12 @@ class LlmPool:
         return bool(self._providers)
 
     @property
+    def rechecks_enabled(self) -> bool:
+        """Whether :meth:`offer_recheck` can ever take a photo (a provider, a
+        recheck callback and ``recheck_queue`` > 0)."""
+        return self._rechecks
+
+    @property
     def provider_names(self) -> Sequence[str]:
         return tuple(p.cfg.name for p in self._providers)
 
