@@ -399,3 +399,26 @@ async def test_the_requests_end_frees_its_ticket(tmp_path: Path) -> None:
                 released = len(app.runtime.reservations) == 0
         assert released
         assert (app.runtime.reservations.ended, app.runtime.reservations.expired) == (2, 0)
+
+
+async def test_tickets_are_in_the_metrics(tmp_path: Path) -> None:
+    """/metrics shows the tickets: taken by every upload past the header check,
+    ended for the one whose request failed before it submitted its work."""
+    from .test_ops import metric
+
+    async with service(tmp_path) as (app, model):
+        model.release.set()  # prepare at once: the good upload is answered
+        client = app.test_client()
+        bad = await client.post(
+            "/api/v1/classify", files={"other": FileStorage(io.BytesIO(b"x"), filename="p")}
+        )
+        good = await client.post(
+            "/api/v1/classify", files={"image": FileStorage(io.BytesIO(b"a"), filename="p")}
+        )
+        assert (bad.status_code, good.status_code) == (400, 200)
+        await trio.testing.wait_all_tasks_blocked()
+        text = (await (await client.get("/metrics")).get_data()).decode()
+    assert metric(text, "xintu_admission_tickets_total", outcome="taken") == 2
+    assert metric(text, "xintu_admission_tickets_total", outcome="ended") == 1
+    assert metric(text, "xintu_admission_tickets_total", outcome="expired") == 0
+    assert metric(text, "xintu_admission_tickets_live") == 0

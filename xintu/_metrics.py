@@ -128,6 +128,22 @@ class Metrics:
         self.worker_crashes = Counter(
             "xintu_worker_crashes", "Actor workers that crashed and were restarted.", registry=r
         )
+        self.admission_live = Gauge(
+            "xintu_admission_tickets_live",
+            "Uploads that passed the header check and have not submitted their work yet "
+            "(admission tickets, counted as work queued ahead by the next checks).",
+            registry=r,
+            **live,
+        )
+        self.admission_tickets = Counter(
+            "xintu_admission_tickets",
+            "Admission tickets by outcome: taken (an upload passed the header check), "
+            "expired (its body took longer than server.latency_target_s), ended (its "
+            "request ended without submitting work: an error or a disconnect). Taken "
+            "less the other two, less the live ones, were submitted.",
+            ["outcome"],
+            registry=r,
+        )
         self.local_processes = Gauge(
             "xintu_local_processes",
             "The local model's worker processes alive (model.executor = process).",
@@ -378,6 +394,15 @@ class Metrics:
         self._advance(self.writer_poisoned, "w_poisoned", w.poisoned_batches)
         self.writer_poison_pending.set(w.poison_pending_ops)
         self._advance(self.worker_crashes, "crashes", sup.crashes_total)
+        admission = getattr(stats, "admission", None)
+        if admission is not None:
+            self.admission_live.set(admission.live)
+            for outcome in ("taken", "expired", "ended"):
+                self._advance(
+                    self.admission_tickets.labels(outcome),
+                    f"tickets_{outcome}",
+                    getattr(admission, outcome),
+                )
         self.local_processes.set(lp.processes)
         self._advance(self.local_process_deaths, "local_process_deaths", lp.process_deaths)
         self._advance(self.classifications.labels("local"), "local_done", lp.completed)

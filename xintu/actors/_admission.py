@@ -43,15 +43,27 @@ from __future__ import annotations
 import contextvars
 import inspect
 import itertools
+from dataclasses import dataclass
 from types import TracebackType
 
 import trio
 
-__all__ = ["Reservations", "Ticket", "held"]
+__all__ = ["AdmissionStatistics", "Reservations", "Ticket", "held"]
 
 _held: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar(
     "xintu_admission_ticket", default=None
 )
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionStatistics:
+    """The tickets now counting (``live``) and, since start, those taken, those that
+    expired at their ``ttl_s`` and those whose request ended without submitting."""
+
+    live: int
+    taken: int
+    expired: int
+    ended: int
 
 
 def held() -> Ticket | None:
@@ -130,6 +142,10 @@ class Reservations:
         without releasing them (a request that failed or was cancelled before it
         submitted its work)."""
         return self._ended
+
+    def statistics(self) -> AdmissionStatistics:
+        live = len(self)  # prunes first, so expired and ended are up to date
+        return AdmissionStatistics(live, self._taken, self._expired, self._ended)
 
     def take(self) -> Ticket:
         """A new ticket, held by the current request (:func:`held`)."""

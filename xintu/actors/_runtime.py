@@ -55,7 +55,7 @@ from ..errors import Draining, StoreError, Unavailable
 from ..llm import LlmPool, LlmPoolStatistics
 from ..llm._errors import FailureKind
 from ..store import AlbumStats, CachedEntry, Lru, RequestLogRow, ResultWrite, Store
-from ._admission import Reservations, Ticket
+from ._admission import AdmissionStatistics, Reservations, Ticket
 from ._cache import Cache, CacheStatistics
 from ._chain import Chain
 from ._dispatcher import Dispatcher, DispatcherStatistics
@@ -95,6 +95,8 @@ class RuntimeStatistics:
     # The local model's own counters (LocalPool.model_statistics(): faces, the text
     # path, time), summed over its worker processes; None when the model has none.
     local_model: Any = None
+    # Admission tickets (:mod:`._admission`): live now, and taken/expired/ended.
+    admission: AdmissionStatistics | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +255,7 @@ class Runtime:
             },
             upgrades=self.upgrades.statistics(),
             local_model=self.local.model_statistics(),
+            admission=self.reservations.statistics(),
         )
 
     # --- lifetime ------------------------------------------------------------------
