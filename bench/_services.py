@@ -28,7 +28,16 @@ from urllib.parse import urlsplit
 
 import httpx
 
-__all__ = ["Service", "ServiceError", "Stores", "clean_env", "free_port", "start_service"]
+__all__ = [
+    "Service",
+    "ServiceError",
+    "Stores",
+    "clean_env",
+    "free_port",
+    "process_tree",
+    "read_proc",
+    "start_service",
+]
 
 HOST = "127.0.0.1"
 _SAMPLE_EVERY_S = 0.25
@@ -69,7 +78,7 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _tree(pid: int) -> list[int]:
+def process_tree(pid: int) -> list[int]:
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
@@ -78,7 +87,7 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def _read_proc(pid: int) -> tuple[int, int, float] | None:
+def read_proc(pid: int) -> tuple[int, int, float] | None:
     """(VmHWM KiB, VmRSS KiB, CPU seconds) of *pid*, or None if it is gone."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -109,8 +118,8 @@ class _Sampler(threading.Thread):
         self._lock = threading.Lock()
 
     def sample(self) -> None:
-        for pid in _tree(self.pid):
-            got = _read_proc(pid)
+        for pid in process_tree(self.pid):
+            got = read_proc(pid)
             if got is None:
                 continue
             hwm, rss, cpu = got

@@ -226,14 +226,14 @@ def test_the_process_tree_includes_children_started_from_threads() -> None:
     import subprocess
     import threading
 
-    from bench._services import _tree
+    from bench._services import process_tree
 
     started: list[subprocess.Popen[bytes]] = []
     thread = threading.Thread(target=lambda: started.append(subprocess.Popen(["sleep", "5"])))
     thread.start()
     thread.join()
     try:
-        assert started[0].pid in _tree(os.getpid())
+        assert started[0].pid in process_tree(os.getpid())
     finally:
         started[0].kill()
         started[0].wait()

@@ -25,9 +25,7 @@ at most the request deadline; 127.0.0.1 only.
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,6 +34,7 @@ from .._context import Bench, missing_service
 from .._loadgen import poisson_schedule
 from .._photos import sha256
 from .._report import Check, Outcome, Row
+from .._services import process_tree, read_proc
 from .._stats import summarize
 from ._mixed import TAG_HIT, TAG_MISS
 
@@ -60,36 +59,18 @@ VARIANTS: tuple[tuple[str, dict[str, str]], ...] = (
 _WARMUP_S = 2.0
 
 
-def _tree(pid: int) -> list[int]:
-    """*pid* and its descendants, children of any of their threads (Trio starts
-    the local pool's processes from a worker thread)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                todo += [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                pass
-    return out
-
-
 def _tree_usage(pid: int) -> tuple[float, float, int]:
-    """(CPU seconds, resident MiB, processes) of *pid*'s process tree now."""
+    """(CPU seconds, resident MiB, processes) of *pid*'s process tree now (the
+    harness's tree: children of any thread, as the local pool's processes are)."""
     cpu, rss_kib, n = 0.0, 0, 0
-    tick = os.sysconf("SC_CLK_TCK")
-    for p in _tree(pid):
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            status = Path(f"/proc/{p}/status").read_text()
-        except OSError:
+    for p in process_tree(pid):
+        got = read_proc(p)
+        if got is None:
             continue
         n += 1
-        cpu += (int(fields[11]) + int(fields[12])) / tick
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                rss_kib += int(line.split()[1])
+        _hwm, rss, seconds = got
+        cpu += seconds
+        rss_kib += rss
     return cpu, rss_kib / 1024.0, n
 
 
