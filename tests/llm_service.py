@@ -36,6 +36,7 @@ __all__ = [
     "LocalModel",
     "Service",
     "ask",
+    "fake_env",
     "fake_upstream",
     "llm_config",
     "llm_pool",
@@ -43,6 +44,21 @@ __all__ = [
     "running",
     "service",
 ]
+
+
+def fake_env(
+    base_url: str, *, model: str = "fake-vl", api_key: str | None = None
+) -> dict[str, str]:
+    """The environment that makes the fake upstream at *base_url* the one LLM provider
+    ``fake`` (for ``load_config(env=...)``)."""
+    env = {
+        "XINTU_LLM_PROVIDERS": "fake",
+        "XINTU_LLM_FAKE_BASE_URL": base_url,
+        "XINTU_LLM_FAKE_MODEL": model,
+    }
+    if api_key is not None:
+        env["XINTU_LLM_FAKE_API_KEY"] = api_key
+    return env
 
 
 def photo(n: int) -> tuple[bytes, str]:

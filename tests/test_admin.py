@@ -24,6 +24,7 @@ from xintu.testing.fakellm import run_fake_llm
 
 from .conformance import curl_or_skip
 from .fakes import FakeModel
+from .llm_service import fake_env
 from .serving import DecodingModel, real_server
 
 V1 = "/api/v1/classify"
@@ -108,11 +109,7 @@ async def test_reclassify_by_source_replaces_local_answers(tmp_path: Path) -> No
     spooled; an operator's re-classification of the local entries queues it, the LLM's
     answer replaces it; an entry without spooled bytes is reported as such."""
     async with run_fake_llm(fail_next=1, error_status=400) as fake:
-        env = {
-            "XINTU_LLM_PROVIDERS": "fake",
-            "XINTU_LLM_FAKE_BASE_URL": fake.openai_base_url,
-            "XINTU_LLM_FAKE_MODEL": "fake-vl",
-        }
+        env = fake_env(fake.openai_base_url)
         async with serving(config_for(tmp_path, env)) as (app, client):
             data = photo(2)
             assert (await upload(client, data))["data"]["source"] == "local"

@@ -22,6 +22,7 @@ from xintu.http import XintuApp, create_app
 from xintu.testing.fakellm import FakeLlm, run_fake_llm
 
 from .fakes import FakeModel
+from .llm_service import fake_env
 
 V1 = "/api/v1/classify"
 
@@ -42,11 +43,7 @@ async def fake() -> AsyncIterator[FakeLlm]:
 
 def llm_app(tmp_path: Path, fake: FakeLlm, **llm: Any) -> XintuApp:
     config = load_config(
-        env={
-            "XINTU_LLM_PROVIDERS": "fake",
-            "XINTU_LLM_FAKE_BASE_URL": fake.openai_base_url,
-            "XINTU_LLM_FAKE_MODEL": "fake-vl",
-        },
+        env=fake_env(fake.openai_base_url),
         data={"dir": str(tmp_path)},
         store={"writer_flush_ms": 1},
         llm={"retry_initial_s": 0.01, "retry_max_s": 0.02, **llm},
@@ -169,12 +166,7 @@ async def test_api_key_never_logged(
 ) -> None:
     fake.behaviour.error_rate = 1.0
     config = load_config(
-        env={
-            "XINTU_LLM_PROVIDERS": "fake",
-            "XINTU_LLM_FAKE_BASE_URL": fake.openai_base_url,
-            "XINTU_LLM_FAKE_API_KEY": "sk-very-secret-123",
-            "XINTU_LLM_FAKE_MODEL": "m",
-        },
+        env=fake_env(fake.openai_base_url, model="m", api_key="sk-very-secret-123"),
         data={"dir": str(tmp_path)},
         llm={"retry_max_attempts": 1},
     )
@@ -192,11 +184,7 @@ async def test_hanging_upstream_falls_back_within_the_deadline(
     fake.behaviour.error_rate = 1.0
     fake.behaviour.error_mode = "hang"
     config = load_config(
-        env={
-            "XINTU_LLM_PROVIDERS": "fake",
-            "XINTU_LLM_FAKE_BASE_URL": fake.openai_base_url,
-            "XINTU_LLM_FAKE_MODEL": "m",
-        },
+        env=fake_env(fake.openai_base_url, model="m"),
         data={"dir": str(tmp_path)},
         server={"request_deadline_s": 1.5},
         llm={"fallback_reserve_s": 0.7, "retry_max_attempts": 1},

@@ -27,6 +27,7 @@ from xintu.http import XintuApp, create_app
 from xintu.testing.fakellm import run_fake_llm
 
 from .fakes import FakeModel
+from .llm_service import fake_env
 from .test_serve import _free_port, _photo, _wait_ready
 
 V1 = "/api/v1/classify"
@@ -175,12 +176,7 @@ async def test_a_wrong_llm_key_is_named_in_readiness_health_and_metrics(tmp_path
     degraded and why, and health and metrics name the failure kind."""
     async with run_fake_llm(api_key="sk-right") as fake:
         config = load_config(
-            env={
-                "XINTU_LLM_PROVIDERS": "fake",
-                "XINTU_LLM_FAKE_BASE_URL": fake.openai_base_url,
-                "XINTU_LLM_FAKE_API_KEY": "sk-wrong",
-                "XINTU_LLM_FAKE_MODEL": "fake-vl",
-            },
+            env=fake_env(fake.openai_base_url, api_key="sk-wrong"),
             data={"dir": str(tmp_path)},
             llm={"breaker_consecutive_failures": 3},
         )
@@ -219,11 +215,7 @@ async def test_a_hurried_client_is_counted_apart_and_its_answer_upgraded(tmp_pat
     gets the local answer, and the LLM's answer then replaces it in the cache."""
     async with run_fake_llm(latency_median_ms=1000) as fake:
         config = load_config(
-            env={
-                "XINTU_LLM_PROVIDERS": "fake",
-                "XINTU_LLM_FAKE_BASE_URL": fake.openai_base_url,
-                "XINTU_LLM_FAKE_MODEL": "fake-vl",
-            },
+            env=fake_env(fake.openai_base_url),
             data={"dir": str(tmp_path)},
             store={"writer_flush_ms": 1},
         )

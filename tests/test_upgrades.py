@@ -22,6 +22,7 @@ from xintu.http import create_app
 from xintu.testing.fakellm import run_fake_llm
 
 from .fakes import FakeModel
+from .llm_service import fake_env
 from .test_ops import metric
 
 V1 = "/api/v1/classify"
@@ -200,11 +201,7 @@ async def test_a_check_cache_hit_on_a_local_answer_is_upgraded(tmp_path: Path) -
     re-classification, which replaces the local answer; the bytes then go."""
     async with run_fake_llm(fail_next=1, error_status=400) as fake:
         config = load_config(
-            env={
-                "XINTU_LLM_PROVIDERS": "fake",
-                "XINTU_LLM_FAKE_BASE_URL": fake.openai_base_url,
-                "XINTU_LLM_FAKE_MODEL": "fake-vl",
-            },
+            env=fake_env(fake.openai_base_url),
             data={"dir": str(tmp_path)},
             store={"writer_flush_ms": 1},
         )
