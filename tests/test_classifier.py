@@ -161,21 +161,16 @@ def test_a_weak_face_on_a_pet_is_not_a_person() -> None:
     """Person evidence is the detector's strength times the face's score: a weak face
     (0.63, the score BlazeFace gives a cat's face) loses to a strong pet vote."""
     from xintu.vision._classifier import _decide
-    from xintu.vision._detect import ImageSignals
     from xintu.vision._faces import Face
 
+    from .test_faces import camera_signals
+
     face = Face((0.4, 0.3, 0.2, 0.2), 0.63, ("blazeface-full-range", "blazeface-short-range"))
-    signals = ImageSignals(
+    signals = camera_signals(
         width=640,
         height=480,
-        format="JPEG",
-        exif_camera=True,
-        screen_resolution=False,
         flat_fraction=0.05,
         top_colours_fraction=0.05,
-        text_lines=0,
-        card_box=None,
-        detectors_run=True,
         face_list=(face,),
         person_faces=(face,),
     )

@@ -367,21 +367,30 @@ def test_a_smaller_face_on_a_card_is_no_second_person_but_faces_outside_count() 
     assert count_people(faces, gray, card) == (faces[0], faces[2])
 
 
+def camera_signals(**fields: Any) -> ImageSignals:
+    """The signals of a camera JPEG with the detectors run and nothing found, but for
+    *fields*."""
+    defaults: dict[str, Any] = {
+        "width": 1420,
+        "height": 1000,
+        "format": "JPEG",
+        "exif_camera": True,
+        "screen_resolution": False,
+        "flat_fraction": 0.1,
+        "top_colours_fraction": 0.1,
+        "text_lines": 0,
+        "card_box": None,
+        "detectors_run": True,
+    }
+    return ImageSignals(**(defaults | fields))
+
+
 def test_two_people_on_a_card_shaped_photo_are_no_id_photo() -> None:
     a, b = (0.05, 0.3, 0.15, 0.25), (0.6, 0.3, 0.14, 0.24)
     faces = (Face(a, 0.9, FULL), Face(b, 0.8, FULL))
     card = (0.0, 0.0, 1.0, 1.0)
-    signals = ImageSignals(
-        width=1420,
-        height=1000,
-        format="JPEG",
-        exif_camera=True,
-        screen_resolution=False,
-        flat_fraction=0.1,
-        top_colours_fraction=0.1,
-        text_lines=0,
+    signals = camera_signals(
         card_box=card,
-        detectors_run=True,
         face_list=faces,
         person_faces=count_people(faces, _gray_with_patches((a, 80), (b, 80)), card),
     )
@@ -438,19 +447,8 @@ def test_a_face_not_counted_as_a_person_is_no_id_photo() -> None:
     set): the detectors see "faces" on it that do not count as people, and it was
     filed as an ID card. Only a face counted as a person can be the ID photo."""
     a = (0.05, 0.3, 0.15, 0.25)
-    signals = ImageSignals(
-        width=1420,
-        height=1000,
-        format="JPEG",
-        exif_camera=True,
-        screen_resolution=False,
-        flat_fraction=0.1,
-        top_colours_fraction=0.1,
-        text_lines=0,
-        card_box=(0.0, 0.0, 1.0, 1.0),
-        detectors_run=True,
-        face_list=(Face(a, 0.6, FULL),),
-        person_faces=(),
+    signals = camera_signals(
+        card_box=(0.0, 0.0, 1.0, 1.0), face_list=(Face(a, 0.6, FULL),), person_faces=()
     )
     assert not signals.face_on_side
     assert dataclasses.replace(signals, person_faces=signals.face_list).face_on_side
