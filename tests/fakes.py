@@ -79,6 +79,19 @@ class FakeModel:
         return out
 
 
+class BlockingModel(FakeModel):
+    """Preparation waits for ``release`` (at most 30 s): the local pool stays busy
+    until then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def prepare(self, data: bytes) -> FakeDecoded:
+        self.release.wait(30)
+        return super().prepare(data)
+
+
 class FakePool:
     """A Trio-native classifier pool in the local pool's place in the chain
     (``Chain(pool)``): subclasses define :meth:`answer`. ``takes`` and ``wait_s``

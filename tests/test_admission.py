@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import io
-import threading
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from xintu import load_config
 from xintu._rate import ServiceTime
 from xintu.http import create_app
 
-from .fakes import FakeDecoded, FakeModel
+from .fakes import BlockingModel, FakeDecoded, FakeModel
 from .test_service import multipart
 
 
@@ -161,18 +160,6 @@ async def test_a_deadline_too_short_for_the_client_alone_still_validates_the_bod
 
 
 # --- refusals from the headers (issue 14) ----------------------------------------------
-
-
-class BlockingModel(FakeModel):
-    """Preparation waits for ``release``: the local pool stays saturated until then."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.release = threading.Event()
-
-    def prepare(self, data: bytes) -> FakeDecoded:
-        self.release.wait(30)
-        return super().prepare(data)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import contextlib
 import functools
 import hashlib
 import io
-import threading
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -38,7 +37,7 @@ from xintu.http._app import XintuApp
 from xintu.llm import LlmPool
 from xintu.store import CachedEntry, Lru
 
-from .fakes import FakeDecoded, FakeModel, FakePool, MemoryStore
+from .fakes import BlockingModel, FakePool, MemoryStore
 from .test_llm_pool import config as llm_pool_config
 from .test_service import multipart
 
@@ -126,18 +125,6 @@ def test_ttl_must_be_positive() -> None:
 
 
 # --- through the runtime ----------------------------------------------------------------
-
-
-class BlockingModel(FakeModel):
-    """Preparation waits for ``release``: the local pool stays busy until then."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.release = threading.Event()
-
-    def prepare(self, data: bytes) -> FakeDecoded:
-        self.release.wait(30)
-        return super().prepare(data)
 
 
 @asynccontextmanager
