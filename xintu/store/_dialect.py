@@ -39,6 +39,7 @@ on it, and name its URL scheme in :func:`xintu.store.open_store`.
 
 from __future__ import annotations
 
+import abc
 import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -74,7 +75,7 @@ class Upsert:
         return new(column) if expr is None else expr(old, new)
 
 
-class Dialect:
+class Dialect(abc.ABC):
     """The standard spelling (PostgreSQL's and SQLite's); a dialect overrides what differs."""
 
     name = "sql"
@@ -89,13 +90,13 @@ class Dialect:
     column_exists_sql: ClassVar[str]
     index_columns_sql: ClassVar[str]
 
+    @abc.abstractmethod
     def create_table(self, table: Table) -> str:
         """``CREATE TABLE IF NOT EXISTS`` *table*."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def column_type(self, column: AddedColumn) -> str:
         """The type (and nullability) of *column* in ``ALTER TABLE ... ADD COLUMN``."""
-        raise NotImplementedError
 
     def named(self, sql: str) -> str:
         """*sql*, written with ``:name`` parameters, in this dialect's parameter style."""
