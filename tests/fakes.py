@@ -95,11 +95,15 @@ class BlockingModel(FakeModel):
 class FakePool:
     """A Trio-native classifier pool in the local pool's place in the chain
     (``Chain(pool)``): subclasses define :meth:`answer`. ``takes`` and ``wait_s``
-    are its admission answers; ``asked`` records the deadlines it was asked about."""
+    are its admission answers (``urgent_s`` its priority lane's expected time);
+    ``asked`` records the deadlines it was asked about, ``urgent`` counts the
+    priority lane's calls."""
 
     def __init__(self) -> None:
         self.takes = True
         self.wait_s = 0.0
+        self.urgent_s = 0.0
+        self.urgent = 0
         self.asked: list[float] = []
 
     async def answer(self, data: bytes, image_hash: str, deadline: float) -> Classification:
@@ -109,6 +113,7 @@ class FakePool:
         return await self.answer(request.data, request.image_hash, deadline)
 
     async def classify_now(self, request: ClassifyRequest) -> Classification:
+        self.urgent += 1
         return await self.answer(request.data, request.image_hash, math.inf)
 
     def would_take(self, deadline: float) -> bool:
@@ -117,6 +122,9 @@ class FakePool:
 
     def expected_wait_s(self) -> float:
         return self.wait_s
+
+    def urgent_wait_s(self) -> float:
+        return self.urgent_s
 
     def statistics(self) -> None:
         return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import math
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -103,16 +104,19 @@ async def running(pool: LlmPool) -> AsyncIterator[LlmPool]:
 
 
 class LocalModel(FakePool):
-    """The local pool: answers after *answer_s*, by the bytes' hash; counts its calls."""
+    """The local pool: answers after *answer_s*, by the bytes' hash; counts its calls
+    and those that ran to their answer."""
 
     def __init__(self, answer_s: float) -> None:
         super().__init__()
         self.answer_s = answer_s
         self.calls = 0
+        self.answered = 0  # calls that ran to their answer (not cancelled)
 
     async def answer(self, data: bytes, image_hash: str, deadline: float) -> Classification:
         self.calls += 1
         await trio.sleep(self.answer_s)
+        self.answered += 1
         return Classification(
             category=fake_category(data), confidence=0.5, source=Source.LOCAL, model="local"
         )
@@ -132,13 +136,20 @@ class Service:
 
 @asynccontextmanager
 async def service(
-    fake: FakeLlm, cfg: LlmConfig, *, local_s: float, hedging: bool
+    fake: FakeLlm,
+    cfg: LlmConfig,
+    *,
+    local_s: float,
+    hedging: bool,
+    rechecks: bool | None = None,
+    latency_target_s: float = math.inf,
 ) -> AsyncIterator[Service]:
     """Dispatcher, chain (LLM pool, then the local pool), cache and writer.
 
     *hedging*: the chain runs (its nursery holds hedged calls) and a late LLM answer
-    replaces the local one (``on_late``); else the chain is not run (no hedge) and
-    the LLM pool's rechecks replace rushed local answers (``on_recheck``).
+    replaces the local one (``on_late``); else the chain is not run (no hedge).
+    *rechecks* (default: without hedging): the LLM pool's rechecks replace rushed
+    local answers (``on_recheck``). *latency_target_s*: the chain's admission aim.
     """
     store = MemoryStore()
     writer = Writer(store, inbox_size=1000, max_batch=50, flush_ms=5)
@@ -152,9 +163,13 @@ async def service(
         await writer.put(ResultWrite(image_hash, classification, None))
         replaced.set()
 
-    pool = llm_pool(cfg, fake, **({} if hedging else {"on_recheck": replace}))
+    if rechecks is None:
+        rechecks = not hedging
+    pool = llm_pool(cfg, fake, **({"on_recheck": replace} if rechecks else {}))
     local = LocalModel(local_s)
-    chain = Chain(local, llm=pool, on_late=replace if hedging else None)
+    chain = Chain(
+        local, llm=pool, on_late=replace if hedging else None, latency_target_s=latency_target_s
+    )
     dispatcher = Dispatcher(
         cache=cache,
         writer=writer,

@@ -119,47 +119,95 @@ async def test_the_late_llm_answer_replaces_the_cached_local_one(
     assert fake.calls == 1
 
 
-async def test_no_hedge_when_the_local_pool_could_not_answer_in_time(
+async def test_a_hedge_takes_the_local_pools_priority_lane(
     clock: trio.testing.MockClock,
 ) -> None:
-    """A hedge is extra work: it is not started when the local pool would not take
-    it; the caller waits for the LLM as without hedging."""
-    fake = upstream(4.0)
+    """A full local queue does not hold a hedge back: the caller has waited already,
+    and the hedge takes the priority lane (classify_now), so the hung call is
+    answered at the budget plus the local time (before: behind the whole queue)."""
+    fake = upstream(hang=True)
     data, _ = photo(4)
     with trio.fail_after(60):
         async with service(fake) as s:
-            s.local.takes = False
-            answer = await ask(s.dispatcher, data)
-            stats = s.chain.statistics()
-    assert answer.classification.source is Source.LLM
-    assert stats == ChainStatistics({}, 0, hedges_skipped=1)
-    assert s.local.calls == 0
-
-
-async def test_a_hedge_starts_once_the_local_pool_has_room(
-    clock: trio.testing.MockClock,
-) -> None:
-    """No room at the budget (2 s); room at 2.6 s: the hedge starts at the next
-    look (every 0.25 s: 2.75 s) and answers 0.3 s later, before the hung call ends."""
-    fake = upstream(hang=True)
-    data, _ = photo(6)
-    with trio.fail_after(60):
-        async with service(fake) as s:
-            s.local.takes = False
+            s.local.takes = False  # the queue of new work is full
             start = trio.current_time()
-            async with trio.open_nursery() as nursery:
-
-                async def room_at_2_6_s() -> None:
-                    await trio.sleep(2.6)
-                    s.local.takes = True
-
-                nursery.start_soon(room_at_2_6_s)
-                answer = await ask(s.dispatcher, data)
+            answer = await ask(s.dispatcher, data)
             took = trio.current_time() - start
             stats = s.chain.statistics()
     assert answer.classification.source is Source.LOCAL
-    assert took == pytest.approx(HEDGE_S + 3 * 0.25 + LOCAL_S)
-    assert stats == ChainStatistics({}, 0, hedges_started=1, hedges_local_won=1, hedges_skipped=1)
+    assert took == pytest.approx(HEDGE_S + LOCAL_S)
+    assert s.local.urgent == 1
+    assert stats == ChainStatistics({}, 0, hedges_started=1, hedges_local_won=1)
+
+
+async def test_the_hedge_starts_in_time_for_the_latency_target(
+    clock: trio.testing.MockClock,
+) -> None:
+    """Budget 3 s (no call history yet), latency target 3 s, the priority lane's
+    expected time 0.3 s: the hedge starts at 2.7 s, not at the budget, so the
+    caller is answered by the target (3.0 s) even when the budget is as long as
+    the target."""
+    fake = upstream(4.0)
+    data, _ = photo(6)
+    with trio.fail_after(60):
+        async with llm_service.service(
+            fake, config(hedge_after_s=3.0), local_s=LOCAL_S, hedging=True, latency_target_s=3.0
+        ) as s:
+            s.local.urgent_s = LOCAL_S
+            start = trio.current_time()
+            answer = await ask(s.dispatcher, data)
+            took = trio.current_time() - start
+    assert answer.classification.source is Source.LOCAL
+    assert took == pytest.approx(3.0)
+
+
+async def test_a_call_still_queued_when_the_local_answer_wins_is_withdrawn(
+    clock: trio.testing.MockClock,
+) -> None:
+    """One LLM worker, calls of 6 s. A takes the worker; B queues behind it. Both
+    are hedged at 2 s and answered locally at 2.3 s. B's call has not started: it
+    is withdrawn, and B's LLM answer comes from a background re-classification
+    once the worker is idle (after A's call), not from a call made at normal
+    priority ahead of callers still waiting."""
+    fake = upstream(6.0)
+    (a, _), (b, hb) = photo(7), photo(8)
+    with trio.fail_after(120):
+        async with llm_service.service(
+            fake, config(workers=1), local_s=LOCAL_S, hedging=True, rechecks=True
+        ) as s:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask, s.dispatcher, a)
+                await trio.sleep(0.01)
+                answer = await ask(s.dispatcher, b)
+            # A's call ends at 6 s; B's re-classification runs then: done at 12 s.
+            await trio.sleep(12.0)
+            await s.writer.wait_idle()
+            pool, chain = s.pool.statistics(), s.chain.statistics()
+    assert answer.classification.source is Source.LOCAL
+    assert chain.hedges_withdrawn == 1
+    assert chain.upgrades_queued == 1
+    assert pool.succeeded == 1  # A's call; B's never made at normal priority
+    assert pool.recheck_succeeded == 1  # B's, in the background
+    assert s.store.rows[hb].classification.source is Source.LLM
+    assert fake.calls == 2
+
+
+async def test_the_hedges_local_call_is_cancelled_when_the_llm_wins(
+    clock: trio.testing.MockClock,
+) -> None:
+    """The upstream answers at 2.1 s, 0.1 s into the hedge: the caller has the LLM's
+    answer, and the local call nobody waits for is cancelled (a hedge costs the
+    local pool only while it may still be needed)."""
+    fake = upstream(2.1)
+    data, _ = photo(9)
+    with trio.fail_after(60):
+        async with service(fake) as s:
+            answer = await ask(s.dispatcher, data)
+            await trio.sleep(1.0)
+            stats = s.chain.statistics()
+    assert answer.classification.source is Source.LLM
+    assert stats == ChainStatistics({}, 0, hedges_started=1, hedges_llm_won=1)
+    assert (s.local.calls, s.local.answered) == (1, 0)
 
 
 async def test_hedging_is_off_at_zero(clock: trio.testing.MockClock) -> None:

@@ -33,17 +33,22 @@ between the pools:
   Admitted work still has the whole deadline to run;
 - a *hedge*: an LLM call that has not answered within the LLM pool's hedge budget
   (:meth:`~xintu.llm.LlmPool.hedge_after_s`: its recent P95 call time, clamped by
-  ``llm.hedge_min_s`` and ``llm.hedge_after_s``) gets the local model started
-  beside it once the local pool can answer before the deadline (looked at again
-  every :data:`HEDGE_RETRY_S` while it cannot: ``hedges_skipped``); the caller gets
-  whichever answers first (the LLM's if both are ready at once). An LLM answer
-  that comes after the local one was given replaces it (``on_late``: the runtime
-  replaces it in the LRU and the store, as a recheck's). So no caller waits for a
-  hung upstream's timeout, only for the budget plus the local model. The two
-  calls run as tasks of the chain's own nursery (:meth:`Chain.run`), so the
-  caller's wait can end (or be cancelled) while the LLM call carries on; an LLM
-  failure after the hedge started leaves the caller to the local answer, a local
-  failure to the LLM's;
+  ``llm.hedge_min_s`` and ``llm.hedge_after_s``), or by the latency target less
+  the local pool's priority lane (:meth:`Fallback.urgent_wait_s`) if that comes
+  first, gets the local model started beside it in the local pool's priority
+  lane (the caller has waited already; behind the queue of new work a hedge came
+  too late, BENCHMARKS.md "Round 4"). The caller gets whichever answers first (the
+  LLM's if both are ready at once). An LLM answer that comes after the local one
+  was given replaces it (``on_late``: the runtime replaces it in the LRU and the
+  store, as a recheck's); an LLM call still queued in the LLM pool when the local
+  answer was given is withdrawn instead (:class:`~xintu.llm.QueuedCall`,
+  ``hedges_withdrawn``) and its re-classification queued at background priority
+  (``upgrades_queued``). A local call nobody waits for any more is cancelled. So
+  no caller waits for a hung upstream's timeout, only for the budget plus the
+  local model. The two calls run as tasks of the chain's own nursery
+  (:meth:`Chain.run`), so the caller's wait can end (or be cancelled) while the
+  LLM call carries on; an LLM failure after the hedge started leaves the caller
+  to the local answer, a local failure to the LLM's;
 - a cache hit on a local answer, while some LLM provider is healthy, queues a
   low-priority LLM re-classification whose answer replaces the local one
   (:meth:`Chain.cached_hit`; with *upgrades*, through their budget:
@@ -83,7 +88,7 @@ import trio
 
 from .._types import Classification, Source
 from ..errors import Overloaded
-from ..llm import LlmError, LlmUnavailable
+from ..llm import LlmError, LlmUnavailable, QueuedCall
 from ..llm._errors import CallAbandoned
 from ..store import CachedEntry
 from ._envelope import ClassifyRequest
@@ -99,9 +104,6 @@ _RUSHED = frozenset({"no_time", "queue_too_long", "deadline"})
 #: ``on_late(image_hash, classification)``: an LLM answer that came after a hedge's
 #: local answer was given; the runtime replaces the cached local answer with it.
 LateAnswer = Callable[[str, Classification], Awaitable[None]]
-
-# A hedge the local pool had no room for is tried again this often.
-HEDGE_RETRY_S = 0.25
 
 # What a hedge's two calls report: which one ("llm" or "local") and its outcome.
 _Report = tuple[str, outcome.Outcome[Classification]]
@@ -132,7 +134,12 @@ class Primary(Protocol):
     def enabled(self) -> bool: ...
 
     async def classify(
-        self, request: ClassifyRequest, deadline: float, *, admit_by: float | None = None
+        self,
+        request: ClassifyRequest,
+        deadline: float,
+        *,
+        admit_by: float | None = None,
+        queued: QueuedCall | None = None,
     ) -> Classification: ...
 
     def would_take(self, deadline: float, *, admit_by: float | None = None) -> bool: ...
@@ -164,6 +171,8 @@ class Fallback(Classifier, Protocol):
 
     def expected_wait_s(self, ahead: int = 0) -> float: ...
 
+    def urgent_wait_s(self) -> float: ...
+
     async def classify_now(self, request: ClassifyRequest) -> Classification: ...
 
 
@@ -175,14 +184,14 @@ class ChainStatistics:
     # Rushed local answers queued for an LLM re-classification that replaces them.
     upgrades_queued: int = 0
     # Hedges: LLM calls past the budget that got the local model started beside
-    # them, and which answered the caller; skipped: past the budget, the local pool
-    # could not have answered before the deadline (the hedge may start later);
-    # replaced: the LLM's late answer replaced the local one given.
+    # them, and which answered the caller; replaced: the LLM's late answer replaced
+    # the local one given; withdrawn: the local answer won while the LLM call was
+    # still queued, which was withdrawn for a background re-classification.
     hedges_started: int = 0
     hedges_local_won: int = 0
     hedges_llm_won: int = 0
-    hedges_skipped: int = 0
     hedges_replaced: int = 0
+    hedges_withdrawn: int = 0
 
 
 class Chain:
@@ -226,8 +235,8 @@ class Chain:
             hedges_started=self._hedges["started"],
             hedges_local_won=self._hedges["local_won"],
             hedges_llm_won=self._hedges["llm_won"],
-            hedges_skipped=self._hedges["skipped"],
             hedges_replaced=self._hedges["replaced"],
+            hedges_withdrawn=self._hedges["withdrawn"],
         )
 
     # --- lifetime -----------------------------------------------------------------------
@@ -320,10 +329,16 @@ class Chain:
                 classification = await self._local.classify_now(request)
             else:
                 classification = await self._classify_local(request, deadline, admit_by)
-        if rushed and not self._draining and llm.offer_recheck(request.data, request.image_hash):
+        if rushed:
+            self._queue_upgrade(llm, request)
+        return classification
+
+    def _queue_upgrade(self, llm: Primary, request: ClassifyRequest) -> None:
+        """Queue the LLM re-classification that replaces a local answer given in a
+        hurry (dropped when the queue is full: the next hit offers it again)."""
+        if not self._draining and llm.offer_recheck(request.data, request.image_hash):
             self._upgrades_queued += 1
             log.info("llm_upgrade_queued", image_hash=request.image_hash[:12])
-        return classification
 
     def _fell_back(self, llm: Primary, request: ClassifyRequest, exc: LlmError) -> bool:
         """Count and log a fallback; whether its local answer is a rushed one (the
@@ -353,6 +368,14 @@ class Chain:
 
     # --- hedging ------------------------------------------------------------------------
 
+    def _hedge_at(self, hedge_s: float, admit_by: float) -> float:
+        """When to start the local model beside an LLM call made now: after the LLM
+        pool's hedge budget (*hedge_s*), and no later than the priority lane's
+        expected time before *admit_by* (so that the latency target holds even when
+        the budget is close to it, as with a provider whose P95 nears the target)."""
+        now = trio.current_time()
+        return max(now, min(now + hedge_s, admit_by - self._local.urgent_wait_s()))
+
     async def _hedged(
         self,
         llm: Primary,
@@ -362,56 +385,68 @@ class Chain:
         hedge_s: float,
         nursery: trio.Nursery,
     ) -> Classification:
-        """The LLM call, with the local model started beside it after *hedge_s*.
+        """The LLM call, with the local model started beside it at :meth:`_hedge_at`.
 
         Raises the LLM's error when it fails before the hedge starts (the caller
         falls back as without hedging). The calls run in the chain's *nursery*, so
-        leaving this wait (an answer, a cancellation) leaves them running: a local
-        answer that lost is dropped, an LLM answer that lost replaces it (``on_late``).
+        leaving this wait (an answer, a cancellation) leaves the LLM call running:
+        an LLM answer that lost replaces the local one (``on_late``). The local call
+        takes the local pool's priority lane (the caller has waited already) and is
+        cancelled once nobody waits for it. A local answer that wins while the LLM
+        call is still queued in the LLM pool withdraws that call and queues an
+        LLM re-classification in its place (background priority, only while an LLM
+        worker is idle): a queued call made at normal priority after its caller
+        was answered would take a worker from callers still waiting.
         """
         send, receive = trio.open_memory_channel[_Report](2)
-        with receive:
-            with send:
-                ask_llm = functools.partial(llm.classify, request, deadline, admit_by=admit_by)
-                nursery.start_soon(self._report, "llm", ask_llm, request, send.clone())
-                with trio.move_on_after(hedge_s):
-                    _, first = await receive.receive()
-                    return first.unwrap()  # before the budget: as without a hedge
-                if not self._local.would_take(deadline):
-                    # The local pool has no room now: wait for the LLM, and look
-                    # again every little while (a burst's queue drains in seconds,
-                    # a hung call lasts until the deadline).
-                    self._hedges["skipped"] += 1
-                    while not self._local.would_take(deadline):
-                        with trio.move_on_after(HEDGE_RETRY_S):
-                            _, first = await receive.receive()
-                            return first.unwrap()
-                self._hedges["started"] += 1
-                log.info("llm_hedged", image_hash=request.image_hash[:12], after_s=hedge_s)
-                ask_local = functools.partial(self._local.classify, request, deadline)
-                nursery.start_soon(self._report, "local", ask_local, request, send.clone())
-            failed: dict[str, BaseException] = {}
-            while len(failed) < 2:
-                name, result = await receive.receive()
-                if name == "local" and isinstance(result, outcome.Value):
-                    # Both ready at once: the LLM's answer is the better one.
-                    try:
-                        other, llm_result = receive.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        pass
-                    else:
-                        if isinstance(llm_result, outcome.Value):
-                            name, result = other, llm_result
-                if isinstance(result, outcome.Value):
-                    self._hedges[f"{name}_won"] += 1
-                    answer: Classification = result.unwrap()
-                    return answer
-                assert isinstance(result, outcome.Error)
-                failed[name] = result.error
-                if name == "llm" and isinstance(result.error, LlmError):
-                    self._fell_back(llm, request, result.error)  # the local call answers
-        # Both failed: the local model's error is the answer (a bad image, overload).
-        raise failed["local"]
+        queued = QueuedCall()
+        llm_scope, local_scope = trio.CancelScope(), trio.CancelScope()
+        try:
+            with receive:
+                with send:
+                    ask_llm = functools.partial(
+                        llm.classify, request, deadline, admit_by=admit_by, queued=queued
+                    )
+                    nursery.start_soon(
+                        self._report, "llm", ask_llm, request, send.clone(), llm_scope
+                    )
+                    with trio.move_on_at(self._hedge_at(hedge_s, admit_by)):
+                        _, first = await receive.receive()
+                        return first.unwrap()  # before the hedge: as without one
+                    self._hedges["started"] += 1
+                    log.info("llm_hedged", image_hash=request.image_hash[:12])
+                    ask_local = functools.partial(self._local.classify_now, request)
+                    nursery.start_soon(
+                        self._report, "local", ask_local, request, send.clone(), local_scope
+                    )
+                failed: dict[str, BaseException] = {}
+                while len(failed) < 2:
+                    name, result = await receive.receive()
+                    if name == "local" and isinstance(result, outcome.Value):
+                        # Both ready at once: the LLM's answer is the better one.
+                        try:
+                            other, llm_result = receive.receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            pass
+                        else:
+                            if isinstance(llm_result, outcome.Value):
+                                name, result = other, llm_result
+                    if isinstance(result, outcome.Value):
+                        self._hedges[f"{name}_won"] += 1
+                        if name == "local" and queued.withdraw():
+                            llm_scope.cancel()
+                            self._hedges["withdrawn"] += 1
+                            self._queue_upgrade(llm, request)
+                        answer: Classification = result.unwrap()
+                        return answer
+                    assert isinstance(result, outcome.Error)
+                    failed[name] = result.error
+                    if name == "llm" and isinstance(result.error, LlmError):
+                        self._fell_back(llm, request, result.error)  # the local call answers
+            # Both failed: the local model's error is the answer (a bad image, draining).
+            raise failed["local"]
+        finally:
+            local_scope.cancel()
 
     async def _report(
         self,
@@ -419,16 +454,22 @@ class Chain:
         call: Callable[[], Awaitable[Classification]],
         request: ClassifyRequest,
         send: trio.MemorySendChannel[_Report],
+        scope: trio.CancelScope,
     ) -> None:
-        """Run one of a hedge's calls and report its outcome; an LLM answer that
-        nobody waits for any more replaces the local one given."""
+        """Run one of a hedge's calls under *scope* and report its outcome; an LLM
+        answer that nobody waits for any more replaces the local one given. A call
+        whose *scope* was cancelled (nobody wants it) reports nothing."""
         with send:
-            try:
-                result: outcome.Outcome[Classification] = outcome.Value(await call())
-            except trio.Cancelled:
-                raise
-            except Exception as exc:  # reported to the waiting caller, which raises it
-                result = outcome.Error(exc)
+            result: outcome.Outcome[Classification] | None = None
+            with scope:
+                try:
+                    result = outcome.Value(await call())
+                except trio.Cancelled:
+                    raise
+                except Exception as exc:  # reported to the waiting caller, which raises it
+                    result = outcome.Error(exc)
+            if result is None:
+                return
             try:
                 send.send_nowait((name, result))
                 return

@@ -40,7 +40,8 @@ many pixels, …) answers that envelope alone. Envelopes are never dropped: a ru
 that fails answers every envelope of its batch with the error.
 
 :meth:`LocalPool.classify_now` is the priority lane, for work the service has
-already held (an LLM call that failed or ran out of time): it skips the inbox and
+already held (an LLM call that failed or ran out of time, a hedge beside a slow
+LLM call): it skips the inbox and
 takes the next free decode thread (Trio's ``CapacityLimiter`` is FIFO, and the
 decode workers ask for a thread again only after taking their next job), so it
 waits for at most one image's preparation instead of the whole queue.
@@ -175,6 +176,7 @@ class LocalPool:
         self._last_batch_size = 0
         self._prepare_time = ServiceTime()
         self._urgent = 0
+        self._urgent_pending = 0  # priority-lane jobs not prepared yet
         self._running = False
         self._closed = False
         # The priority lane's way into the batch channel; the runners end once it and
@@ -190,6 +192,14 @@ class LocalPool:
         of the priority lane, or a slower photo ahead, turn them into 504s.
         """
         ahead += self._receive.statistics().current_buffer_used + self._decoding
+        return self._prepare_time.expected_wait_s(ahead, self._decode_threads, cautious=True)
+
+    def urgent_wait_s(self) -> float:
+        """How long a job sent to the priority lane (:meth:`classify_now`) now would
+        take: the priority jobs already on their way, then its own preparation, as
+        if every worker had just started a job (cautious: the chain starts a hedge
+        this long before its caller's answer is wanted)."""
+        ahead = self._urgent_pending + self._decode_threads
         return self._prepare_time.expected_wait_s(ahead, self._decode_threads, cautious=True)
 
     def would_take(self, deadline: float, ahead: int = 0) -> bool:
@@ -244,6 +254,7 @@ class LocalPool:
         if not self._running:
             raise ClassifierError("the local classifier is not running")
         self._urgent += 1
+        self._urgent_pending += 1
         self._decoding += 1
         self._unprepared += 1
         try:
@@ -255,6 +266,7 @@ class LocalPool:
             self._failed += 1
             raise _as_error(exc) from exc
         finally:
+            self._urgent_pending -= 1
             self._decoding -= 1
             self._unprepared -= 1
             self._progress.unpark_all()

@@ -32,6 +32,7 @@ from ._errors import UpstreamUnreachable as UpstreamUnreachable
 from ._pool import LlmPool as LlmPool
 from ._pool import LlmPoolStatistics as LlmPoolStatistics
 from ._pool import ProviderStatistics as ProviderStatistics
+from ._pool import QueuedCall as QueuedCall
 from ._pool import RecheckCallback as RecheckCallback
 from ._retry import RetryBudgetStatistics as RetryBudgetStatistics
 
@@ -48,6 +49,7 @@ __all__ = [
     "LlmUnavailable",
     "ProviderConfig",
     "ProviderStatistics",
+    "QueuedCall",
     "RecheckCallback",
     "RetryBudgetStatistics",
     "UpstreamError",

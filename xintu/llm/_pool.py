@@ -73,7 +73,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import httpx
 import outcome
@@ -106,7 +106,7 @@ if TYPE_CHECKING:
     # actor package imports the config, so the pool's module cannot import the actors'.
     from ..actors._envelope import ClassifyRequest, Envelope
 
-__all__ = ["LlmPool", "LlmPoolStatistics", "ProviderStatistics", "RecheckCallback"]
+__all__ = ["LlmPool", "LlmPoolStatistics", "ProviderStatistics", "QueuedCall", "RecheckCallback"]
 
 log = structlog.get_logger("xintu.llm")
 
@@ -189,6 +189,42 @@ class _Attempt:
     slow: bool = False  # counted as slow (its one outcome, a failure)
 
 
+class QueuedCall:
+    """A caller's hold on its job while the job waits in the pool's queue.
+
+    :meth:`withdraw` takes the job back if no worker has taken it yet: no upstream
+    call is then made for it. The hedge's local answer uses it (the chain,
+    :mod:`xintu.actors._chain`): a call still queued after its caller was answered
+    would otherwise be made at normal priority, ahead of callers still waiting.
+    Plain object: Trio runs one task at a time, so a worker's start and a
+    withdrawal cannot interleave.
+    """
+
+    __slots__ = ("_state",)
+
+    def __init__(self) -> None:
+        self._state: Literal["queued", "started", "withdrawn"] = "queued"
+
+    @property
+    def started(self) -> bool:
+        """Whether a worker has taken the job (its call is made)."""
+        return self._state == "started"
+
+    def withdraw(self) -> bool:
+        """Take the job back; False once a worker has started it."""
+        if self._state == "started":
+            return False
+        self._state = "withdrawn"
+        return True
+
+    def _start(self) -> bool:
+        """A worker takes the job; False when it was withdrawn."""
+        if self._state == "withdrawn":
+            return False
+        self._state = "started"
+        return True
+
+
 @dataclass(frozen=True, slots=True)
 class _Job:
     # Its deadline is the LLM work's: the request's deadline less the reserve.
@@ -196,6 +232,8 @@ class _Job:
     # A worker was free when it was admitted: a probe, made whatever the estimate
     # says (the estimate only learns from calls that are made).
     probe: bool = False
+    # The caller's hold on it while it waits in the queue (QueuedCall).
+    queued: QueuedCall | None = None
 
 
 class _Provider:
@@ -360,9 +398,16 @@ class LlmPool:
         return LlmUnavailable(message, reason=reason)
 
     async def classify(
-        self, request: ClassifyRequest, deadline: float, *, admit_by: float | None = None
+        self,
+        request: ClassifyRequest,
+        deadline: float,
+        *,
+        admit_by: float | None = None,
+        queued: QueuedCall | None = None,
     ) -> Classification:
         """Classify *request* through the provider chain before *deadline* less the reserve.
+
+        *queued*: the caller's hold on the job while it is queued (:class:`QueuedCall`).
 
         Raises :class:`~xintu.llm.LlmUnavailable` at once, with no upstream call, when
         no provider is configured, every breaker is open, the inbox is full, the
@@ -381,7 +426,7 @@ class LlmPool:
         probe = self._receive.statistics().current_buffer_used + self._busy < self._workers
         reply, receive = open_reply(Classification)
         try:
-            self._send.send_nowait(_Job(Envelope(request, call_deadline, reply), probe))
+            self._send.send_nowait(_Job(Envelope(request, call_deadline, reply), probe, queued))
         except trio.WouldBlock:
             reply.close()
             receive.close()
@@ -604,6 +649,9 @@ class LlmPool:
                 reply = job.envelope.reply
                 if reply.statistics().open_receive_channels == 0:
                     reply.close()  # the caller has left: nobody wants the answer
+                    continue
+                if job.queued is not None and not job.queued._start():
+                    reply.close()  # withdrawn by its caller (see QueuedCall)
                     continue
                 self._busy += 1
                 started = trio.current_time()
