@@ -192,11 +192,15 @@ async def service(
         writer.close()
 
 
-async def ask(dispatcher: Dispatcher, data: bytes, within_s: float = 10.0) -> Answer:
-    """Submit *data* to *dispatcher* with a deadline *within_s* from now; its answer."""
-    deadline = trio.current_time() + within_s
+async def ask(
+    dispatcher: Dispatcher, data: bytes, within_s: float = 10.0, *, age_s: float = 0.0
+) -> Answer:
+    """Submit *data* to *dispatcher* with a deadline *within_s* from now; its answer.
+    *age_s*: how long ago its request arrived (``ClassifyRequest.received_at``)."""
+    now = trio.current_time()
+    image_hash = hashlib.sha256(data).hexdigest()
+    request = ClassifyRequest(data, image_hash, "r", received_at=now - age_s)
     send, receive = open_reply(Answer)
-    dispatcher.submit(
-        Envelope(ClassifyRequest(data, hashlib.sha256(data).hexdigest(), "r"), deadline, send)
-    )
+    deadline = now + within_s
+    dispatcher.submit(Envelope(request, deadline, send))
     return await wait_reply(receive, deadline)

@@ -161,6 +161,53 @@ async def test_the_hedge_starts_in_time_for_the_latency_target(
     assert took == pytest.approx(3.0)
 
 
+async def test_a_longer_priority_lane_brings_the_hedge_forward(
+    clock: trio.testing.MockClock,
+) -> None:
+    """The hedge time is looked at again while the call runs: at 1 s other hedges
+    make the priority lane 1 s long, so this hedge starts at 2 s (3 s target less
+    1 s) instead of the 2.7 s it was set for when the call started."""
+    fake = upstream(4.0)
+    data, _ = photo(11)
+    with trio.fail_after(60):
+        async with llm_service.service(
+            fake, config(hedge_after_s=3.0), local_s=LOCAL_S, hedging=True, latency_target_s=3.0
+        ) as s:
+            s.local.urgent_s = LOCAL_S
+
+            async def lane_grows() -> None:
+                await trio.sleep(1.0)
+                s.local.urgent_s = 1.0
+
+            start = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lane_grows)
+                answer = await ask(s.dispatcher, data)
+            took = trio.current_time() - start
+    assert answer.classification.source is Source.LOCAL
+    assert took == pytest.approx(2.0 + LOCAL_S)
+
+
+async def test_the_latency_target_counts_from_the_requests_arrival(
+    clock: trio.testing.MockClock,
+) -> None:
+    """The request arrived 1 s before it reached the chain (its body, the hash, the
+    cache lookup): with a 3 s target the hedge starts 1.7 s into the call, and the
+    caller has its answer 3 s after its request arrived, as the client counts."""
+    fake = upstream(4.0)
+    data, _ = photo(10)
+    with trio.fail_after(60):
+        async with llm_service.service(
+            fake, config(hedge_after_s=3.0), local_s=LOCAL_S, hedging=True, latency_target_s=3.0
+        ) as s:
+            s.local.urgent_s = LOCAL_S
+            start = trio.current_time()
+            answer = await ask(s.dispatcher, data, age_s=1.0)
+            took = trio.current_time() - start
+    assert answer.classification.source is Source.LOCAL
+    assert took == pytest.approx(2.0)
+
+
 async def test_a_call_still_queued_when_the_local_answer_wins_is_withdrawn(
     clock: trio.testing.MockClock,
 ) -> None:

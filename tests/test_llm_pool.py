@@ -793,11 +793,36 @@ async def test_inbox_full_refuses_at_once(clock: trio.testing.MockClock) -> None
                 await trio.testing.wait_all_tasks_blocked()
                 s = pool.statistics()
                 assert (s.busy, s.queued, s.max_queued) == (1, 1, 1)
-                err = await fails(pool, 3)
+                # A long deadline: the unmeasured calls' wait (the prior) fits in it.
+                err = await fails(pool, 3, within_s=60)
                 assert isinstance(err, LlmUnavailable)
                 assert err.reason == "inbox_full"
                 upstream.gate.set()
     assert pool.statistics().refused_inbox_full == 1
+    assert upstream.count() == 2
+
+
+async def test_a_cold_pool_takes_a_call_to_last_the_hedge_ceiling(
+    clock: trio.testing.MockClock,
+) -> None:
+    """Before any call has been measured, a job behind busy workers is expected to
+    wait a call of ``hedge_after_s`` (3 s) per round: with the call deadline 8.5 s
+    away (10 s less the reserve) one round behind the worker fits (6 s), a second
+    does not (9 s). Before, an unmeasured pool expected no wait at all, and a burst
+    filled its inbox with work that could only be answered late."""
+    upstream = Upstream()
+    upstream.gate = trio.Event()
+    with trio.fail_after(30):
+        async with running(config(workers=1, inbox_size=8, hedge_after_s=3.0), upstream) as pool:
+            async with trio.open_nursery() as callers:
+                callers.start_soon(classify, pool, 1)
+                await trio.testing.wait_all_tasks_blocked()
+                callers.start_soon(classify, pool, 2)
+                await trio.testing.wait_all_tasks_blocked()
+                err = await fails(pool, 3)
+                upstream.gate.set()
+    assert isinstance(err, LlmUnavailable)
+    assert err.reason == "queue_too_long"
     assert upstream.count() == 2
 
 

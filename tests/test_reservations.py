@@ -295,18 +295,18 @@ class CountingPool(FakePool):
 
 async def test_the_llm_pools_room_then_the_local_pools_queue(autojump_clock: object) -> None:
     """Two idle workers and an inbox of three: room for five jobs sent now (nothing
-    measured yet, so none would wait past the target). The chain sends the work
-    ahead where a miss goes: five to the LLM pool, the rest to the local pool,
-    which is asked about that rest only."""
+    measured yet: the unmeasured calls' wait, 3 rounds of hedge_after_s, is within
+    the long deadline). The chain sends the work ahead where a miss goes: five to
+    the LLM pool, the rest to the local pool, which is asked about that rest only."""
     pool = LlmPool(llm_pool_config(workers=2, inbox_size=3))
-    deadline = trio.current_time() + 10
+    deadline = trio.current_time() + 30
     assert pool.room(deadline, most=10) == 5
     assert pool.room(deadline, most=4) == 4
     assert pool.would_take(deadline, ahead=4)
     assert not pool.would_take(deadline, ahead=5)
     local = CountingPool()
     local.room = 2
-    chain = Chain(local, llm=pool, latency_target_s=3.0)
+    chain = Chain(local, llm=pool, latency_target_s=30.0)
     assert chain.would_take(deadline, ahead=4)  # the LLM pool takes it: local not asked
     assert local.asked_ahead == []
     assert chain.would_take(deadline, ahead=6)  # 5 to the LLM, 1 to the local pool

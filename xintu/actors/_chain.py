@@ -97,6 +97,10 @@ __all__ = ["Chain", "ChainStatistics", "Classifier", "Fallback", "LateAnswer", "
 
 log = structlog.get_logger("xintu.chain")
 
+# While an LLM call waits for its hedge, the hedge's time is looked at again this
+# often (the priority lane's expected time changes as other hedges start).
+HEDGE_LOOK_S = 0.05
+
 # Fallback reasons that are the caller's deadline, not the LLM's health: the local
 # answer they lead to is rushed, and is upgraded by an LLM re-classification.
 _RUSHED = frozenset({"no_time", "queue_too_long", "deadline"})
@@ -262,12 +266,15 @@ class Chain:
     def _llm_on(self) -> Primary | None:
         return self._llm if self._llm is not None and self._llm.enabled else None
 
-    def admit_by(self, deadline: float) -> float:
+    def admit_by(self, deadline: float, received_at: float | None = None) -> float:
         """When work for *deadline* admitted now should be answered: the latency
-        target from now, never later than the deadline."""
+        target from *received_at* (its request's arrival; default now), never
+        later than the deadline."""
         if math.isinf(self._latency_target_s):
             return deadline
-        return min(deadline, trio.current_time() + self._latency_target_s)
+        now = trio.current_time()
+        since = now if received_at is None else min(received_at, now)
+        return min(deadline, since + self._latency_target_s)
 
     # --- the classifier ---------------------------------------------------------------
 
@@ -312,7 +319,7 @@ class Chain:
         return classification
 
     async def _classify(self, request: ClassifyRequest, deadline: float) -> Classification:
-        admit_by = self.admit_by(deadline)
+        admit_by = self.admit_by(deadline, request.received_at)
         llm = self._llm_on()
         if llm is None:
             return await self._classify_local(request, deadline, admit_by)
@@ -368,13 +375,14 @@ class Chain:
 
     # --- hedging ------------------------------------------------------------------------
 
-    def _hedge_at(self, hedge_s: float, admit_by: float) -> float:
-        """When to start the local model beside an LLM call made now: after the LLM
-        pool's hedge budget (*hedge_s*), and no later than the priority lane's
-        expected time before *admit_by* (so that the latency target holds even when
-        the budget is close to it, as with a provider whose P95 nears the target)."""
-        now = trio.current_time()
-        return max(now, min(now + hedge_s, admit_by - self._local.urgent_wait_s()))
+    def _hedge_at(self, budget_at: float, admit_by: float) -> float:
+        """When to start the local model beside an LLM call: at the end of the LLM
+        pool's hedge budget (*budget_at*), or the priority lane's expected time
+        (:meth:`Fallback.urgent_wait_s`, as it is now) before *admit_by* if that
+        comes first, so that the latency target holds even when the budget is
+        close to it (a provider whose P95 nears the target, a call that waited in
+        the LLM queue)."""
+        return min(budget_at, admit_by - self._local.urgent_wait_s())
 
     async def _hedged(
         self,
@@ -410,9 +418,13 @@ class Chain:
                     nursery.start_soon(
                         self._report, "llm", ask_llm, request, send.clone(), llm_scope
                     )
-                    with trio.move_on_at(self._hedge_at(hedge_s, admit_by)):
-                        _, first = await receive.receive()
-                        return first.unwrap()  # before the hedge: as without one
+                    budget_at = trio.current_time() + hedge_s
+                    while (hedge_at := self._hedge_at(budget_at, admit_by)) > trio.current_time():
+                        # Looked at again while waiting: hedges started meanwhile
+                        # lengthen the priority lane, and so bring this one forward.
+                        with trio.move_on_at(min(hedge_at, trio.current_time() + HEDGE_LOOK_S)):
+                            _, first = await receive.receive()
+                            return first.unwrap()  # before the hedge: as without one
                     self._hedges["started"] += 1
                     log.info("llm_hedged", image_hash=request.image_hash[:12])
                     ask_local = functools.partial(self._local.classify_now, request)

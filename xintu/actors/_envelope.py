@@ -35,12 +35,17 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class ClassifyRequest:
-    """One image to classify. ``image_hash`` is the server's own SHA-256 of ``data``."""
+    """One image to classify. ``image_hash`` is the server's own SHA-256 of ``data``.
+
+    ``received_at``: when its HTTP request arrived (``trio.current_time()``), if it
+    came over HTTP: the latency target counts from then, as the client's clock
+    does (reading the body, hashing and the cache lookup count against it)."""
 
     data: bytes
     image_hash: str
     request_id: str
     user_id: str | None = None
+    received_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

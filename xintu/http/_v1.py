@@ -310,7 +310,8 @@ async def _classify_one(
         raise HashMismatch("image_hash does not match the SHA-256 of the uploaded image")
     runtime = _runtime()
     answer = await runtime.classify(
-        ClassifyRequest(data, image_hash, request_id, user_id), deadline=deadline
+        ClassifyRequest(data, image_hash, request_id, user_id, g.get("started")),
+        deadline=deadline,
     )
     if renamed:
         assert claimed_hash is not None

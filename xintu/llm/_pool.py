@@ -336,6 +336,8 @@ class LlmPool:
             config.retry_max_attempts, config.retry_initial_s, config.retry_max_s
         )
         self._reserve_s = config.fallback_reserve_s
+        # What a call is taken to last until one has been measured (_expected_wait_s).
+        self._prior_call_s = config.hedge_after_s or config.breaker_slow_call_s
         self._workers = config.workers
         self._send, self._receive = trio.open_memory_channel[_Job](config.inbox_size)
         self._image_limiter = trio.CapacityLimiter(config.workers)
@@ -530,10 +532,16 @@ class LlmPool:
         mean learns it only as slow calls end, while the median age of the calls
         running now already shows it (each round ahead takes at least that long). So
         a sudden slowdown (or a hang) does not fill the queue with work that can
-        only run out of time.
+        only run out of time. Before any call has been measured, a call is taken
+        to last the hedge budget's ceiling (``hedge_after_s``; else
+        ``breaker_slow_call_s``): a burst on a cold pool then queues what that
+        allows instead of filling the inbox on an estimate of zero (every worker
+        still takes a call, a probe, whatever the estimate).
         """
-        estimate = self._service.expected_wait_s(ahead, self._workers, cautious=True)
         rounds = ahead // max(self._workers, 1) + 1
+        if self._service.mean_s is None:
+            return rounds * max(self._prior_call_s, median_age)
+        estimate = self._service.expected_wait_s(ahead, self._workers, cautious=True)
         return max(estimate, rounds * median_age)
 
     def offer_recheck(self, data: bytes, image_hash: str) -> bool:
