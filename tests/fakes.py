@@ -95,15 +95,16 @@ class BlockingModel(FakeModel):
 class FakePool:
     """A Trio-native classifier pool in the local pool's place in the chain
     (``Chain(pool)``): subclasses define :meth:`answer`. ``takes`` and ``wait_s``
-    are its admission answers (``urgent_s`` its priority lane's expected time);
-    ``asked`` records the deadlines it was asked about, ``urgent`` counts the
-    priority lane's calls."""
+    are its admission answers (``urgent_s`` its priority lane's expected time per
+    photo); ``asked`` records the deadlines it was asked about, ``urgent`` counts
+    the priority lane's calls and ``urgent_pending`` those under way."""
 
     def __init__(self) -> None:
         self.takes = True
         self.wait_s = 0.0
         self.urgent_s = 0.0
         self.urgent = 0
+        self.urgent_pending = 0
         self.asked: list[float] = []
 
     async def answer(self, data: bytes, image_hash: str, deadline: float) -> Classification:
@@ -114,7 +115,11 @@ class FakePool:
 
     async def classify_now(self, request: ClassifyRequest) -> Classification:
         self.urgent += 1
-        return await self.answer(request.data, request.image_hash, math.inf)
+        self.urgent_pending += 1
+        try:
+            return await self.answer(request.data, request.image_hash, math.inf)
+        finally:
+            self.urgent_pending -= 1
 
     def would_take(self, deadline: float) -> bool:
         self.asked.append(deadline)
@@ -123,8 +128,10 @@ class FakePool:
     def expected_wait_s(self) -> float:
         return self.wait_s
 
-    def urgent_wait_s(self) -> float:
-        return self.urgent_s
+    def urgent_wait_s(self, ahead: int = 0) -> float:
+        """``urgent_s`` per job: the lane's, behind the priority calls under way and
+        *ahead* more, then its own."""
+        return self.urgent_s * (self.urgent_pending + ahead + 1)
 
     def statistics(self) -> None:
         return None

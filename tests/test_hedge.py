@@ -188,6 +188,35 @@ async def test_a_longer_priority_lane_brings_the_hedge_forward(
     assert took == pytest.approx(2.0 + LOCAL_S)
 
 
+async def test_hedges_falling_due_together_start_early_enough_for_all(
+    clock: trio.testing.MockClock,
+) -> None:
+    """Three calls admitted together fall due together; the priority lane takes
+    0.3 s a photo, one after another, so the three hedges need 0.9 s of it before
+    the 3 s target: each starts at 2.1 s (the fake lane answers them side by side
+    at 2.4 s), where one alone would start at 2.7 s."""
+    fake = upstream(4.0)
+    photos = [photo(20 + n)[0] for n in range(3)]
+    took: list[float] = []
+    with trio.fail_after(60):
+        async with llm_service.service(
+            fake, config(hedge_after_s=3.0), local_s=LOCAL_S, hedging=True, latency_target_s=3.0
+        ) as s:
+            s.local.urgent_s = LOCAL_S
+            start = trio.current_time()
+
+            async def one(data: bytes) -> None:
+                await ask(s.dispatcher, data)
+                took.append(trio.current_time() - start)
+
+            async with trio.open_nursery() as nursery:
+                for data in photos:
+                    nursery.start_soon(one, data)
+            stats = s.chain.statistics()
+    assert took == pytest.approx([2.1 + LOCAL_S] * 3)
+    assert stats.hedges_local_won == 3
+
+
 async def test_the_latency_target_counts_from_the_requests_arrival(
     clock: trio.testing.MockClock,
 ) -> None:

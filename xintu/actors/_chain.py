@@ -76,6 +76,7 @@ hit on the local answer).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
@@ -175,7 +176,7 @@ class Fallback(Classifier, Protocol):
 
     def expected_wait_s(self, ahead: int = 0) -> float: ...
 
-    def urgent_wait_s(self) -> float: ...
+    def urgent_wait_s(self, ahead: int = 0) -> float: ...
 
     async def classify_now(self, request: ClassifyRequest) -> Classification: ...
 
@@ -227,6 +228,9 @@ class Chain:
         self._shed_for_deadline = 0
         self._upgrades_queued = 0
         self._hedges: Counter[str] = Counter()
+        # Calls waiting for their hedge: key -> when it is due (_until_hedge).
+        self._hedges_due: dict[int, float] = {}
+        self._hedge_keys = itertools.count()
         self._draining = False
         self._nursery: trio.Nursery | None = None
         self._closed = trio.Event()
@@ -375,14 +379,43 @@ class Chain:
 
     # --- hedging ------------------------------------------------------------------------
 
-    def _hedge_at(self, budget_at: float, admit_by: float) -> float:
-        """When to start the local model beside an LLM call: at the end of the LLM
-        pool's hedge budget (*budget_at*), or the priority lane's expected time
-        (:meth:`Fallback.urgent_wait_s`, as it is now) before *admit_by* if that
-        comes first, so that the latency target holds even when the budget is
-        close to it (a provider whose P95 nears the target, a call that waited in
-        the LLM queue)."""
-        return min(budget_at, admit_by - self._local.urgent_wait_s())
+    async def _until_hedge(
+        self,
+        key: int,
+        receive: trio.MemoryReceiveChannel[_Report],
+        budget_at: float,
+        admit_by: float,
+    ) -> _Report | None:
+        """The LLM call's report if it comes before its hedge is due, else ``None``
+        once it is due (:meth:`_hedge_at`, looked at again every
+        :data:`HEDGE_LOOK_S`: other hedges falling due change it). The call is
+        counted in ``_hedges_due`` from here until its local call has joined the
+        priority lane (:meth:`_hedge_local`) or :meth:`_hedged` ends."""
+        while (hedge_at := self._hedge_at(key, budget_at, admit_by)) > trio.current_time():
+            self._hedges_due[key] = hedge_at
+            with trio.move_on_at(min(hedge_at, trio.current_time() + HEDGE_LOOK_S)):
+                return await receive.receive()
+        self._hedges_due[key] = trio.current_time()
+        return None
+
+    async def _hedge_local(self, key: int, request: ClassifyRequest) -> Classification:
+        """The hedge's local call: from here the priority lane counts it, no longer
+        ``_hedges_due`` (no checkpoint between the two)."""
+        self._hedges_due.pop(key, None)
+        return await self._local.classify_now(request)
+
+    def _hedge_at(self, key: int, budget_at: float, admit_by: float) -> float:
+        """When the hedge of call *key* is due: at the end of the LLM pool's hedge
+        budget (*budget_at*), or before *admit_by* by the priority lane's expected
+        time (:meth:`Fallback.urgent_wait_s`) if that comes first, so that the
+        latency target holds even when the budget is close to it (a provider whose
+        P95 nears the target, a call that waited in the LLM queue). The lane counts
+        the other calls' hedges due before this one: calls admitted together in a
+        burst fall due together, and the lane takes them one preparation at a
+        time, so the later ones must start earlier."""
+        mine = self._hedges_due.get(key, budget_at)
+        before = sum(1 for k, due in self._hedges_due.items() if due <= mine and k != key)
+        return min(budget_at, admit_by - self._local.urgent_wait_s(before))
 
     async def _hedged(
         self,
@@ -407,6 +440,7 @@ class Chain:
         was answered would take a worker from callers still waiting.
         """
         send, receive = trio.open_memory_channel[_Report](2)
+        key = next(self._hedge_keys)
         queued = QueuedCall()
         llm_scope, local_scope = trio.CancelScope(), trio.CancelScope()
         try:
@@ -418,16 +452,14 @@ class Chain:
                     nursery.start_soon(
                         self._report, "llm", ask_llm, request, send.clone(), llm_scope
                     )
-                    budget_at = trio.current_time() + hedge_s
-                    while (hedge_at := self._hedge_at(budget_at, admit_by)) > trio.current_time():
-                        # Looked at again while waiting: hedges started meanwhile
-                        # lengthen the priority lane, and so bring this one forward.
-                        with trio.move_on_at(min(hedge_at, trio.current_time() + HEDGE_LOOK_S)):
-                            _, first = await receive.receive()
-                            return first.unwrap()  # before the hedge: as without one
+                    report = await self._until_hedge(
+                        key, receive, trio.current_time() + hedge_s, admit_by
+                    )
+                    if report is not None:
+                        return report[1].unwrap()  # before the hedge: as without one
                     self._hedges["started"] += 1
                     log.info("llm_hedged", image_hash=request.image_hash[:12])
-                    ask_local = functools.partial(self._local.classify_now, request)
+                    ask_local = functools.partial(self._hedge_local, key, request)
                     nursery.start_soon(
                         self._report, "local", ask_local, request, send.clone(), local_scope
                     )
@@ -458,6 +490,7 @@ class Chain:
             # Both failed: the local model's error is the answer (a bad image, draining).
             raise failed["local"]
         finally:
+            self._hedges_due.pop(key, None)
             local_scope.cancel()
 
     async def _report(

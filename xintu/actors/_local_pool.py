@@ -194,12 +194,13 @@ class LocalPool:
         ahead += self._receive.statistics().current_buffer_used + self._decoding
         return self._prepare_time.expected_wait_s(ahead, self._decode_threads, cautious=True)
 
-    def urgent_wait_s(self) -> float:
+    def urgent_wait_s(self, ahead: int = 0) -> float:
         """How long a job sent to the priority lane (:meth:`classify_now`) now would
-        take: the priority jobs already on their way, then its own preparation, as
-        if every worker had just started a job (cautious: the chain starts a hedge
-        this long before its caller's answer is wanted)."""
-        ahead = self._urgent_pending + self._decode_threads
+        take: the priority jobs already on their way, *ahead* more to be sent
+        before it, then its own preparation, as if every worker had just started
+        a job (cautious: the chain starts a hedge this long before its caller's
+        answer is wanted)."""
+        ahead += self._urgent_pending + self._decode_threads
         return self._prepare_time.expected_wait_s(ahead, self._decode_threads, cautious=True)
 
     def would_take(self, deadline: float, ahead: int = 0) -> bool:
