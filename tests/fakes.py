@@ -96,7 +96,8 @@ class FakePool:
     """A Trio-native classifier pool in the local pool's place in the chain
     (``Chain(pool)``): subclasses define :meth:`answer`. ``takes`` and ``wait_s``
     are its admission answers (``urgent_s`` its priority lane's expected time per
-    photo); ``asked`` records the deadlines it was asked about, ``urgent`` counts
+    photo); ``asked`` and ``asked_ahead`` record the deadlines and the jobs ahead it
+    was asked about, ``urgent`` counts
     the priority lane's calls and ``urgent_pending`` those under way."""
 
     def __init__(self) -> None:
@@ -106,6 +107,7 @@ class FakePool:
         self.urgent = 0
         self.urgent_pending = 0
         self.asked: list[float] = []
+        self.asked_ahead: list[int] = []
 
     async def answer(self, data: bytes, image_hash: str, deadline: float) -> Classification:
         raise NotImplementedError("each FakePool subclass says how it answers")
@@ -121,8 +123,9 @@ class FakePool:
         finally:
             self.urgent_pending -= 1
 
-    def would_take(self, deadline: float) -> bool:
+    def would_take(self, deadline: float, ahead: int = 0) -> bool:
         self.asked.append(deadline)
+        self.asked_ahead.append(ahead)
         return self.takes
 
     def expected_wait_s(self) -> float:

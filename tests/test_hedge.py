@@ -217,6 +217,34 @@ async def test_hedges_falling_due_together_start_early_enough_for_all(
     assert stats.hedges_local_won == 3
 
 
+async def test_local_admission_counts_the_hedges_due_before_its_target(
+    clock: trio.testing.MockClock,
+) -> None:
+    """A hung call waits for its hedge (due at 2.7 s, before the 3 s target): work
+    for the local pool asked about meanwhile counts that hedge as a job ahead of it,
+    since the hedge will take the priority lane first. Once the hedge has started,
+    the lane counts it instead."""
+    fake = upstream(hang=True)
+    data, _ = photo(30)
+    with trio.fail_after(60):
+        async with llm_service.service(
+            fake,
+            config(hedge_after_s=3.0, workers=1),
+            local_s=LOCAL_S,
+            hedging=True,
+            latency_target_s=3.0,
+        ) as s:
+            s.local.urgent_s = LOCAL_S
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask, s.dispatcher, data)
+                await trio.sleep(0.5)
+                # The one LLM worker is busy: the work goes to the local pool.
+                assert s.chain.would_take(trio.current_time() + 10)
+                await trio.sleep(2.3)  # the hedge started at 2.7 s, answers at 3 s
+                assert s.chain.would_take(trio.current_time() + 10)
+    assert s.local.asked_ahead == [1, 0]
+
+
 async def test_the_latency_target_counts_from_the_requests_arrival(
     clock: trio.testing.MockClock,
 ) -> None:

@@ -29,8 +29,10 @@ between the pools:
   replicas). Asked from an upload's headers, it counts the work on its way that
   no pool has queued yet as queued ahead (*ahead*: admission tickets, flights
   still looking the cache up; :mod:`._admission`), the LLM pool's share first
-  (:meth:`~xintu.llm.LlmPool.room`), the rest in the local pool's queue.
-  Admitted work still has the whole deadline to run;
+  (:meth:`~xintu.llm.LlmPool.room`), the rest in the local pool's queue. The
+  local pool's queue also counts the LLM calls whose hedge falls due before the
+  target (:meth:`Chain._hedges_before`): their hedges will take its priority lane
+  first. Admitted work still has the whole deadline to run;
 - a *hedge*: an LLM call that has not answered within the LLM pool's hedge budget
   (:meth:`~xintu.llm.LlmPool.hedge_after_s`: its recent P95 call time, clamped by
   ``llm.hedge_min_s`` and ``llm.hedge_after_s``), or by the latency target less
@@ -293,12 +295,26 @@ class Chain:
         if not ahead:
             return (
                 llm is not None and llm.would_take(deadline, admit_by=admit_by)
-            ) or self._local.would_take(admit_by)
+            ) or self._local_takes(admit_by, 0)
         to_llm = 0 if llm is None else llm.room(deadline, admit_by=admit_by, most=ahead + 1)
         if to_llm > ahead:
             return True
-        rest = ahead - to_llm
-        return self._local.would_take(admit_by, rest) if rest else self._local.would_take(admit_by)
+        return self._local_takes(admit_by, ahead - to_llm)
+
+    def _local_takes(self, admit_by: float, ahead: int) -> bool:
+        """Whether the local pool would answer work sent now by *admit_by*, behind
+        *ahead* jobs on their way and the hedges due before then
+        (:meth:`_hedges_before`)."""
+        ahead += self._hedges_before(admit_by)
+        return (
+            self._local.would_take(admit_by, ahead) if ahead else self._local.would_take(admit_by)
+        )
+
+    def _hedges_before(self, at: float) -> int:
+        """LLM calls whose hedge falls due by *at*: each takes the local pool's
+        priority lane, ahead of work queued now. Counted in full (cautious): a
+        call that answers in time gives its place back."""
+        return sum(1 for due in self._hedges_due.values() if due <= at)
 
     def refusal(self, deadline: float, ahead: int = 0) -> Overloaded | None:
         """A refusal when no classifier would answer work for *deadline* by the
@@ -367,13 +383,14 @@ class Chain:
     async def _classify_local(
         self, request: ClassifyRequest, deadline: float, admit_by: float
     ) -> Classification:
-        if trio.current_time() + self._local.expected_wait_s() > admit_by:
+        hedges = self._hedges_before(admit_by)
+        wait_s = self._local.expected_wait_s(hedges) if hedges else self._local.expected_wait_s()
+        if trio.current_time() + wait_s > admit_by:
             # It would only answer late, or time out in the queue: refuse now, with
             # an honest Retry-After.
             self._shed_for_deadline += 1
             raise Overloaded(
-                "the local classifier cannot answer before the deadline",
-                retry_after_s=self._local.expected_wait_s(),
+                "the local classifier cannot answer before the deadline", retry_after_s=wait_s
             )
         return await self._local.classify(request, deadline)
 
