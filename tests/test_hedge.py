@@ -314,6 +314,33 @@ async def test_the_hedges_local_call_is_cancelled_when_the_llm_wins(
     assert (s.local.calls, s.local.answered) == (1, 0)
 
 
+async def test_a_half_open_breakers_probe_is_hedged_at_once(
+    clock: trio.testing.MockClock,
+) -> None:
+    """The upstream fails every call after 0.5 s. One failure opens the breaker;
+    once its open period is over, the next miss is the half-open breaker's probe:
+    the caller has the local answer after the local time, not after the probe's
+    0.5 s failure plus the local time."""
+    fake = upstream(0.5)
+    fake.behaviour.error_rate = 1.0
+    (a, _), (b, _) = photo(40), photo(41)
+    with trio.fail_after(60):
+        async with service(
+            fake, breaker_consecutive_failures=1, breaker_open_s=5.0, retry_max_attempts=1
+        ) as s:
+            await ask(s.dispatcher, a)  # fails, opens the breaker
+            assert not s.pool.healthy()
+            await trio.sleep(6.0)  # half-open from here
+            assert s.pool.hedge_after_s() == 0.0
+            start = trio.current_time()
+            answer = await ask(s.dispatcher, b)
+            took = trio.current_time() - start
+            calls = fake.calls
+    assert answer.classification.source is Source.LOCAL
+    assert took == pytest.approx(LOCAL_S)
+    assert calls == 2  # the probe was made
+
+
 async def test_hedging_is_off_at_zero(clock: trio.testing.MockClock) -> None:
     fake = upstream(4.0)
     data, _ = photo(5)

@@ -393,6 +393,11 @@ class LlmPool:
         """Whether some provider's breaker is closed (the LLM is worth asking)."""
         return any(p.breaker.state is BreakerState.CLOSED for p in self._providers)
 
+    def _probing(self) -> bool:
+        """Whether a call made now would be a half-open breaker's probe: no
+        provider's breaker is closed, and some half-open one takes a probe."""
+        return not self.healthy() and any(p.breaker.would_allow() for p in self._providers)
+
     # --- the front door ------------------------------------------------------------
 
     def _refuse(self, reason: UnavailableReason, message: str) -> LlmUnavailable:
@@ -570,11 +575,18 @@ class LlmPool:
 
         The ``hedge_quantile`` of the last successful calls' times (P95 by default)
         once at least a few were seen, clamped to [``hedge_min_s``,
-        ``hedge_after_s``]; ``hedge_after_s`` until then.
+        ``hedge_after_s``]; ``hedge_after_s`` until then. 0 while a call would be
+        a half-open breaker's probe (no breaker closed): the probe goes into an
+        upstream that was failing, and its caller has the local answer at once
+        while it runs (a probe that succeeds closes the breaker, and its answer
+        replaces the local one). While every breaker is open the call is refused
+        at once anyway, and the caller falls back as without a hedge.
         """
         ceiling = self.config.hedge_after_s
         if ceiling <= 0:
             return None
+        if self._probing():
+            return 0.0  # no caller waits for a half-open breaker's probe
         if self._hedge_after_s is None:
             q = self.config.hedge_quantile
             if q <= 0 or len(self._call_times) < _CALL_TIMES_MIN:
