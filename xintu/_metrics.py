@@ -16,6 +16,7 @@ registry of its own per app.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -30,6 +31,8 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as prom_multiprocess
 
+from .actors._looplag import INTERVAL_S as LAG_INTERVAL_S
+from .actors._looplag import LAG_BUCKETS_S
 from .llm._errors import FAILURE_KINDS
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "multiprocess_dir"]
@@ -322,6 +325,23 @@ class Metrics:
             "Client connections answered 503 and closed: server.max_connections reached.",
             registry=r,
         )
+        self.connections_accepted = Counter(
+            "xintu_connections_accepted",
+            "Client connections taken under server.max_connections, each a new TCP "
+            "connection (those over it: xintu_connections_refused_total).",
+            registry=r,
+        )
+        self.loop_lag = Histogram(
+            "xintu_event_loop_lag_seconds",
+            "How late the event loop woke a task that was due (a timer checked every "
+            f"{LAG_INTERVAL_S * 1000:g} ms): a socket that became ready (an LLM answer, "
+            "a request) waited about as long before it was read. One observation per "
+            "wake.",
+            buckets=LAG_BUCKETS_S,
+            registry=r,
+        )
+        # The loop-lag snapshot last sampled: (counts, sums) per bucket.
+        self._lag_last: tuple[tuple[int, ...], tuple[float, ...]] | None = None
         self._last: dict[str, float] = {}
         # (route, method, status, source) -> (histogram child, counter child): the
         # labels are bounded (routes, known methods, statuses, sources), and a
@@ -416,6 +436,9 @@ class Metrics:
         self.llm_hedge_after.set(stats.llm.hedge_after_s or 0.0)
         for hedge_outcome, total in stats.hedges.items():
             self._advance(self.llm_hedges.labels(hedge_outcome), f"hedge:{hedge_outcome}", total)
+        lag = getattr(stats, "loop_lag", None)
+        if lag is not None:
+            self.sample_loop_lag(lag)
         up = getattr(stats, "upgrades", None)
         if up is not None:
             for name in (
@@ -451,6 +474,31 @@ class Metrics:
         for stage, ms in seconds.items():
             self._advance(self.local_seconds.labels(stage), f"lm:s:{stage}", ms / 1000.0)
 
+    def sample_loop_lag(self, lag: Any) -> None:
+        """Bring the loop-lag histogram up to date from a ``LoopLagStatistics``.
+
+        The monitor keeps per-bucket counts and per-bucket sums of its lags; a
+        Prometheus histogram takes only single observations. So the wakes new in
+        each bucket since the last sample are observed at their mean lag, which lies
+        in that bucket: the bucket counts and the sum come out exact. (At most
+        1/interval observations a second: 10.)
+        """
+        counts, sums = tuple(lag.counts), tuple(lag.sums)
+        last_counts, last_sums = self._lag_last or ((0,) * len(counts), (0.0,) * len(sums))
+        for i, (count, total) in enumerate(zip(counts, sums, strict=True)):
+            new = count - last_counts[i]
+            if new <= 0:
+                continue
+            value = (total - last_sums[i]) / new
+            # The mean of lags in (lower, upper] is in it too, but for rounding.
+            if i < len(LAG_BUCKETS_S):
+                value = min(value, LAG_BUCKETS_S[i])
+            if i > 0:
+                value = max(value, math.nextafter(LAG_BUCKETS_S[i - 1], math.inf))
+            for _ in range(new):
+                self.loop_lag.observe(value)
+        self._lag_last = (counts, sums)
+
     def sample_guard(self, guard: Any) -> None:
         """Bring the guard's metrics up to date from a ``GuardStatistics``."""
         for reason in ("unauthorized", "forbidden", "rate_limited"):
@@ -477,6 +525,7 @@ class Metrics:
         """Bring the connection metrics up to date from a ``ConnectionStatistics``."""
         self.connections_open.set(conns.open)
         self._advance(self.connections_refused, "conn_refused", conns.refused)
+        self._advance(self.connections_accepted, "conn_accepted", conns.accepted)
 
     def _sample_llm(self, llm: Any, fallbacks: Mapping[str, int]) -> None:
         state_code = {"closed": 0, "half_open": 1, "open": 2}

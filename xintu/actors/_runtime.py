@@ -9,7 +9,9 @@ actors, and the one facade the HTTP layer talks to.
                      results, hits, request-log rows ──▶ Writer ──▶ Store
 
 :meth:`Runtime.run` is the supervisor: it starts every actor with ``nursery.start``
-(each reports ready), and its nested nurseries are the shutdown order. On
+(each reports ready), and its nested nurseries are the shutdown order. The
+event-loop lag monitor (:mod:`._looplag`) starts first and stops last, so the
+lag is measured while the actors start and drain too. On
 :meth:`Runtime.drain` the dispatcher admits nothing more and finishes its
 flights; then the LLM pool and then the local pool finish their queues; then the writer
 flushes; then ``run`` returns. The chain runs between the dispatcher and the pools
@@ -61,6 +63,7 @@ from ._chain import Chain
 from ._dispatcher import Dispatcher, DispatcherStatistics
 from ._envelope import Answer, ClassifyRequest, Envelope, open_reply, wait_reply
 from ._local_pool import LocalModel, LocalPool, LocalPoolStatistics
+from ._looplag import LoopLag, LoopLagStatistics
 from ._procs import ProcessModel
 from ._spool import Spool
 from ._supervisor import CrashRecord, SupervisorStatistics
@@ -97,6 +100,8 @@ class RuntimeStatistics:
     local_model: Any = None
     # Admission tickets (:mod:`._admission`): live now, and taken/expired/ended.
     admission: AdmissionStatistics | None = None
+    # How late this process's event loop wakes a task that is due (:mod:`._looplag`).
+    loop_lag: LoopLagStatistics | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +224,8 @@ class Runtime:
         )
         # Uploads past the header check, not submitted yet (:mod:`._admission`).
         self.reservations = Reservations(ttl_s=config.server.latency_target_s)
+        # The event loop's lag, sampled for as long as any actor runs.
+        self.loop_lag = LoopLag()
         self._ready = False
         self._draining = False
         self._drain_requested = trio.Event()
@@ -256,6 +263,7 @@ class Runtime:
             upgrades=self.upgrades.statistics(),
             local_model=self.local.model_statistics(),
             admission=self.reservations.statistics(),
+            loop_lag=self.loop_lag.statistics(),
         )
 
     # --- lifetime ------------------------------------------------------------------
@@ -263,23 +271,31 @@ class Runtime:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run every actor until :meth:`drain`; then shut them down in order."""
         try:
-            async with trio.open_nursery() as writer_nursery:
-                await writer_nursery.start(self.writer.run)
-                async with trio.open_nursery() as local_nursery:
-                    await local_nursery.start(self.local.run)
-                    async with trio.open_nursery() as llm_nursery:
-                        await llm_nursery.start(self.llm.run)
-                        async with trio.open_nursery() as upgrade_nursery:
-                            await upgrade_nursery.start(self.upgrades.run)
-                            await self._run_front(task_status)
-                            self.upgrades.close()
-                        self.llm.close()
-                    self.local.close()
-                self.writer.close()
+            async with trio.open_nursery() as lag_nursery:
+                # First in, last out: the lag is measured while the actors drain too.
+                await lag_nursery.start(self.loop_lag.run)
+                await self._run_actors(task_status)
+                self.loop_lag.close()
             log.info("runtime_stopped", writer=self.writer.statistics())
         finally:
             self._ready = False
             self._stopped.set()
+
+    async def _run_actors(self, task_status: trio.TaskStatus[None]) -> None:
+        """The writer, the pools, the upgrades and the front, in their shutdown order."""
+        async with trio.open_nursery() as writer_nursery:
+            await writer_nursery.start(self.writer.run)
+            async with trio.open_nursery() as local_nursery:
+                await local_nursery.start(self.local.run)
+                async with trio.open_nursery() as llm_nursery:
+                    await llm_nursery.start(self.llm.run)
+                    async with trio.open_nursery() as upgrade_nursery:
+                        await upgrade_nursery.start(self.upgrades.run)
+                        await self._run_front(task_status)
+                        self.upgrades.close()
+                    self.llm.close()
+                self.local.close()
+            self.writer.close()
 
     async def _run_front(self, task_status: trio.TaskStatus[None]) -> None:
         """The chain and the dispatcher, until :meth:`drain`; then they stop."""
