@@ -494,7 +494,7 @@ class Chain:
                                 name, result = other, llm_result
                     if isinstance(result, outcome.Value):
                         self._hedges[f"{name}_won"] += 1
-                        if name == "local" and queued.withdraw():
+                        if name == "local" and "llm" not in failed and queued.withdraw():
                             llm_scope.cancel()
                             self._hedges["withdrawn"] += 1
                             self._queue_upgrade(llm, request)
