@@ -30,7 +30,15 @@ from ..errors import BadRequest, PayloadTooLarge, RequestTimeout, XintuError
 from ..store import Store, open_store
 from ._respond import error_body, error_response, json_response
 
-__all__ = ["XintuApp", "create_app", "current_xintu"]
+__all__ = [
+    "XintuApp",
+    "begin_request",
+    "body_timeout_error",
+    "create_app",
+    "current_xintu",
+    "finish_response",
+    "unexpected_error_response",
+]
 
 log = structlog.get_logger("xintu.http")
 
@@ -122,27 +130,22 @@ def create_app(config: Config, *, model_factory: ModelFactory | None = None) -> 
 
     @app.before_request
     async def _request_id() -> None:
-        ctx = g._get_current_object()
-        ctx.request_id = rid = uuid.uuid4().hex
-        ctx.started = trio.current_time()
-        # Every log line of this request, the actors' included, carries its id.
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=rid)
+        begin_request(g._get_current_object())
 
     @app.after_request
     async def _finish(response: Response) -> Response:
         # The request and g once each: every ``request.``/``g.`` is a context lookup.
         req: Request = request._get_current_object()  # type: ignore[attr-defined]
-        ctx = g._get_current_object()
-        rid = getattr(ctx, "request_id", None)
-        if rid:
-            response.headers["X-Request-ID"] = rid
-        if _body_unread(req):
-            # Answered (usually refused) before the whole body arrived: Hypercorn
-            # will close this connection after the response, so say so, or a
-            # keep-alive client may send its next request into the closing socket.
-            response.headers["Connection"] = "close"
-        _observe(app, req, ctx, response)
+        url_rule = req.url_rule
+        finish_response(
+            app,
+            response,
+            g._get_current_object(),
+            rule=url_rule.rule if url_rule is not None else "unmatched",
+            method=req.method,
+            remote_addr=req.remote_addr,
+            body_unread=_body_unread(req),
+        )
         return response
 
     @app.errorhandler(XintuError)
@@ -157,17 +160,13 @@ def create_app(config: Config, *, model_factory: ModelFactory | None = None) -> 
         if status == 400:
             return error_response(BadRequest("malformed request"), _rid())
         if status == 408:
-            timeout = config.server.body_timeout_s
-            return error_response(
-                RequestTimeout(f"request body not received within {timeout:g} s"), _rid()
-            )
+            return error_response(body_timeout_error(config), _rid())
         code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
         return json_response(error_body(exc.name, code, _rid()), status)
 
     @app.errorhandler(Exception)
     async def _unexpected(exc: Exception) -> Response:
-        log.exception("unhandled_error", request_id=_rid())
-        return json_response(error_body("internal error", "internal_error", _rid()), 500)
+        return unexpected_error_response(_rid())
 
     from ._admin import admin
     from ._ops import ops
@@ -185,6 +184,9 @@ def create_app(config: Config, *, model_factory: ModelFactory | None = None) -> 
     install_guard(app, config)
     install_idempotency(app, config)
     install_cors(app, config)
+    from ._hot import serve_check_cache_below_quart
+
+    serve_check_cache_below_quart(app)
     return app
 
 
@@ -217,20 +219,62 @@ _CLOSE_STORE_S = 5.0
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
-def _observe(app: XintuApp, req: Request, ctx: Any, response: Response) -> None:
-    """One latency observation and one structured log event per request (*req* and
-    *ctx*, the request's ``g``, as the proxies resolve them)."""
+def begin_request(ctx: Any) -> None:
+    """The start of every request: its id and start time in *ctx* (the request's
+    ``g``, or the state of a request served below Quart, see :mod:`._hot`), and the id
+    bound to every log line of the request, the actors' included."""
+    ctx.request_id = rid = uuid.uuid4().hex
+    ctx.started = trio.current_time()
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=rid)
+
+
+def finish_response(
+    app: XintuApp,
+    response: Response,
+    ctx: Any,
+    *,
+    rule: str,
+    method: str,
+    remote_addr: str | None,
+    body_unread: bool,
+) -> None:
+    """The end of every request: ``X-Request-ID``, ``Connection: close`` when the
+    body was left unread, one latency observation and one request log line."""
+    rid = getattr(ctx, "request_id", None)
+    if rid:
+        response.headers["X-Request-ID"] = rid
+    if body_unread:
+        # Answered (usually refused) before the whole body arrived: Hypercorn
+        # will close this connection after the response, so say so, or a
+        # keep-alive client may send its next request into the closing socket.
+        response.headers["Connection"] = "close"
+    _observe(app, rule, method, remote_addr, ctx, response.status_code)
+
+
+def body_timeout_error(config: Config) -> RequestTimeout:
+    """The error of a request whose body did not arrive within ``server.body_timeout_s``."""
+    return RequestTimeout(f"request body not received within {config.server.body_timeout_s:g} s")
+
+
+def unexpected_error_response(request_id: str) -> Response:
+    """The 500 answer (and the logged traceback) of an exception no handler expected."""
+    log.exception("unhandled_error", request_id=request_id)
+    return json_response(error_body("internal error", "internal_error", request_id), 500)
+
+
+def _observe(
+    app: XintuApp, rule: str, method: str, remote_addr: str | None, ctx: Any, status: int
+) -> None:
+    """One latency observation and one structured log event per request (*ctx*, the
+    request's ``g`` or its state below Quart)."""
     started = getattr(ctx, "started", None)
     if started is None:
         return
     seconds = trio.current_time() - started
-    url_rule = req.url_rule
-    rule = url_rule.rule if url_rule is not None else "unmatched"
     source = getattr(ctx, "source", None) or "none"
-    status = response.status_code
     # Labels never take client input as it came: any other method string would
     # make a new series (unmatched paths are "unmatched" for the same reason).
-    method = req.method
     app.metrics.observe_request(
         rule, method if method in _KNOWN_METHODS else "other", status, source, seconds
     )
@@ -247,7 +291,7 @@ def _observe(app: XintuApp, req: Request, ctx: Any, response: Response) -> None:
         image_hash=image_hash[:12] if image_hash else None,
         source=source,
         provider=getattr(ctx, "provider", None),
-        client_ip=getattr(ctx, "client_ip", None) or req.remote_addr,
+        client_ip=getattr(ctx, "client_ip", None) or remote_addr,
     )
 
 

@@ -28,15 +28,25 @@ from typing import Any, cast
 from quart import Quart, Response, request
 from quart_cors import cors
 from quart_trio import QuartTrio
+from werkzeug.datastructures import Headers
 
 from .._config import Config
 
-__all__ = ["EXPOSED_HEADERS", "install_cors", "is_preflight"]
+__all__ = [
+    "EXPOSED_HEADERS",
+    "EXTENSION",
+    "cross_origin",
+    "install_cors",
+    "is_preflight",
+    "vary_on_origin",
+]
 
 # Response headers a cross-origin script may read.
 EXPOSED_HEADERS = ("Retry-After", "X-Request-ID", "Idempotency-Replayed", "WWW-Authenticate")
 _PREFLIGHT_MAX_AGE_S = 600
 _METHODS = ("GET", "HEAD", "POST", "OPTIONS")
+#: ``app.extensions`` key, set when the CORS layer is installed.
+EXTENSION = "xintu.cors"
 
 
 def is_preflight() -> bool:
@@ -65,17 +75,29 @@ def install_cors(app: QuartTrio, config: Config) -> None:
     assert hooks.websocket_hook is not None
 
     async def after_request(response: Response) -> Response:
-        if not request.headers.get("Origin"):
-            # Not cross-origin: Quart-CORS would add this header and nothing else.
-            if "Vary" in response.headers:
-                response.vary.add("Origin")
-            else:
-                response.headers["Vary"] = "Origin"
+        if not cross_origin(request.headers):
+            vary_on_origin(response)
             return response
         return cast(Response, await cors_after(response))
 
     app.after_request(after_request)
     app.before_websocket(hooks.websocket_hook)
+    app.extensions[EXTENSION] = True
+
+
+def cross_origin(headers: Headers) -> bool:
+    """Whether a request is cross-origin (has an ``Origin``): Quart-CORS answers for
+    it; a request served below Quart (:mod:`._hot`) never is."""
+    return bool(headers.get("Origin"))
+
+
+def vary_on_origin(response: Response) -> None:
+    """The CORS work on the answer to a request that is not cross-origin, where
+    ``api.cors_origins`` is set: Quart-CORS would add this header and nothing else."""
+    if "Vary" in response.headers:
+        response.vary.add("Origin")
+    else:
+        response.headers["Vary"] = "Origin"
 
 
 class _Hooks:

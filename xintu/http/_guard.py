@@ -19,7 +19,8 @@ client identity (:mod:`._identity`), API keys (:mod:`._auth`) and rate limits
 
 ``/healthz`` is never limited nor authenticated, ``/readyz`` never limited.
 
-The hook stores the outcome in ``g.client`` (a :class:`~._identity.Client`) and the
+The hook (:meth:`Guard.admit`, which check-cache served below Quart runs too, see
+:mod:`._hot`) stores the outcome in ``g.client`` (a :class:`~._identity.Client`) and the
 resolved address in ``g.client_ip``, for the request log and the idempotency layer,
 which read it through :func:`client_of` and :func:`alias_scope` (re-exported here).
 
@@ -33,11 +34,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 import trio
 from quart import Request, Response, g, request
 from quart_trio import QuartTrio
+from werkzeug.datastructures import Headers
 
 from .._config import Config
 from ..errors import Forbidden, RateLimited, Unauthorized, XintuError
@@ -143,28 +146,41 @@ class Guard:
         return None
 
     async def before_request(self) -> Response | None:
-        """The hook: sets ``g.client`` and ``g.client_ip``; answers refusals itself."""
-        # The request and its headers are looked up once (each ``request.`` goes
-        # through Quart's context-local proxy).
+        """The hook: :meth:`admit` for the current request."""
+        # The request is looked up once (each ``request.`` goes through Quart's
+        # context-local proxy).
         req: Request = request._get_current_object()  # type: ignore[attr-defined]
-        headers = req.headers
-        client = self.identify(
+        method = req.method
+        return self.admit(
+            g._get_current_object(),
+            path=req.path,
             peer=req.remote_addr,
+            headers=req.headers,
+            preflight=method == "OPTIONS" and is_preflight(),
+        )
+
+    def admit(
+        self, ctx: Any, *, path: str, peer: str | None, headers: Headers, preflight: bool
+    ) -> Response | None:
+        """Identify the client of one request and decide on it: sets ``client`` and
+        ``client_ip`` on *ctx* (the request's ``g``, or its state below Quart, see
+        :mod:`._hot`) and returns the refusal to answer, or ``None``."""
+        client = self.identify(
+            peer=peer,
             forwarded_for=headers.getlist("X-Forwarded-For") if self.proxies else (),
             authorization=headers.get("Authorization"),
             user_id=headers.get("X-User-ID"),
         )
-        ctx = g._get_current_object()
         ctx.client = client
         ctx.client_ip = client.ip
-        if req.method == "OPTIONS" and is_preflight():
+        if preflight:
             # A CORS preflight carries no key by the CORS rules and no data comes
             # back: the CORS layer answers it (see :mod:`._cors`).
             return None
-        refusal = self.check(client, req.path)
+        refusal = self.check(client, path)
         if refusal is None:
             return None
-        rid = ctx.get("request_id")
+        rid = getattr(ctx, "request_id", None)
         response = error_response(refusal, rid if isinstance(rid, str) else "")
         if isinstance(refusal, Unauthorized):
             challenge = 'Bearer realm="xintu"'

@@ -55,6 +55,7 @@ import trio
 from quart import Response, g, request
 from quart.wrappers.response import DataBody, ResponseBody
 from quart_trio import QuartTrio
+from werkzeug.datastructures import Headers
 
 from .._config import Config
 from ..errors import IdempotencyInFlight, IdempotencyKeyReused, StoreError, ValidationFailed
@@ -139,12 +140,17 @@ class Idempotency:
 
     # --- before: claim, refuse or replay ----------------------------------------------
 
+    @staticmethod
+    def applies(method: str, headers: Headers) -> bool:
+        """Whether this layer has anything to do with a request: a POST with an
+        ``Idempotency-Key`` (the check-cache route below Quart, :mod:`._hot`, leaves
+        every other request to Quart and this layer)."""
+        return method == "POST" and _KEY_HEADER in headers
+
     async def before_request(self) -> Response | None:
-        if request.method != "POST":
+        if not self.applies(request.method, request.headers):
             return None
         keys = request.headers.getlist(_KEY_HEADER)
-        if not keys:
-            return None
         if len(keys) > 1:
             raise ValidationFailed("send one Idempotency-Key header, not several")
         key = keys[0]

@@ -66,11 +66,13 @@ def client_of(user_id: str | None = None) -> Client:
     return Client(ip=ip, identity=digest_id("ip", ip.encode()))
 
 
-def alias_scope(user_id: str | None = None) -> str:
+def alias_scope(user_id: str | None = None, client: Client | None = None) -> str:
     """The scope a client's aliases live in (DESIGN §2, client-named photos): its API
     key when keys are configured, else its user id (*user_id*, from the header or the
-    body), else its address; hashed like every identity."""
-    client = client_of(user_id)
+    body), else its address; hashed like every identity. *client* is the guard's
+    outcome for the request, ``g.client`` unless given."""
+    if client is None:
+        client = client_of(user_id)
     if client.key_id is not None:
         return client.identity
     if user_id:

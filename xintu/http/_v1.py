@@ -7,6 +7,9 @@ The handlers parse and answer HTTP; everything else is asked of the runtime's
 facade (:class:`~xintu.actors.Runtime`): ``lookup`` / ``lookup_many`` (hits are
 counted there), ``refusal``, ``classify``, ``name_alias`` and ``log_request``.
 
+check-cache is the one route also served below Quart (:mod:`._hot`, the hit path's
+cost): both ways run :func:`check_cache_answer`.
+
 An upload that no classifier could take is refused from its headers alone
 (:func:`_refuse_early`), before its body is read and hashed: a refusal does not
 wait behind the bytes of the work it refuses. check-cache is never refused so.
@@ -37,11 +40,11 @@ from ..errors import (
     ValidationFailed,
     XintuError,
 )
-from ._app import current_xintu
+from ._app import XintuApp, current_xintu
 from ._guard import alias_scope
 from ._respond import json_response, now_iso, sized_work
 
-__all__ = ["v1"]
+__all__ = ["check_cache_answer", "json_too_large", "parse_json_body", "v1"]
 
 v1 = Blueprint("v1", __name__, url_prefix="/api/v1/classify")
 
@@ -74,10 +77,20 @@ async def _json_body() -> dict[str, Any]:
     limit = _config().server.max_json_bytes
     declared = request.content_length
     if declared is not None and declared > limit:
-        raise PayloadTooLarge(f"a JSON body may have at most {limit} bytes")
+        raise json_too_large(limit)
     raw = await request.get_data(cache=True, as_text=False)
+    return parse_json_body(cast(bytes, raw), limit)
+
+
+def json_too_large(limit: int) -> PayloadTooLarge:
+    """The error of a JSON body over *limit* (``server.max_json_bytes``) bytes."""
+    return PayloadTooLarge(f"a JSON body may have at most {limit} bytes")
+
+
+def parse_json_body(raw: bytes, limit: int) -> dict[str, Any]:
+    """The JSON object in *raw*, a body received in full (see :func:`_json_body`)."""
     if len(raw) > limit:
-        raise PayloadTooLarge(f"a JSON body may have at most {limit} bytes")
+        raise json_too_large(limit)
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
@@ -91,11 +104,16 @@ async def _json_body() -> dict[str, Any]:
 
 def _user_id(body: dict[str, Any] | None = None) -> str | None:
     """The user: the ``X-User-ID`` header, else the body's ``user_id``; both validated."""
-    header = _checked_user_id(request.headers.get("X-User-ID"))
-    in_body = _checked_user_id(body.get("user_id") if body is not None else None)
-    value = header or in_body
+    return _user_id_of(request.headers.get("X-User-ID"), body, g)
+
+
+def _user_id_of(header: str | None, body: dict[str, Any] | None, ctx: Any) -> str | None:
+    """:func:`_user_id` from the header's value, set on *ctx* (``g``) for the log."""
+    value = _checked_user_id(header) or _checked_user_id(
+        body.get("user_id") if body is not None else None
+    )
     if value is not None:
-        g.user_id = value
+        ctx.user_id = value
     return value
 
 
@@ -175,13 +193,20 @@ def _log(
     processing_time_ms: float,
     hashes_asked: int | None = None,
     hashes_hit: int | None = None,
+    ctx: Any = None,
+    remote_addr: str | None = None,
+    runtime: Runtime | None = None,
 ) -> None:
     """One ``request_log`` row for this request (or one of its items; a batch
-    check's row carries its counts instead of an answer)."""
-    _runtime().log_request(
+    check's row carries its counts instead of an answer). *ctx*, *remote_addr* and
+    *runtime* are the request's ``g``, its peer and the app's runtime unless given
+    (a request served below Quart gives them)."""
+    if ctx is None:
+        ctx, remote_addr = g, request.remote_addr
+    (runtime or _runtime()).log_request(
         request_id=request_id,
         user_id=user_id,
-        ip=getattr(g, "client_ip", None) or request.remote_addr,
+        ip=getattr(ctx, "client_ip", None) or remote_addr,
         image_hash=image_hash,
         image_size=image_size,
         answer=answer,
@@ -218,26 +243,53 @@ def _wants_evidence() -> bool:
 @v1.post("/check-cache")
 async def check_cache() -> Response:
     body = await _json_body()
+    return await check_cache_answer(
+        current_xintu(),
+        g._get_current_object(),
+        body,
+        user_header=request.headers.get("X-User-ID"),
+        remote_addr=request.remote_addr,
+        wants_evidence=_wants_evidence,
+    )
+
+
+async def check_cache_answer(
+    app: XintuApp,
+    ctx: Any,
+    body: dict[str, Any],
+    *,
+    user_header: str | None,
+    remote_addr: str | None,
+    wants_evidence: Callable[[], bool],
+) -> Response:
+    """The check-cache answer to the JSON object *body*, for the request whose state
+    is *ctx* (its ``g``, or its state below Quart: :mod:`._hot` serves this route
+    with this function too). *wants_evidence* reads ``?evidence``."""
     image_hash = _hash_field(body.get("image_hash"), "image_hash")
-    evidence = _wants_evidence()
-    g.image_hash = image_hash
-    user_id = _user_id(body)
+    evidence = wants_evidence()
+    ctx.image_hash = image_hash
+    user_id = _user_id_of(user_header, body, ctx)
+    runtime = app.runtime
+    rid: str = ctx.request_id
     # An alias hit answers with (and counts the hit on) the verified entry.
-    answer = await _runtime().lookup(image_hash, alias_scope(user_id))
-    g.source = "cache" if answer is not None else "none"
+    answer = await runtime.lookup(image_hash, alias_scope(user_id, getattr(ctx, "client", None)))
+    ctx.source = "cache" if answer is not None else "none"
     # A miss carries "data": null, as the original's answer does.
     out: dict[str, Any] = {"success": True, "cached": answer is not None, "data": None}
     if answer is not None:
         out["data"] = _data(answer, evidence=evidence)
         _log(
-            request_id=_rid(),
+            request_id=rid,
             user_id=user_id,
             image_hash=answer.image_hash,
             image_size=None,
             answer=answer,
-            processing_time_ms=_ms_since(g.started),
+            processing_time_ms=_ms_since(ctx.started),
+            ctx=ctx,
+            remote_addr=remote_addr,
+            runtime=runtime,
         )
-    out |= {"from_cache": answer is not None, "request_id": _rid(), "timestamp": now_iso()}
+    out |= {"from_cache": answer is not None, "request_id": rid, "timestamp": now_iso()}
     return json_response(out)
 
 
