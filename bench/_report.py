@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["Check", "Outcome", "Row", "fmt", "render_markdown", "write_json"]
+__all__ = ["Check", "Outcome", "Row", "fmt", "loop_lag_row", "render_markdown", "write_json"]
 
 Status = Literal["ok", "skipped", "failed"]
 
@@ -121,3 +121,29 @@ def render_markdown(run: dict[str, Any], outcomes: list[Outcome]) -> str:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=1, default=str) + "\n")
+
+
+def loop_lag_row(
+    measure: str, lag: dict[str, Any], baseline: str = "", base: float | None = None
+) -> Row:
+    """A row of the service's event-loop lag over a phase (:func:`bench._stats.histogram_window`
+    of ``xintu_event_loop_lag_seconds``): its P99, with P50, the bucket of the largest
+    lag and how many wakes were over 50 ms and over 1 s in the note."""
+    if not lag["count"]:
+        return Row(measure, None, "ms", note="no xintu_event_loop_lag_seconds on /metrics")
+    if lag["max_upto"] is None:
+        largest = f"over {fmt(lag['max_over'])} ms"
+    else:
+        largest = f"in ({fmt(lag['max_over'])}, {fmt(lag['max_upto'])}] ms"
+    over = lag["over"]
+    return Row(
+        measure,
+        lag["p99"],
+        "ms",
+        baseline,
+        base,
+        f"P50 {fmt(lag['p50'])} ms, mean {fmt(lag['mean'])} ms, largest {largest}; "
+        f"{lag['count']} wakes, "
+        f"{over.get('50', 0)} over 50 ms, {over.get('1000', 0)} over 1 s "
+        "(histogram_quantile of the /metrics histogram)",
+    )

@@ -13,6 +13,7 @@ temporary folder, or a ``xintu_bench_*`` database on MariaDB that it drops at th
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -29,11 +30,14 @@ from urllib.parse import urlsplit
 import httpx
 
 __all__ = [
+    "MetricsAt",
     "Service",
     "ServiceError",
     "Stores",
     "clean_env",
     "free_port",
+    "logged_latencies_ms",
+    "parse_metrics",
     "process_tree",
     "read_proc",
     "start_service",
@@ -175,6 +179,19 @@ class Service:
             "processes": len(peak),
         }
 
+    def metrics(self, prefixes: tuple[str, ...] = ("",)) -> dict[str, float]:
+        """The samples of its ``/metrics`` whose name starts with one of *prefixes*
+        (:func:`parse_metrics`); empty when it does not answer."""
+        try:
+            text = httpx.get(f"{self.url}/metrics", timeout=5.0).text
+        except httpx.HTTPError:
+            return {}
+        return parse_metrics(text, prefixes)
+
+    def logged_latencies_ms(self, *, route: str, status: int) -> list[float]:
+        """Its request log's latencies (:func:`logged_latencies_ms`)."""
+        return logged_latencies_ms(self.log_path, route=route, status=status)
+
     def tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -201,6 +218,87 @@ class Service:
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         return self.proc.returncode
+
+
+def parse_metrics(text: str, prefixes: tuple[str, ...] = ("",)) -> dict[str, float]:
+    """``{'name{labels}': value}`` for every sample of a Prometheus exposition whose
+    name starts with one of *prefixes* (comments skipped)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(prefixes):
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
+def logged_latencies_ms(log_path: Path, *, route: str, status: int) -> list[float]:
+    """``latency_ms`` of the service's own ``request`` log events for *route*
+    answered *status* (JSON log lines; none below ``XINTU_LOG_LEVEL=info``): the
+    time the service measured, from the request's start in the app to its answer,
+    without the accept, the wait for the loop or the bytes on the wire."""
+    out: list[float] = []
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        if '"request"' not in line:
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if (
+            isinstance(event, dict)
+            and event.get("event") == "request"
+            and event.get("route") == route
+            and event.get("status") == status
+            and isinstance(event.get("latency_ms"), int | float)
+        ):
+            out.append(float(event["latency_ms"]))
+    return out
+
+
+class MetricsAt:
+    """Scrapes of a service's ``/metrics`` at fixed ``time.monotonic()`` instants,
+    each in a timer thread, so that a scenario can take the difference of its
+    counters and histograms over a phase of its load (``before``/``after``).
+
+    ``join()`` waits for them; :meth:`get` is a scrape by its label (empty if the
+    service did not answer or the instant never came).
+    """
+
+    def __init__(
+        self, svc: Service, at: Mapping[str, float], prefixes: tuple[str, ...] = ("",)
+    ) -> None:
+        self.scrapes: dict[str, dict[str, float]] = {}
+        self.taken_at: dict[str, float] = {}
+        self._timers = [
+            threading.Timer(max(when - time.monotonic(), 0.0), self._take, (svc, label, prefixes))
+            for label, when in at.items()
+        ]
+        for timer in self._timers:
+            timer.daemon = True
+            timer.start()
+
+    def _take(self, svc: Service, label: str, prefixes: tuple[str, ...]) -> None:
+        self.taken_at[label] = time.monotonic()
+        self.scrapes[label] = svc.metrics(prefixes)
+
+    def join(self, timeout_s: float = 10.0) -> None:
+        for timer in self._timers:
+            timer.join(timeout_s)
+
+    def cancel(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+
+    def get(self, label: str) -> dict[str, float]:
+        return self.scrapes.get(label, {})
 
 
 def start_service(

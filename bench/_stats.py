@@ -16,10 +16,18 @@ requests were over :data:`LATE_MS` late measured the generator, not the service,
 is flagged. *Client wait* is the time from that start until the request was written
 to a connection (a busy fixed pool, or connecting): it is caused by the server being
 slow, is part of the latency, and is reported next to the lateness.
+:func:`breakdown` splits a set of samples' latency into those parts and the rest
+(from the connection to the whole answer: sending the body, the server, the answer).
+
+:func:`histogram_window` reads a Prometheus histogram of the service (the
+event-loop lag) from two scrapes of ``/metrics``: the observations between them,
+their quantiles interpolated within a bucket as PromQL's ``histogram_quantile``
+does, and the bucket the largest one fell in (its exact value is not exported).
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any
 
@@ -34,6 +42,8 @@ __all__ = [
     "LATE_P99_MS",
     "LATE_SHARE",
     "PERCENTILES",
+    "breakdown",
+    "histogram_window",
     "lateness",
     "percentiles",
     "status_name",
@@ -104,6 +114,89 @@ def lateness(samples: npt.NDArray[Any]) -> dict[str, Any]:
         "generator_lagged": lagged,
         "client_wait_p50_ms": wait["p50"],
         "client_wait_p99_ms": wait["p99"],
+    }
+
+
+def breakdown(samples: npt.NDArray[Any]) -> dict[str, Any]:
+    """Where the latency of *samples* went, each part's percentiles in ms: ``late``
+    (the generator's lateness: intended to started), ``connection`` (started to sent:
+    waiting for a pooled connection, or opening one), ``rest`` (sent to done: the
+    body written, the server's work, the answer read) and ``total``. Only samples
+    with an answer (``done``) count; percentiles of the parts do not add up."""
+    s = samples[~np.isnan(samples["done"]) & ~np.isnan(samples["sent"])]
+    return {
+        "late_ms": percentiles((s["started"] - s["intended"]) * 1000.0),
+        "connection_ms": percentiles((s["sent"] - s["started"]) * 1000.0),
+        "rest_ms": percentiles((s["done"] - s["sent"]) * 1000.0),
+        "total_ms": percentiles((s["done"] - s["intended"]) * 1000.0),
+    }
+
+
+def _buckets(scrape: dict[str, float], name: str) -> dict[float, float]:
+    """``{le: cumulative count}`` of histogram *name* (no other labels) in *scrape*."""
+    prefix = f'{name}_bucket{{le="'
+    out: dict[float, float] = {}
+    for key, value in scrape.items():
+        if key.startswith(prefix):
+            out[float(key[len(prefix) :].split('"', 1)[0])] = value
+    return out
+
+
+def histogram_window(
+    before: dict[str, float], after: dict[str, float], name: str, *, scale: float = 1000.0
+) -> dict[str, Any]:
+    """Histogram *name* between two scrapes (:func:`bench._services.parse_metrics`),
+    values times *scale* (seconds to ms by default): ``count``, ``mean``, ``p50``,
+    ``p90``, ``p99`` (interpolated linearly within their bucket, as
+    ``histogram_quantile``; a quantile in the open bucket is its lower bound),
+    ``max_over`` and ``max_upto`` (the bucket the largest observation fell in:
+    ``max_upto`` is None for the open bucket) and ``over`` (observations above each
+    finite bound). All None/empty when either scrape lacks the histogram (a service
+    without it, or one that did not answer)."""
+    b0, b1 = _buckets(before, name), _buckets(after, name)
+    empty: dict[str, Any] = {
+        "count": 0,
+        "mean": None,
+        "p50": None,
+        "p90": None,
+        "p99": None,
+        "max_over": None,
+        "max_upto": None,
+        "over": {},
+    }
+    if not b1 or set(b0) != set(b1):
+        return empty
+    bounds = sorted(b1)
+    cumulative = [b1[le] - b0[le] for le in bounds]
+    count = cumulative[-1]
+    if count <= 0:
+        return empty
+    total = after.get(f"{name}_sum", 0.0) - before.get(f"{name}_sum", 0.0)
+
+    def quantile(q: float) -> float:
+        rank = q * count
+        for i, le in enumerate(bounds):
+            if cumulative[i] >= rank:
+                lower = bounds[i - 1] if i else 0.0
+                if math.isinf(le):
+                    return lower * scale
+                below = cumulative[i - 1] if i else 0.0
+                inside = cumulative[i] - below
+                share = (rank - below) / inside if inside else 1.0
+                return (lower + (le - lower) * share) * scale
+        return bounds[-2] * scale  # not reached: the last bucket holds every count
+
+    top = next(i for i, c in enumerate(cumulative) if c >= count)
+    finite = [le for le in bounds if not math.isinf(le)]
+    return {
+        "count": int(count),
+        "mean": round(total / count * scale, 3),
+        "p50": round(quantile(0.5), 3),
+        "p90": round(quantile(0.9), 3),
+        "p99": round(quantile(0.99), 3),
+        "max_over": round(bounds[top - 1] * scale, 3) if top else 0.0,
+        "max_upto": None if math.isinf(bounds[top]) else round(bounds[top] * scale, 3),
+        "over": {f"{le * scale:g}": int(count - cumulative[bounds.index(le)]) for le in finite},
     }
 
 

@@ -6,6 +6,8 @@ No timing assertions: these check the math and the parsing on fixed inputs.
 from __future__ import annotations
 
 import io
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,8 +24,9 @@ from bench._loadgen import (
     uniform_schedule,
 )
 from bench._photos import distinct, jpeg, sha256
-from bench._report import Row
-from bench._stats import lateness, percentiles, summarize, timeline
+from bench._report import Row, loop_lag_row
+from bench._services import logged_latencies_ms, parse_metrics
+from bench._stats import breakdown, histogram_window, lateness, percentiles, summarize, timeline
 
 
 def _samples(n: int) -> np.ndarray:
@@ -144,6 +147,85 @@ def test_timeline_bins() -> None:
     assert series["offered_rps"] == [100.0, 100.0]
     assert sum(series["goodput_rps"]) + sum(series["refused_rps"]) == 200.0
     assert series["p50"] == [2.0, 2.0]
+
+
+def test_breakdown_splits_lateness_connection_and_the_rest() -> None:
+    rows = _samples(100)
+    rows["started"] += 0.001  # 1 ms late
+    rows["sent"] = rows["started"] + 0.004  # 4 ms opening a connection
+    rows["done"] = rows["sent"] + 0.010  # 10 ms for the rest
+    rows["done"][0] = np.nan  # no answer: left out
+    got = breakdown(rows)
+    assert got["late_ms"]["count"] == 99
+    assert got["late_ms"]["p99"] == pytest.approx(1.0)
+    assert got["connection_ms"]["p50"] == pytest.approx(4.0)
+    assert got["rest_ms"]["p99"] == pytest.approx(10.0)
+    assert got["total_ms"]["max"] == pytest.approx(15.0)
+
+
+_LAG = "xintu_event_loop_lag_seconds"
+_BOUNDS = ("0.001", "0.01", "0.1", "1.0", "+Inf")
+
+
+def _scrape(cumulative: tuple[int, ...], total_s: float) -> dict[str, float]:
+    """A scrape of the lag histogram: cumulative counts per bound and the sum."""
+    text = "\n".join(
+        [f"# HELP {_LAG} lag", f"# TYPE {_LAG} histogram"]
+        + [f'{_LAG}_bucket{{le="{le}"}} {n}.0' for le, n in zip(_BOUNDS, cumulative, strict=True)]
+        + [f"{_LAG}_count {cumulative[-1]}.0", f"{_LAG}_sum {total_s}", "xintu_other 3.0"]
+    )
+    return parse_metrics(text, (_LAG,))
+
+
+def test_parse_metrics_keeps_the_samples_asked_for() -> None:
+    got = _scrape((1, 2, 3, 4, 4), 0.5)
+    assert got[f'{_LAG}_bucket{{le="0.01"}}'] == 2.0
+    assert got[f"{_LAG}_sum"] == 0.5
+    assert "xintu_other" not in got
+    assert not any(k.startswith("#") for k in got)
+
+
+def test_histogram_window_is_the_difference_of_two_scrapes() -> None:
+    """100 wakes between the scrapes: 90 within 1 ms, 8 in (1, 10] ms, 2 in
+    (100 ms, 1 s]; P50 and P99 interpolated within their buckets as PromQL does."""
+    before = _scrape((10, 10, 10, 10, 10), 0.005)
+    after = _scrape((100, 108, 108, 110, 110), 0.005 + 0.9)
+    got = histogram_window(before, after, _LAG)
+    assert got["count"] == 100
+    assert got["mean"] == pytest.approx(9.0)
+    assert got["p50"] == pytest.approx(50 / 90 * 1.0, abs=1e-3)
+    assert got["p99"] == pytest.approx(100.0 + (99 - 98) / 2 * 900.0)
+    assert (got["max_over"], got["max_upto"]) == (100.0, 1000.0)
+    assert got["over"] == {"1": 10, "10": 2, "100": 2, "1000": 0}
+
+
+def test_histogram_window_open_bucket_and_missing_histogram() -> None:
+    before = _scrape((0, 0, 0, 0, 0), 0.0)
+    after = _scrape((0, 0, 0, 0, 1), 7.0)
+    got = histogram_window(before, after, _LAG)
+    assert (got["max_over"], got["max_upto"]) == (1000.0, None)
+    assert got["p99"] == 1000.0  # a quantile in the open bucket: its lower bound
+    assert histogram_window({}, after, _LAG)["count"] == 0  # not scraped: nothing
+    assert histogram_window(before, before, _LAG)["p99"] is None  # no wake between
+    assert loop_lag_row("lag", histogram_window(before, before, _LAG)).value is None
+    row = loop_lag_row("lag", got, "at rest", 2.0)
+    assert row.value == 1000.0
+    assert "largest over 1,000 ms" in row.note
+    assert "1 over 1 s" in row.note
+
+
+def test_logged_latencies_are_the_request_events_asked_for(tmp_path: Path) -> None:
+    log = tmp_path / "svc.log"
+    lines = [
+        {"event": "request", "route": "/api/v1/classify", "status": 503, "latency_ms": 0.3},
+        {"event": "request", "route": "/api/v1/classify", "status": 200, "latency_ms": 900},
+        {"event": "request", "route": "/healthz", "status": 503, "latency_ms": 1.0},
+        {"event": "runtime_ready", "route": "/api/v1/classify", "status": 503},
+        {"event": "request", "route": "/api/v1/classify", "status": 503, "latency_ms": 20},
+    ]
+    log.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json {\n")
+    assert logged_latencies_ms(log, route="/api/v1/classify", status=503) == [0.3, 20.0]
+    assert logged_latencies_ms(tmp_path / "none.log", route="/", status=200) == []
 
 
 def test_schedules() -> None:

@@ -22,7 +22,10 @@ against the hedge budget
 (read from the service's ``xintu_llm_hedge_after_seconds`` when the hang starts)
 plus the local path's P99 (the ``local`` scenario's open-loop P99 at 70 %, when it
 ran first: ``python -m bench local hang``); answered and refused counts and the
-refusals' P99; the hedges (started, won by each side, replaced) from ``/metrics``.
+refusals' P99; the hedges (started, won by each side, replaced) from ``/metrics``;
+the service's event-loop lag before and during the hang
+(``xintu_event_loop_lag_seconds`` on ``/metrics`` scraped as the phases start and
+end: a healthy answer that has arrived is read that late).
 Checks: nothing fails; no new photo waits for the hung call (accepted P99 during the
 hang below the deadline less the reserve).
 """
@@ -34,8 +37,9 @@ import time
 from typing import Any
 
 from .._context import Bench, missing_service
-from .._report import Check, Outcome, Row
-from .._stats import summarize
+from .._report import Check, Outcome, Row, loop_lag_row
+from .._services import MetricsAt
+from .._stats import histogram_window, summarize
 from ._llm import (
     BreakerPoller,
     hedge_counters,
@@ -58,6 +62,7 @@ LLM_USE = 0.5
 LOCAL_DEFAULT_IMG_S = 6.0
 
 _HEDGES = 'xintu_llm_hedges_total{outcome="%s"}'
+_LAG = "xintu_event_loop_lag_seconds"
 
 
 def run(bench: Bench) -> Outcome:
@@ -110,6 +115,8 @@ def run(bench: Bench) -> Outcome:
             max(t0 + before - time.monotonic(), 0.0), lambda: at_hang.update(hedge_counters(svc))
         )
         reader.start()
+        phases = {"start": t0, "hang": t0 + before, "hang_end": t0 + before + hang_s}
+        scrapes = MetricsAt(svc, phases, (_LAG,))
         breaker = BreakerPoller(svc, "openai")
         breaker.start()
         try:
@@ -123,8 +130,10 @@ def run(bench: Bench) -> Outcome:
                 load.tags,
                 start_at=t0,
             )
+            scrapes.join()
         finally:
             breaker.stop()
+            scrapes.cancel()
         reader.join(5)
         counters = service_counters(svc) | hedge_counters(svc)
     result = run.result
@@ -137,6 +146,8 @@ def run(bench: Bench) -> Outcome:
         "after_misses": summarize(s, start=h1, end=total, tag=TAG_MISS),
         "all": summarize(s, start=0.0, end=total),
     }
+    lag_before = histogram_window(scrapes.get("start"), scrapes.get("hang"), _LAG)
+    lag_hang = histogram_window(scrapes.get("hang"), scrapes.get("hang_end"), _LAG)
     opened = breaker.first_open(t0 + h0, t0 + h1)
     opened_after = None if opened is None else round(opened - (t0 + h0), 2)
     calls = 'xintu_llm_calls_total{outcome="%s",provider="openai"}'
@@ -152,6 +163,8 @@ def run(bench: Bench) -> Outcome:
         hedge_budget_at_hang_s=budget_s,
         metrics_at_hang=at_hang,
         service_counters=counters,
+        loop_lag_before=lag_before,
+        loop_lag_hang=lag_hang,
     )
     plot = plot_run(
         bench,
@@ -220,6 +233,12 @@ def run(bench: Bench) -> Outcome:
             note=f"local won {hedges('local_won'):.0f}, LLM won {hedges('llm_won'):.0f}, "
             f"skipped {hedges('skipped'):.0f}, late LLM answers replaced "
             f"{hedges('replaced'):.0f}",
+        ),
+        loop_lag_row(
+            "event-loop lag P99 while the upstream hangs",
+            lag_hang,
+            "before the hang",
+            lag_before["p99"],
         ),
         Row(
             "new photos' P99 after the hang",

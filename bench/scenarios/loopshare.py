@@ -18,7 +18,10 @@ once, as configured.
 Measured per executor: hits' P99 at rest and saturated (and their ratio, checked
 against :data:`MAX_HIT_RATIO`), the new photos answered per second (the local
 path's throughput under the burst), accepted and refused P99 of the new photos,
-and the service's CPU seconds and peak RSS (summed over its process tree).
+the service's event-loop lag P99 at rest and saturated (``xintu_event_loop_lag_seconds``
+on ``/metrics``, scraped as each phase starts and ends: how late anything that
+has arrived, an LLM answer too, is read), and the service's CPU seconds and peak
+RSS (summed over its process tree).
 Bounded: the load ends after ``REST_S + SATURATED_S`` seconds and stragglers wait
 at most the request deadline; 127.0.0.1 only.
 """
@@ -33,9 +36,9 @@ import numpy as np
 from .._context import Bench, missing_service
 from .._loadgen import poisson_schedule
 from .._photos import sha256
-from .._report import Check, Outcome, Row
-from .._services import process_tree, read_proc
-from .._stats import summarize
+from .._report import Check, Outcome, Row, loop_lag_row
+from .._services import MetricsAt, process_tree, read_proc
+from .._stats import histogram_window, summarize
 from ._mixed import TAG_HIT, TAG_MISS
 
 __all__ = ["run"]
@@ -54,6 +57,7 @@ VARIANTS: tuple[tuple[str, dict[str, str]], ...] = (
     ("process-nice0", {"XINTU_MODEL_EXECUTOR": "process", "XINTU_MODEL_PROCESS_NICE": "0"}),
     ("process", {"XINTU_MODEL_EXECUTOR": "process"}),
 )
+LAG = "xintu_event_loop_lag_seconds"
 #: The new photos' window leaves out the first seconds of the burst (the queue
 #: filling up) when the throughput is computed.
 _WARMUP_S = 2.0
@@ -112,16 +116,28 @@ def _measure(bench: Bench, executor: str, env: dict[str, str]) -> dict[str, Any]
         ).astype(np.int16)
         order = np.argsort(offsets, kind="stable")
         cpu0, _, _ = _tree_usage(svc.proc.pid)
-        result = bench.open(
-            svc,
-            payloads,
-            offsets[order],
-            choice[order],
-            tags=tags[order],
-            timeout_s=30.0,
-            grace_s=15.0,
-            max_conns=512,
-            warm_conns=64,
+        t0 = bench.gen.start_time(sum(len(p) for p in payloads))
+        phases = {"start": t0, "saturated": t0 + rest_s, "end": t0 + rest_s + sat_s}
+        scrapes = MetricsAt(svc, phases, (LAG,))
+        try:
+            result = bench.open(
+                svc,
+                payloads,
+                offsets[order],
+                choice[order],
+                tags=tags[order],
+                timeout_s=30.0,
+                grace_s=15.0,
+                max_conns=512,
+                warm_conns=64,
+                start_at=t0,
+            )
+            scrapes.join()
+        finally:
+            scrapes.cancel()
+        out["loop_lag_rest"] = histogram_window(scrapes.get("start"), scrapes.get("saturated"), LAG)
+        out["loop_lag_saturated"] = histogram_window(
+            scrapes.get("saturated"), scrapes.get("end"), LAG
         )
         cpu1, rss_mib, processes = _tree_usage(svc.proc.pid)
         out["service_cpu_s"] = round(cpu1 - cpu0, 2)
@@ -170,6 +186,12 @@ def _rows(bench: Bench, m: dict[str, Any]) -> list[Row]:
             ref["p99"],
             "ms",
             note=f"P50 {ref['p50']} ms over {ref['count']}",
+        ),
+        loop_lag_row(
+            f"event-loop lag P99, local path saturated ({ex})",
+            m["loop_lag_saturated"],
+            "at rest",
+            m["loop_lag_rest"]["p99"],
         ),
         Row(
             f"service CPU under the load ({ex})",

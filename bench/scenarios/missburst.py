@@ -13,6 +13,14 @@ stragglers' wait is bounded by the deadline.
 
 Measured: accepted P99 (against the latency target), refused P99, answered and
 refused counts, sources, and the service's shed, fallback and hedge counters.
+Where the refusals' time goes, as the client saw it: the generator's lateness,
+the wait for a connection (a new one: the service closes a connection whose
+upload it refused before reading the body), and the rest (body, server, answer),
+beside the refusals' latency in the service's own request log (with
+``XINTU_LOG_LEVEL=info``). From ``/metrics`` scraped as the burst starts and ends:
+the service's event-loop lag over the burst (``xintu_event_loop_lag_seconds``: how
+late an LLM answer that has arrived is read) and the connections it accepted. The
+samples are kept in ``missburst-samples.npy`` (``bench._loadgen.SAMPLE_DTYPE``).
 Checks: refusals are 503/429 with ``Retry-After`` and fast (P99 <=
 :data:`REFUSAL_FAST_MS`); accepted P99 within the deadline; nothing else fails.
 """
@@ -26,8 +34,9 @@ import numpy as np
 
 from .._context import Bench, missing_service
 from .._loadgen import poisson_schedule
-from .._report import Check, Outcome, Row
-from .._stats import summarize
+from .._report import Check, Outcome, Row, loop_lag_row
+from .._services import MetricsAt
+from .._stats import REFUSED, breakdown, histogram_window, percentiles, summarize
 from ._llm import (
     hedge_counters,
     llm_missing,
@@ -46,6 +55,14 @@ LATENCY_MEDIAN_MS = 1500.0
 LATENCY_SIGMA = 0.4
 #: A refusal slower than this is not "fast".
 REFUSAL_FAST_MS = 200.0
+#: What is read from /metrics as the burst starts and ends.
+LAG = "xintu_event_loop_lag_seconds"
+ACCEPTED = "xintu_connections_accepted_total"
+SCRAPED = (LAG, ACCEPTED)
+ROUTE = "/api/v1/classify"
+#: A request that waited this long for its connection opened a new one (a pooled,
+#: kept-alive one is taken in microseconds; the pool of 2,048 is never full here).
+NEW_CONNECTION_MS = 0.2
 
 
 def run(bench: Bench) -> Outcome:
@@ -88,12 +105,62 @@ def run(bench: Bench) -> Outcome:
         payloads = bench.classify_payloads(svc, fresh)
         choice = np.arange(len(offsets), dtype=np.int64)
         tags = np.full(len(offsets), TAG_MISS, dtype=np.int16)
-        run = drive(bench, seeded, settings, payloads, offsets, choice, tags, max_conns=2048)
+        t0 = bench.gen.start_time(sum(len(p) for p in payloads))
+        scrapes = MetricsAt(svc, {"start": t0, "end": t0 + burst_s}, SCRAPED)
+        try:
+            run = drive(
+                bench,
+                seeded,
+                settings,
+                payloads,
+                offsets,
+                choice,
+                tags,
+                start_at=t0,
+                max_conns=2048,
+            )
+            scrapes.join()
+        finally:
+            scrapes.cancel()
+        after = svc.metrics(SCRAPED)
         counters = service_counters(svc) | hedge_counters(svc)
+        logged_refusals = percentiles(svc.logged_latencies_ms(route=ROUTE, status=503))
     result, upstream = run.result, run.upstream
     s = result.samples
+    np.save(bench.out_dir / "missburst-samples.npy", s)
     w = summarize(s, start=0.0, end=burst_s)
-    details = run_details(params, run, series_t0=result.t0, window=w, service_counters=counters)
+    start, end = scrapes.get("start"), scrapes.get("end")
+    lag = histogram_window(start, end, LAG)
+    in_burst = s[(s["intended"] >= 0.0) & (s["intended"] < burst_s)]
+    status = in_burst["status"]
+    refused = in_burst[np.isin(status, REFUSED)]
+    refused_parts = breakdown(refused)
+    opened = (refused["sent"] - refused["started"]) * 1000.0 >= NEW_CONNECTION_MS
+    refused_by_connection = {
+        "new": breakdown(refused[opened]),
+        "kept_alive": breakdown(refused[~opened]),
+    }
+    accepted_parts = breakdown(in_burst[(status >= 200) & (status < 300)])
+    new_conns = end[ACCEPTED] - start[ACCEPTED] if ACCEPTED in end and ACCEPTED in start else None
+    details = run_details(
+        params,
+        run,
+        series_t0=result.t0,
+        window=w,
+        service_counters=counters,
+        t0_monotonic=t0,
+        loop_lag_burst=lag,
+        loop_lag_whole_run=histogram_window(start, after, LAG),
+        refused_breakdown=refused_parts,
+        refused_breakdown_by_connection=refused_by_connection,
+        accepted_breakdown=accepted_parts,
+        refused_logged_by_service_ms=logged_refusals,
+        connections_accepted_burst=new_conns,
+        connections_accepted_whole_run=(
+            after[ACCEPTED] - start[ACCEPTED] if ACCEPTED in after and ACCEPTED in start else None
+        ),
+        scrapes={"start": start, "end": end, "after": after},
+    )
     plot = plot_run(
         bench,
         "missburst",
@@ -138,6 +205,36 @@ def run(bench: Bench) -> Outcome:
             f"upstream calls {upstream['calls']}, max in flight {upstream['max_in_flight']} "
             f"(llm.workers = {settings.workers})",
         ),
+    ]
+    late, conn, rest = (refused_parts[k] for k in ("late_ms", "connection_ms", "rest_ms"))
+    new, kept = refused_by_connection["new"], refused_by_connection["kept_alive"]
+    out.rows += [
+        Row(
+            "refused P99, split",
+            refused_parts["total_ms"]["p99"],
+            "ms",
+            "the service's own P99 for them",
+            logged_refusals["p99"],
+            f"generator lateness P99 {late['p99']} ms; waiting for / opening a connection "
+            f"P50 {conn['p50']} ms, P99 {conn['p99']} ms; the rest (body, server, answer) "
+            f"P50 {rest['p50']} ms, P99 {rest['p99']} ms; the service's request log: "
+            f"P50 {logged_refusals['p50']} ms over {logged_refusals['count']} "
+            "(XINTU_LOG_LEVEL=info)",
+        ),
+        Row(
+            "connections the service accepted during the burst",
+            new_conns,
+            "conns",
+            "requests sent",
+            w["requests"],
+            "xintu_connections_accepted_total on /metrics; a refusal decided before "
+            "the body is read closes its connection (Connection: close), so the next "
+            "request opens a new one. Refusals on a new connection: "
+            f"{new['total_ms']['count']}, the rest P50 {new['rest_ms']['p50']} ms, P99 "
+            f"{new['rest_ms']['p99']} ms; on a kept-alive one: {kept['total_ms']['count']}, "
+            f"P50 {kept['rest_ms']['p50']} ms, P99 {kept['rest_ms']['p99']} ms",
+        ),
+        loop_lag_row("event-loop lag P99 during the burst", lag),
     ]
     out.rows.append(bench.rss_row("missburst"))
     checks = refusal_checks(w, REFUSAL_FAST_MS)
