@@ -101,22 +101,52 @@ async def test_a_missed_release_stops_counting_at_the_ttl(autojump_clock: object
 
 
 async def test_the_tasks_a_request_starts_share_its_ticket(autojump_clock: object) -> None:
-    """A batch's items run in tasks of their own: the first one submitted releases
-    the request's one ticket, and the others find it released."""
+    """A batch's items run in tasks of their own and see the request's ticket; each
+    item submitted releases one photo of it: a ticket for three photos counts 3,
+    then 2, 1 and 0 as they are submitted, and a fourth finds it released."""
     reservations = Reservations(ttl_s=3.0)
-    ticket = reservations.take()
+    ticket = reservations.take(3)
     seen: list[object] = []
+    counts: list[int] = []
 
     async def item() -> None:
         seen.append(held())
+        counts.append(len(reservations))
         reservations.release_held()
 
+    assert len(reservations) == 3
     async with trio.open_nursery() as nursery:
-        for _ in range(3):
+        for _ in range(4):
             nursery.start_soon(item)
-    assert seen == [ticket] * 3
+    assert seen == [ticket] * 4
+    assert counts == [3, 2, 1, 0]
     assert ticket.released
+    assert ticket.photos == 0
     assert len(reservations) == 0
+
+
+async def test_a_batch_ticket_stops_counting_its_unsubmitted_photos_at_its_end(
+    autojump_clock: object,
+) -> None:
+    """A batch expected to bring five photos submits two and answers an error for
+    the rest (not images): the other three stop counting when its task ends, long
+    before the ttl; a ticket for zero photos is an error."""
+    reservations = Reservations(ttl_s=3.0)
+    left: list[int] = []
+
+    async def batch() -> None:
+        ticket = reservations.take(5)
+        reservations.release_held()
+        reservations.release_held()
+        left.append(ticket.photos)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(batch)
+    assert left == [3]
+    assert len(reservations) == 0
+    assert reservations.ended == 1
+    with pytest.raises(ValueError, match=r"^photos must be >= 1, got 0$"):
+        reservations.take(0)
 
 
 def test_ttl_must_be_positive() -> None:

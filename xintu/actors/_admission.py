@@ -18,12 +18,13 @@ the classifiers (the chain's ``would_take(deadline, ahead=...)``: the LLM pool's
 queue first, the local pool's with the rest; and as flights of the dispatcher).
 Once the tickets fill the capacity, the next upload is refused at its headers.
 
-A ticket is released exactly once (later releases are no-ops), by whichever
-comes first:
+A ticket counts the photos its upload is expected to bring (one for a single
+upload; a batch's estimate from its ``Content-Length``: :meth:`~._runtime.Runtime.reserve`).
+Each photo it counts stops counting once, by whichever comes first:
 
-- the request submits its work (:meth:`~._runtime.Runtime.classify` releases the
-  ticket the request holds, with no checkpoint before the envelope is queued, so
-  the work is never counted twice nor not at all);
+- the request submits that photo's work (:meth:`~._runtime.Runtime.classify`
+  releases one photo of the ticket the request holds, with no checkpoint before
+  the envelope is queued, so the work is never counted twice nor not at all);
 - the request ends without submitting (an error, a client that disconnects, a
   cancellation): the task that took the ticket (the request's) has ended, which
   the count sees (:meth:`Reservations.__len__` drops such tickets), or a caller
@@ -35,7 +36,9 @@ comes first:
 
 A request holds its ticket in a context variable (:func:`held`), set by
 :meth:`Reservations.take` in the request's task; tasks the request starts (a
-batch's items) see the same ticket, so the first item submitted releases it.
+batch's items) see the same ticket, and each item submitted releases one photo
+of it. A batch with fewer photos than its ticket counts leaves the rest to its
+request's end; one with more counts the extra photos from their submission on.
 """
 
 from __future__ import annotations
@@ -57,8 +60,9 @@ _held: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar(
 
 @dataclass(frozen=True, slots=True)
 class AdmissionStatistics:
-    """The tickets now counting (``live``) and, since start, those taken, those that
-    expired at their ``ttl_s`` and those whose request ended without submitting."""
+    """The photos the live tickets count (``live``) and, since start, the tickets
+    taken, those that expired at their ``ttl_s`` and those whose request ended
+    without submitting."""
 
     live: int
     taken: int
@@ -90,8 +94,26 @@ class Ticket:
         and pruned)."""
         return self._id not in self._owner._live
 
+    @property
+    def photos(self) -> int:
+        """The photos it still counts (0 once released)."""
+        live = self._owner._live.get(self._id)
+        return 0 if live is None else live[2]
+
     def release(self) -> None:
+        """Stop counting every photo it counts."""
         self._owner._live.pop(self._id, None)
+
+    def release_one(self) -> None:
+        """Stop counting one photo (a photo's work was submitted)."""
+        live = self._owner._live.get(self._id)
+        if live is None:
+            return
+        expires_at, task, photos = live
+        if photos <= 1:
+            del self._owner._live[self._id]
+        else:
+            self._owner._live[self._id] = (expires_at, task, photos - 1)
 
     def __enter__(self) -> Ticket:
         return self
@@ -106,16 +128,16 @@ class Ticket:
 
 
 class Reservations:
-    """The live tickets of one process; ``len()`` counts those not yet released
-    nor expired. Plain object: Trio runs one task at a time, so every method is
-    atomic (like the breaker)."""
+    """The live tickets of one process; ``len()`` counts the photos of those not
+    yet released nor expired. Plain object: Trio runs one task at a time, so every
+    method is atomic (like the breaker)."""
 
     def __init__(self, *, ttl_s: float) -> None:
         if not ttl_s > 0:
             raise ValueError(f"ttl_s must be > 0, got {ttl_s!r}")
         self._ttl_s = ttl_s
-        # ticket id -> (expiry, the task that took it).
-        self._live: dict[int, tuple[float, trio.lowlevel.Task]] = {}
+        # ticket id -> (expiry, the task that took it, the photos it still counts).
+        self._live: dict[int, tuple[float, trio.lowlevel.Task, int]] = {}
         self._ids = itertools.count()
         self._taken = 0
         self._expired = 0
@@ -123,7 +145,7 @@ class Reservations:
 
     def __len__(self) -> int:
         self._prune(trio.current_time())
-        return len(self._live)
+        return sum(photos for _, _, photos in self._live.values())
 
     @property
     def taken(self) -> int:
@@ -147,26 +169,28 @@ class Reservations:
         live = len(self)  # prunes first, so expired and ended are up to date
         return AdmissionStatistics(live, self._taken, self._expired, self._ended)
 
-    def take(self) -> Ticket:
-        """A new ticket, held by the current request (:func:`held`)."""
+    def take(self, photos: int = 1) -> Ticket:
+        """A new ticket for *photos* photos, held by the current request (:func:`held`)."""
+        if photos < 1:
+            raise ValueError(f"photos must be >= 1, got {photos!r}")
         now = trio.current_time()
         self._prune(now)
         ticket = Ticket(self, next(self._ids), now + self._ttl_s)
-        self._live[ticket._id] = (ticket.expires_at, trio.lowlevel.current_task())
+        self._live[ticket._id] = (ticket.expires_at, trio.lowlevel.current_task(), photos)
         self._taken += 1
         _held.set(ticket)
         return ticket
 
     def release_held(self) -> None:
-        """Release the current request's ticket, if it holds one."""
+        """Release one photo of the current request's ticket, if it holds one."""
         ticket = _held.get()
         if ticket is not None:
-            ticket.release()
+            ticket.release_one()
 
     def _prune(self, now: float) -> None:
         gone = [
             (i, expires_at <= now)
-            for i, (expires_at, task) in self._live.items()
+            for i, (expires_at, task, _) in self._live.items()
             if expires_at <= now or _ended(task)
         ]
         for i, expired in gone:
