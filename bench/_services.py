@@ -188,9 +188,11 @@ class Service:
             return {}
         return parse_metrics(text, prefixes)
 
-    def logged_latencies_ms(self, *, route: str, status: int) -> list[float]:
+    def logged_latencies_ms(
+        self, *, route: str, status: int, hashed: bool | None = None
+    ) -> list[float]:
         """Its request log's latencies (:func:`logged_latencies_ms`)."""
-        return logged_latencies_ms(self.log_path, route=route, status=status)
+        return logged_latencies_ms(self.log_path, route=route, status=status, hashed=hashed)
 
     def tail(self, lines: int = 30) -> str:
         try:
@@ -235,11 +237,17 @@ def parse_metrics(text: str, prefixes: tuple[str, ...] = ("",)) -> dict[str, flo
     return out
 
 
-def logged_latencies_ms(log_path: Path, *, route: str, status: int) -> list[float]:
+def logged_latencies_ms(
+    log_path: Path, *, route: str, status: int, hashed: bool | None = None
+) -> list[float]:
     """``latency_ms`` of the service's own ``request`` log events for *route*
     answered *status* (JSON log lines; none below ``XINTU_LOG_LEVEL=info``): the
     time the service measured, from the request's start in the app to its answer,
-    without the accept, the wait for the loop or the bytes on the wire."""
+    without the accept, the wait for the loop or the bytes on the wire.
+
+    *hashed* keeps only the events with an ``image_hash`` (True: an upload whose
+    body was read and hashed before its answer, e.g. refused after the header
+    check) or only those without (False: e.g. refused from its headers)."""
     out: list[float] = []
     try:
         lines = log_path.read_text(errors="replace").splitlines()
@@ -258,6 +266,7 @@ def logged_latencies_ms(log_path: Path, *, route: str, status: int) -> list[floa
             and event.get("route") == route
             and event.get("status") == status
             and isinstance(event.get("latency_ms"), int | float)
+            and (hashed is None or bool(event.get("image_hash")) == hashed)
         ):
             out.append(float(event["latency_ms"]))
     return out

@@ -217,14 +217,29 @@ def test_histogram_window_open_bucket_and_missing_histogram() -> None:
 def test_logged_latencies_are_the_request_events_asked_for(tmp_path: Path) -> None:
     log = tmp_path / "svc.log"
     lines = [
-        {"event": "request", "route": "/api/v1/classify", "status": 503, "latency_ms": 0.3},
+        {
+            "event": "request",
+            "route": "/api/v1/classify",
+            "status": 503,
+            "latency_ms": 0.3,
+            "image_hash": None,
+        },
         {"event": "request", "route": "/api/v1/classify", "status": 200, "latency_ms": 900},
         {"event": "request", "route": "/healthz", "status": 503, "latency_ms": 1.0},
         {"event": "runtime_ready", "route": "/api/v1/classify", "status": 503},
-        {"event": "request", "route": "/api/v1/classify", "status": 503, "latency_ms": 20},
+        {
+            "event": "request",
+            "route": "/api/v1/classify",
+            "status": 503,
+            "latency_ms": 20,
+            "image_hash": "ab12",
+        },
     ]
     log.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json {\n")
     assert logged_latencies_ms(log, route="/api/v1/classify", status=503) == [0.3, 20.0]
+    # Refused after the body was hashed (the line has an image_hash), and from the headers.
+    assert logged_latencies_ms(log, route="/api/v1/classify", status=503, hashed=True) == [20.0]
+    assert logged_latencies_ms(log, route="/api/v1/classify", status=503, hashed=False) == [0.3]
     assert logged_latencies_ms(tmp_path / "none.log", route="/", status=200) == []
 
 
