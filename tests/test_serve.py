@@ -170,3 +170,5 @@ def test_readme_command_serves_real_model(tmp_path: Path, workers: int) -> None:
             raise
     assert proc.returncode == 0, stderr.decode()[-2000:]
     assert b"Traceback" not in stderr, stderr.decode()[-2000:]
+    # Each serving process froze what its start-up made (create_app(freeze_gc=True)).
+    assert stderr.count(b"gc_frozen") == max(1, workers), stderr.decode()[-2000:]

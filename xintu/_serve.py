@@ -94,7 +94,7 @@ async def serve_in_process(
 
     _connections.install()
     _connections.raise_open_files_limit(config.server.max_connections)
-    app = create_app(config, model_factory=model_factory)
+    app = create_app(config, model_factory=model_factory, freeze_gc=True)
 
     async def shutdown_trigger() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

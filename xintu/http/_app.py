@@ -11,6 +11,7 @@ aliases, the request log, readiness, statistics), never an actor directly.
 
 from __future__ import annotations
 
+import gc
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -82,8 +83,17 @@ def current_xintu() -> XintuApp:
     return app
 
 
-def create_app(config: Config, *, model_factory: ModelFactory | None = None) -> XintuApp:
-    """Build the app for *config*. *model_factory* replaces the ONNX classifier (tests)."""
+def create_app(
+    config: Config, *, model_factory: ModelFactory | None = None, freeze_gc: bool = False
+) -> XintuApp:
+    """Build the app for *config*. *model_factory* replaces the ONNX classifier (tests).
+
+    *freeze_gc* (the serving entry points, one app per process): once started,
+    collect and then :func:`gc.freeze` what start-up made (modules, Quart,
+    Hypercorn, the config, the runtime's actors), so that the collector's full
+    collections no longer scan it. A full collection is a pause of the whole event
+    loop: ~110 ms of them under a burst on a 2-core VM, which every request in
+    flight waited for; 16-39 ms with the freeze (BENCHMARKS.md, "Round 4")."""
     app = XintuApp("xintu")
     app.xintu_config = config
     app.metrics = Metrics()
@@ -109,6 +119,10 @@ def create_app(config: Config, *, model_factory: ModelFactory | None = None) -> 
         app.runtime = Runtime(config, app.store, model)
         await app.nursery.start(app.runtime.run)
         app.sampler = await app.nursery.start(_sample_metrics, app)
+        if freeze_gc:
+            gc.collect()
+            gc.freeze()
+            log.info("gc_frozen", objects=gc.get_freeze_count())
 
     @app.after_serving
     async def _stop() -> None:
