@@ -209,6 +209,33 @@ async def test_reservations_fill_the_capacity_at_the_header_check(tmp_path: Path
     assert runtime.chain.statistics().shed_for_deadline >= 2
 
 
+async def test_a_batch_ticket_counts_the_photos_its_body_brings(tmp_path: Path) -> None:
+    """Room for three photos: a batch whose Content-Length holds three of the mean
+    photo's size takes a ticket for three, so the next single upload is refused at
+    its headers (before, the batch counted one, and two more uploads passed)."""
+    async with service(tmp_path) as (app, _):
+        runtime: Runtime = app.runtime
+        deadline = trio.current_time() + 10
+        ticket = runtime.reserve(deadline, batch_bytes=3 * 256 * 1024)
+        assert ticket.photos == 3
+        with pytest.raises(Overloaded):
+            runtime.reserve(deadline)
+        ticket.release()
+        assert runtime.refusal(deadline) is None
+
+
+def test_photos_in_follows_the_uploaded_photos_sizes() -> None:
+    """From the prior (256 KiB a photo) to the running mean of the photos seen,
+    between 1 and *most*."""
+    reservations = Reservations(ttl_s=3.0)
+    assert reservations.photos_in(1024 * 1024, 20) == 4
+    assert reservations.photos_in(10, 20) == 1
+    assert reservations.photos_in(100 * 1024 * 1024, 20) == 20
+    for _ in range(200):
+        reservations.saw_photo(64 * 1024)
+    assert reservations.photos_in(1024 * 1024, 20) == 16
+
+
 async def test_a_burst_of_uploads_is_refused_at_the_headers(tmp_path: Path) -> None:
     """Six uploads whose headers arrive together, bodies not sent yet, against room
     for three photos: three are refused at once from their headers (503, Retry-After,

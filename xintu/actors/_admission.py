@@ -53,6 +53,11 @@ import trio
 
 __all__ = ["AdmissionStatistics", "Reservations", "Ticket", "held"]
 
+# photos_in's mean photo size before any photo was seen (a phone photo resized for
+# upload), and the weight of each new photo in the running mean.
+_PHOTO_BYTES_PRIOR = 256.0 * 1024
+_PHOTO_BYTES_WEIGHT = 0.05
+
 _held: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar(
     "xintu_admission_ticket", default=None
 )
@@ -142,6 +147,8 @@ class Reservations:
         self._taken = 0
         self._expired = 0
         self._ended = 0
+        # Running mean of uploaded photos' sizes (saw_photo), from a prior.
+        self._photo_bytes = _PHOTO_BYTES_PRIOR
 
     def __len__(self) -> int:
         self._prune(trio.current_time())
@@ -168,6 +175,17 @@ class Reservations:
     def statistics(self) -> AdmissionStatistics:
         live = len(self)  # prunes first, so expired and ended are up to date
         return AdmissionStatistics(live, self._taken, self._expired, self._ended)
+
+    def saw_photo(self, size: int) -> None:
+        """An uploaded photo of *size* bytes reached the runtime: the running mean
+        that :meth:`photos_in` divides by."""
+        self._photo_bytes += _PHOTO_BYTES_WEIGHT * (size - self._photo_bytes)
+
+    def photos_in(self, body_bytes: int, most: int) -> int:
+        """How many photos an upload of *body_bytes* (its ``Content-Length``) is
+        expected to bring: its size over the mean photo's, between 1 and *most*.
+        A batch's ticket counts that many (:meth:`take`)."""
+        return max(1, min(most, round(body_bytes / max(self._photo_bytes, 1.0))))
 
     def take(self, photos: int = 1) -> Ticket:
         """A new ticket for *photos* photos, held by the current request (:func:`held`)."""

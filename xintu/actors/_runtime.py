@@ -52,6 +52,7 @@ import structlog
 import trio
 
 from .._config import Config
+from .._limits import MAX_BATCH_IMAGES
 from .._types import Classification, Source
 from ..errors import Draining, StoreError, Unavailable
 from ..llm import LlmPool, LlmPoolStatistics
@@ -361,15 +362,23 @@ class Runtime:
         ahead = reserved + self.dispatcher.before_chain()
         return not self.chain.would_take(deadline, ahead) and self.chain.would_take(standard, ahead)
 
-    def reserve(self, deadline: float) -> Ticket:
+    def reserve(self, deadline: float, *, batch_bytes: int | None = None) -> Ticket:
         """:meth:`refusal`'s answer raised, else an admission ticket for the upload,
         held by the current request (:mod:`._admission`): it counts as work queued
         ahead of the next uploads' checks until :meth:`classify` submits the work,
-        the ticket is released (the request's end), or the latency target passes."""
+        the ticket is released (the request's end), or the latency target passes.
+
+        *batch_bytes*: a batch upload's ``Content-Length``; its ticket counts the
+        photos that many bytes are expected to hold (the mean uploaded photo's
+        size: :meth:`~._admission.Reservations.photos_in`), each released as its
+        work is submitted. A batch is refused only when not even one photo could
+        be taken."""
         refusal = self.refusal(deadline)
         if refusal is not None:
             raise refusal
-        return self.reservations.take()
+        if batch_bytes is None:
+            return self.reservations.take()
+        return self.reservations.take(self.reservations.photos_in(batch_bytes, MAX_BATCH_IMAGES))
 
     async def classify(self, request: ClassifyRequest, *, deadline: float) -> Answer:
         """Classify one image: LRU hit at once, else through the dispatcher.
@@ -378,9 +387,11 @@ class Runtime:
         :class:`~xintu.errors.DeadlineExceeded` when *deadline* passes first.
         Cancelling the caller cancels only its own wait.
         """
-        # The request's admission ticket, if it holds one, stops counting now: its
-        # work is counted by the dispatcher from here (no checkpoint in between).
+        # The request's admission ticket, if it holds one, stops counting this photo
+        # now: its work is counted by the dispatcher from here (no checkpoint in
+        # between).
         self.reservations.release_held()
+        self.reservations.saw_photo(len(request.data))
         if self._draining:
             raise Draining("the service is shutting down", retry_after_s=self.retry_after_s())
         entry = self.cache.peek(request.image_hash)

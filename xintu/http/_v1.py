@@ -154,7 +154,7 @@ def _deadline_budget() -> float:
     return float(budget)
 
 
-def _refuse_early(budget: float) -> None:
+def _refuse_early(budget: float, *, batch: bool = False) -> None:
     """Raise the runtime's refusal (503, ``Retry-After``) when no classifier could
     take a new photo for *budget* seconds from now, or the service is draining;
     else take the upload's admission ticket (:meth:`Runtime.reserve`).
@@ -176,7 +176,9 @@ def _refuse_early(budget: float) -> None:
         # is read and validated first (a malformed upload is a 4xx, whatever its
         # deadline), and the work is refused or times out after that as usual.
         return
-    runtime.reserve(now + budget)
+    # A batch's ticket counts the photos its body is expected to bring.
+    batch_bytes = (request.content_length or 0) if batch else None
+    runtime.reserve(now + budget, batch_bytes=batch_bytes)
 
 
 async def _sha256(data: bytes) -> str:
@@ -436,7 +438,7 @@ def _batch_hashes(raw: str | None, count: int) -> list[str | None]:
 async def classify_batch() -> Response:
     started = cast(float, g.started)
     budget = _deadline_budget()
-    _refuse_early(budget)  # draining, or not even one photo could be taken
+    _refuse_early(budget, batch=True)  # draining, or not even one photo could be taken
     files = await request.files
     form = await request.form
     deadline = trio.current_time() + budget  # from the body's arrival
