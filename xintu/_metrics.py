@@ -133,8 +133,9 @@ class Metrics:
         )
         self.admission_live = Gauge(
             "xintu_admission_tickets_live",
-            "Uploads that passed the header check and have not submitted their work yet "
-            "(admission tickets, counted as work queued ahead by the next checks).",
+            "Photos of uploads that passed the header check and have not submitted their "
+            "work yet (admission tickets: one photo for an upload, a batch's expected "
+            "photos; counted as work queued ahead by the next checks).",
             registry=r,
             **live,
         )
@@ -258,8 +259,9 @@ class Metrics:
             "xintu_llm_hedges",
             "Hedged LLM calls: started (the call ran past the hedge budget and the local "
             "model was started beside it), local_won / llm_won (which answered the "
-            "caller), skipped (past the budget, but the local pool could not answer in "
-            "time), replaced (an LLM answer after the local one replaced it).",
+            "caller), replaced (an LLM answer after the local one replaced it), "
+            "withdrawn (the local answer won while the LLM call was still queued: the "
+            "call was withdrawn and its re-classification queued in the background).",
             ["outcome"],
             registry=r,
         )
