@@ -231,8 +231,8 @@ def run(bench: Bench) -> Outcome:
             hedges("started"),
             "",
             note=f"local won {hedges('local_won'):.0f}, LLM won {hedges('llm_won'):.0f}, "
-            f"skipped {hedges('skipped'):.0f}, late LLM answers replaced "
-            f"{hedges('replaced'):.0f}",
+            f"withdrawn from the LLM queue {hedges('withdrawn'):.0f}, late LLM answers "
+            f"replaced {hedges('replaced'):.0f}",
         ),
         loop_lag_row(
             "event-loop lag P99 while the upstream hangs",
