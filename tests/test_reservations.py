@@ -332,7 +332,7 @@ async def test_flights_looking_the_cache_up_count_as_work_ahead(autojump_clock: 
 
 class CountingPool(FakePool):
     """Takes work while fewer than ``room`` jobs would be ahead; records the
-    ``ahead`` it was asked about; answers at once."""
+    deadline and the ``ahead`` it was asked about; answers at once."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -340,6 +340,7 @@ class CountingPool(FakePool):
         self.asked_ahead: list[int] = []
 
     def would_take(self, deadline: float, ahead: int = 0) -> bool:
+        self.asked.append(deadline)
         self.asked_ahead.append(ahead)
         return ahead < self.room
 
@@ -371,6 +372,30 @@ async def test_the_llm_pools_room_then_the_local_pools_queue(autojump_clock: obj
     assert local.asked_ahead == [1, 2]
     pool.close()
     assert pool.room(deadline, most=10) == 0  # closed: every job goes local
+
+
+async def test_the_header_check_aims_before_the_target_by_the_lead(
+    autojump_clock: object,
+) -> None:
+    """A request reached the chain 1 s after it arrived (body, hash, lookup): from
+    the next upload's headers the local pool is asked about the target less that
+    lead (2 s from now, not 3 s), since that upload will spend it too before the
+    chain; asked with a request's arrival (the dispatcher, after the lookup), the
+    target counts from that arrival."""
+    local = CountingPool()
+    local.room = 10
+    chain = Chain(local, latency_target_s=3.0)
+    data = b"photo"
+    now = trio.current_time()
+    await chain.classify(
+        ClassifyRequest(data, hashlib.sha256(data).hexdigest(), "r", received_at=now - 1.0),
+        now + 10,
+    )
+    assert chain.lead_s() == pytest.approx(1.0)
+    local.asked.clear()
+    assert chain.would_take(now + 10)
+    assert chain.would_take(now + 10, received_at=now - 0.5)
+    assert local.asked == pytest.approx([now + 2.0, now + 2.5])
 
 
 # --- a ticket never outlives its request ------------------------------------------------

@@ -89,6 +89,7 @@ import outcome
 import structlog
 import trio
 
+from .._rate import ServiceTime
 from .._types import Classification, Source
 from ..errors import Overloaded
 from ..llm import LlmError, LlmUnavailable, QueuedCall
@@ -230,6 +231,8 @@ class Chain:
         self._shed_for_deadline = 0
         self._upgrades_queued = 0
         self._hedges: Counter[str] = Counter()
+        # From a request's arrival to the chain (lead_s).
+        self._lead = ServiceTime()
         # Calls waiting for their hedge: key -> when it is due (_until_hedge).
         self._hedges_due: dict[int, float] = {}
         self._hedge_keys = itertools.count()
@@ -284,13 +287,27 @@ class Chain:
 
     # --- the classifier ---------------------------------------------------------------
 
-    def would_take(self, deadline: float, ahead: int = 0) -> bool:
+    def would_take(
+        self, deadline: float, ahead: int = 0, *, received_at: float | None = None
+    ) -> bool:
         """Whether work for *deadline* sent now would be taken by some classifier by
         the latency target, behind *ahead* more jobs on their way that have not
         reached a pool yet (admission tickets, flights before the chain). Those go
         where a miss goes: to the LLM pool while it takes them, the rest to the
-        local pool."""
-        admit_by = self.admit_by(deadline)
+        local pool.
+
+        *received_at*: the request's arrival, for work about to be classified (the
+        dispatcher's question after a store miss: the same target the chain will
+        hold it to). Without it the work has not been read yet (the question from
+        an upload's headers), and it must be answered by the target less the time
+        a request takes from its arrival to the chain (:meth:`lead_s`): its body,
+        hash and lookup come first. Else work that passes at the headers would be
+        refused after its body was read (a late refusal) as the target drew near.
+        """
+        if received_at is None:
+            admit_by = self.admit_by(deadline) - self.lead_s()
+        else:
+            admit_by = self.admit_by(deadline, received_at)
         llm = self._llm_on()
         if not ahead:
             return (
@@ -316,12 +333,15 @@ class Chain:
         call that answers in time gives its place back."""
         return sum(1 for due in self._hedges_due.values() if due <= at)
 
-    def refusal(self, deadline: float, ahead: int = 0) -> Overloaded | None:
+    def refusal(
+        self, deadline: float, ahead: int = 0, *, received_at: float | None = None
+    ) -> Overloaded | None:
         """A refusal when no classifier would answer work for *deadline* by the
         latency target (:meth:`admit_by`), behind *ahead* jobs on their way (see
-        :meth:`would_take`), else ``None``. Asked by the HTTP layer before it reads
-        an upload (with the tickets ahead), and by the dispatcher after a store miss."""
-        if self.would_take(deadline, ahead):
+        :meth:`would_take`, and *received_at* there), else ``None``. Asked by the
+        HTTP layer before it reads an upload (with the tickets ahead), and by the
+        dispatcher after a store miss (with the request's arrival)."""
+        if self.would_take(deadline, ahead, received_at=received_at):
             return None
         self._shed_for_deadline += 1
         return Overloaded(
@@ -338,7 +358,15 @@ class Chain:
             self._upgrades.local_answered(request.image_hash, request.data)
         return classification
 
+    def lead_s(self) -> float:
+        """How long a request takes from its arrival to the chain (its body, hash,
+        the dispatcher and the store's lookup): the recent mean plus two mean
+        deviations, 0 before any was measured."""
+        return self._lead.expected_wait_s(0, 1, cautious=True)
+
     async def _classify(self, request: ClassifyRequest, deadline: float) -> Classification:
+        if request.received_at is not None:
+            self._lead.record(trio.current_time() - request.received_at)
         admit_by = self.admit_by(deadline, request.received_at)
         llm = self._llm_on()
         if llm is None:

@@ -315,7 +315,9 @@ class Dispatcher:
                 if entry is None:
                     # Not known anywhere: refuse now if no classifier could take it,
                     # before claiming it across replicas for work that cannot happen.
-                    refusal = self._chain.refusal(flight.deadline)
+                    refusal = self._chain.refusal(
+                        flight.deadline, received_at=flight.request.received_at
+                    )
                     if refusal is not None:
                         raise refusal
                     entry = await self._coordinate(flight)
