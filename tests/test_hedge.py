@@ -54,6 +54,19 @@ async def service(fake: FakeLlm, **llm: Any) -> AsyncIterator[Service]:
         yield s
 
 
+@asynccontextmanager
+async def aimed(fake: FakeLlm, **llm: Any) -> AsyncIterator[Service]:
+    """:func:`service` with a latency target of 3 s, a hedge budget as long (3 s, no
+    call history yet) and a priority lane of :data:`LOCAL_S` a photo: the hedge's
+    time is set by the target, not the budget."""
+    cfg = config(**({"hedge_after_s": 3.0} | llm))
+    async with llm_service.service(
+        fake, cfg, local_s=LOCAL_S, hedging=True, latency_target_s=3.0
+    ) as s:
+        s.local.urgent_s = LOCAL_S
+        yield s
+
+
 async def test_a_hung_upstream_is_hedged_by_the_local_model(
     clock: trio.testing.MockClock,
 ) -> None:
@@ -150,10 +163,7 @@ async def test_the_hedge_starts_in_time_for_the_latency_target(
     fake = upstream(4.0)
     data, _ = photo(6)
     with trio.fail_after(60):
-        async with llm_service.service(
-            fake, config(hedge_after_s=3.0), local_s=LOCAL_S, hedging=True, latency_target_s=3.0
-        ) as s:
-            s.local.urgent_s = LOCAL_S
+        async with aimed(fake) as s:
             start = trio.current_time()
             answer = await ask(s.dispatcher, data)
             took = trio.current_time() - start
@@ -170,10 +180,7 @@ async def test_a_longer_priority_lane_brings_the_hedge_forward(
     fake = upstream(4.0)
     data, _ = photo(11)
     with trio.fail_after(60):
-        async with llm_service.service(
-            fake, config(hedge_after_s=3.0), local_s=LOCAL_S, hedging=True, latency_target_s=3.0
-        ) as s:
-            s.local.urgent_s = LOCAL_S
+        async with aimed(fake) as s:
 
             async def lane_grows() -> None:
                 await trio.sleep(1.0)
@@ -199,10 +206,7 @@ async def test_hedges_falling_due_together_start_early_enough_for_all(
     photos = [photo(20 + n)[0] for n in range(3)]
     took: list[float] = []
     with trio.fail_after(60):
-        async with llm_service.service(
-            fake, config(hedge_after_s=3.0), local_s=LOCAL_S, hedging=True, latency_target_s=3.0
-        ) as s:
-            s.local.urgent_s = LOCAL_S
+        async with aimed(fake) as s:
             start = trio.current_time()
 
             async def one(data: bytes) -> None:
@@ -227,14 +231,7 @@ async def test_local_admission_counts_the_hedges_due_before_its_target(
     fake = upstream(hang=True)
     data, _ = photo(30)
     with trio.fail_after(60):
-        async with llm_service.service(
-            fake,
-            config(hedge_after_s=3.0, workers=1),
-            local_s=LOCAL_S,
-            hedging=True,
-            latency_target_s=3.0,
-        ) as s:
-            s.local.urgent_s = LOCAL_S
+        async with aimed(fake, workers=1) as s:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(ask, s.dispatcher, data)
                 await trio.sleep(0.5)
@@ -254,10 +251,7 @@ async def test_the_latency_target_counts_from_the_requests_arrival(
     fake = upstream(4.0)
     data, _ = photo(10)
     with trio.fail_after(60):
-        async with llm_service.service(
-            fake, config(hedge_after_s=3.0), local_s=LOCAL_S, hedging=True, latency_target_s=3.0
-        ) as s:
-            s.local.urgent_s = LOCAL_S
+        async with aimed(fake) as s:
             start = trio.current_time()
             answer = await ask(s.dispatcher, data, age_s=1.0)
             took = trio.current_time() - start
