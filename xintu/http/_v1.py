@@ -108,10 +108,11 @@ def _user_id(body: dict[str, Any] | None = None) -> str | None:
 
 
 def _user_id_of(header: str | None, body: dict[str, Any] | None, ctx: Any) -> str | None:
-    """:func:`_user_id` from the header's value, set on *ctx* (``g``) for the log."""
-    value = _checked_user_id(header) or _checked_user_id(
-        body.get("user_id") if body is not None else None
-    )
+    """:func:`_user_id` from the header's value, set on *ctx* (``g``) for the log.
+    Both are validated, the body's too when the header names the user."""
+    in_header = _checked_user_id(header)
+    in_body = _checked_user_id(body.get("user_id") if body is not None else None)
+    value = in_header or in_body
     if value is not None:
         ctx.user_id = value
     return value
