@@ -205,11 +205,6 @@ class QueuedCall:
     def __init__(self) -> None:
         self._state: Literal["queued", "started", "withdrawn"] = "queued"
 
-    @property
-    def started(self) -> bool:
-        """Whether a worker has taken the job (its call is made)."""
-        return self._state == "started"
-
     def withdraw(self) -> bool:
         """Take the job back; False once a worker has started it."""
         if self._state == "started":
