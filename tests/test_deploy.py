@@ -198,7 +198,8 @@ def _wait_all_workers_ready(
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"server exited early with {proc.returncode}")
+            err = proc.stderr.read().decode(errors="replace")[-4000:] if proc.stderr else ""
+            raise AssertionError(f"server exited early with {proc.returncode}:\n{err}")
         try:
             resp = httpx.get(f"{base}/metrics", headers=_bearer(key), timeout=2)
             if resp.status_code == 200 and metric(resp.text, "xintu_ready") == workers:
