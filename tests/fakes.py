@@ -128,7 +128,7 @@ class FakePool:
         self.asked_ahead.append(ahead)
         return self.takes
 
-    def expected_wait_s(self) -> float:
+    def expected_wait_s(self, ahead: int = 0) -> float:
         return self.wait_s
 
     def urgent_wait_s(self, ahead: int = 0) -> float:

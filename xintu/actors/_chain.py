@@ -322,10 +322,7 @@ class Chain:
         """Whether the local pool would answer work sent now by *admit_by*, behind
         *ahead* jobs on their way and the hedges due before then
         (:meth:`_hedges_before`)."""
-        ahead += self._hedges_before(admit_by)
-        return (
-            self._local.would_take(admit_by, ahead) if ahead else self._local.would_take(admit_by)
-        )
+        return self._local.would_take(admit_by, ahead + self._hedges_before(admit_by))
 
     def _hedges_before(self, at: float) -> int:
         """LLM calls whose hedge falls due by *at*: each takes the local pool's
@@ -411,8 +408,7 @@ class Chain:
     async def _classify_local(
         self, request: ClassifyRequest, deadline: float, admit_by: float
     ) -> Classification:
-        hedges = self._hedges_before(admit_by)
-        wait_s = self._local.expected_wait_s(hedges) if hedges else self._local.expected_wait_s()
+        wait_s = self._local.expected_wait_s(self._hedges_before(admit_by))
         if trio.current_time() + wait_s > admit_by:
             # It would only answer late, or time out in the queue: refuse now, with
             # an honest Retry-After.
